@@ -1,0 +1,49 @@
+"""The one place that talks to ``torch.distributed``.
+
+Every collective in gradtail goes through these helpers. Each does nothing (returns its input) when no
+process group is initialized, so single-process code never needs a special case (eql.md §1 rule 3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialized (torchrun / DDP, or a test's gloo group)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """SUM-all-reduce ``tensor`` in place across ranks; a no-op without a process group.
+
+    Every rank must call this at the same point of every step (a collective), or the job hangs.
+    """
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Broadcast ``tensor`` in place from rank ``src``; a no-op without a process group."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,21 @@
+"""Exceptions with messages meant for users. The CLI prints them as one line, without a traceback."""
+
+
+class GradtailError(Exception):
+    """Base class of every error gradtail raises on purpose."""
+
+
+class ConfigError(GradtailError, ValueError):
+    """A configuration or constructor argument is wrong (unknown key, bad value, missing counts)."""
+
+
+class DataError(GradtailError):
+    """A data file is missing, truncated, corrupt, or fails its checksum; or labels are invalid."""
+
+
+class InputError(GradtailError, ValueError):
+    """A tensor handed to a loss, metric or model has the wrong shape, dtype, range or is non-finite."""
+
+
+class TrainingError(GradtailError, RuntimeError):
+    """Training cannot go on (a non-finite loss, a statistics hook that never fired)."""

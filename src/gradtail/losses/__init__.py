@@ -1,0 +1,52 @@
+"""Loss functions: a registry and ``create_loss``; every loss is an ``nn.Module`` ``(logits, targets) -> scalar``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from gradtail.losses.base import LongTailLoss, check_logits_targets, validate_class_counts
+from gradtail.registry import Registry
+
+LOSSES: Registry[LongTailLoss] = Registry("loss")
+register_loss = LOSSES.register
+
+
+def create_loss(
+    name: str,
+    num_classes: int,
+    class_counts: Sequence[int] | torch.Tensor | None = None,
+    **kwargs: Any,
+) -> LongTailLoss:
+    """Build a registered loss. ``class_counts`` (training images per class) is passed to every loss;
+    those that need it validate it, the others ignore it."""
+    _import_families()
+    return LOSSES.get(name)(num_classes=num_classes, class_counts=class_counts, **kwargs)
+
+
+def loss_names() -> list[str]:
+    _import_families()
+    return LOSSES.names()
+
+
+def _import_families() -> None:
+    """Import the loss modules so their ``@register_loss`` decorators run (one file per family)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+__all__ = [
+    "LOSSES",
+    "LongTailLoss",
+    "check_logits_targets",
+    "create_loss",
+    "loss_names",
+    "register_loss",
+    "validate_class_counts",
+]
