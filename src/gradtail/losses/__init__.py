@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from gradtail.losses.base import LongTailLoss, check_logits_targets, validate_class_counts
+from gradtail.plugins import import_submodules
 from gradtail.registry import Registry
 
 LOSSES: Registry[LongTailLoss] = Registry("loss")
@@ -33,12 +34,7 @@ def loss_names() -> list[str]:
 
 def _import_families() -> None:
     """Import the loss modules so their ``@register_loss`` decorators run (one file per family)."""
-    import importlib
-    import pkgutil
-
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_submodules(__name__, __path__, skip=("base",))
 
 
 __all__ = [
