@@ -85,10 +85,14 @@ class CifarResNet(LongTailClassifier):
 
 
 @register_model("resnet32")
-def resnet32(num_classes: int, in_channels: int = 3, head: str = "linear", head_scale: float = 16.0) -> CifarResNet:
+def resnet32(
+    num_classes: int, in_channels: int = 3, head: str = "linear", head_scale: float = 16.0
+) -> CifarResNet:
     return CifarResNet(num_classes, 32, in_channels, head, head_scale)
 
 
 @register_model("resnet20")
-def resnet20(num_classes: int, in_channels: int = 3, head: str = "linear", head_scale: float = 16.0) -> CifarResNet:
+def resnet20(
+    num_classes: int, in_channels: int = 3, head: str = "linear", head_scale: float = 16.0
+) -> CifarResNet:
     return CifarResNet(num_classes, 20, in_channels, head, head_scale)

@@ -1,0 +1,44 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv data demo test test-all lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST: Debian's package where apt-get is available; otherwise gradtail downloads it from the
+# official mirror itself (or says clearly where it looked).
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -n "$$GRADTAIL_DATA" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+			|| echo "apt-get could not install dataset-fashion-mnist; gradtail will try the official download"; \
+	else echo "no Debian package manager: gradtail will download Fashion-MNIST itself"; fi
+
+demo: venv data
+	$(VENV)/bin/gradtail train configs/fashion_mnist_lt_ce.yaml --output runs/demo_ce
+
+test: venv data
+	$(VENV)/bin/pytest
+
+test-all: venv data
+	$(VENV)/bin/pytest -m ""
+
+lint: venv
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: venv data
+	$(PY) benchmarks/loader_throughput.py --output runs/bench/loader_throughput.json
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from gradtail.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""The ``gradtail`` command: ``train``, ``eval``, ``list``.
+
+Errors gradtail raises on purpose (bad config key, missing data, wrong labels, ...) are printed as one
+line ``gradtail: error: ...`` with exit status 2, never as a traceback. ``GRADTAIL_DEBUG=1`` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gradtail.errors import GradtailError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gradtail.config import load_config
+    from gradtail.engine.trainer import Trainer
+    from gradtail.report import format_table, run_rows
+
+    overrides = list(args.set or [])
+    if args.output:
+        overrides.append(f"train.output_dir={args.output}")
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg)
+    counts = trainer.data.class_counts
+    print(
+        f"gradtail: run {cfg.name!r} -> {trainer.out} (config {cfg.hash()}, "
+        f"subset {trainer.data.split.sha256[:12]}, {sum(counts)} train images, counts {counts})",
+        flush=True,
+    )
+    final = trainer.fit(resume=args.resume or False, stop_after=args.stop_after)
+    if "last_epoch" not in final:
+        print(f"gradtail: stopped after epoch {trainer.epoch}; resume with --resume")
+        return 0
+    print()
+    print(format_table(run_rows(final, cfg.name)))
+    print(f"\ntraining time {final['train_seconds']:.1f}s; results in {trainer.out / 'final.json'}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from gradtail.config import config_from_dict
+    from gradtail.engine.checkpoint import load_checkpoint
+    from gradtail.engine.trainer import Trainer
+    from gradtail.report import format_table, run_rows
+
+    path = Path(args.checkpoint)
+    state = load_checkpoint(path)
+    cfg_dict: dict[str, Any] = state["config"]
+    if args.posthoc:
+        cfg_dict["eval"]["posthoc"] = list(args.posthoc)
+    if args.data_dir:
+        cfg_dict["data"]["data_dir"] = args.data_dir
+    cfg = config_from_dict(cfg_dict)
+    cfg.train.progress = False
+    out = Path(args.output) if args.output else path.parent.parent / "eval"
+    trainer = Trainer(cfg, output_dir=out)
+    trainer.load_state(state)
+    final = trainer.finish()
+    print(format_table(run_rows(final, cfg.name)))
+    if args.json:
+        print(json.dumps(final["last_epoch"] if not args.full else final, indent=2))
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from gradtail.data.builder import DATASETS
+    from gradtail.losses import loss_names
+    from gradtail.models import model_names
+    from gradtail.optim import update_rule_names
+    from gradtail.posthoc import posthoc_names
+    from gradtail.regularizers import regularizer_names
+
+    print("datasets:     ", ", ".join(DATASETS.names()))
+    print("models:       ", ", ".join(model_names()))
+    print("losses:       ", ", ".join(loss_names()))
+    print("regularizers: ", ", ".join(regularizer_names()))
+    print("update rules: ", ", ".join(update_rule_names()))
+    print("post-hoc:     ", ", ".join(posthoc_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gradtail", description="Gradient-driven long-tailed recognition.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train and evaluate one run from a YAML config")
+    t.add_argument("config", help="YAML config file (see configs/)")
+    t.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=0.05"
+    )
+    t.add_argument("--output", help="output directory (default: train.output_dir)")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from <output>/checkpoints/last.pt if present"
+    )
+    t.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the test split (and validation, post-hoc)")
+    e.add_argument("checkpoint")
+    e.add_argument("--posthoc", nargs="*", help="post-hoc adjusters to fit on validation and apply")
+    e.add_argument("--data-dir", help="override data.data_dir")
+    e.add_argument("--output", help="where to write final.json (default: <run>/eval)")
+    e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+    e.add_argument("--full", action="store_true", help="with --json: everything, not only the last epoch")
+    e.set_defaults(func=_cmd_eval)
+
+    ls = sub.add_parser("list", help="list registered datasets, models, losses, regularizers, update rules")
+    ls.set_defaults(func=_cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except GradtailError as e:
+        if os.environ.get("GRADTAIL_DEBUG"):
+            raise
+        print(f"gradtail: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "gradtail: interrupted; the last finished epoch is checkpointed, continue with --resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Run configuration: typed dataclasses loaded from YAML, with strict keys and ``--set a.b=value`` overrides.
+
+An unknown key is a :class:`ConfigError` that names the key and lists the valid ones; a value of the
+wrong type names the key, the expected type and the value. Method hyperparameters (``loss.params``,
+``regularizer.params``, ...) are free-form dicts checked by the method's own constructor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradtail.errors import ConfigError
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = 2  # random crop to the input size after zero-padding this many pixels; 0 = off
+    hflip: bool = True
+    mean: list[float] | None = None  # per-channel; None = the dataset's standard statistics
+    std: list[float] | None = None
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | synthetic
+    data_dir: str | None = None
+    download: bool = True
+    imbalance_factor: float = 100.0
+    profile: str = "exp"  # exp | step (protocol.md §1)
+    n_max: int | None = None  # head-class count; None = the largest class pool
+    subset_seed: int = 0  # seed of the LDAM-rule subset (separate from the training seed)
+    val_per_class: int = 20  # held-out balanced validation carved before subsampling; 0 = none
+    class_order: list[int] | None = None
+    sampler: str = "instance"  # instance | class_balanced | sqrt | progressive
+    sampler_params: dict[str, Any] = field(default_factory=dict)
+    pad_to: int | None = None  # zero-pad images to this size (e.g. 32 for Fashion-MNIST in a CIFAR model)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic: dict[str, Any] = field(default_factory=dict)  # options of the synthetic dataset (tests)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"
+    head: str = "linear"  # linear | cosine
+    head_scale: float = 16.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ComponentConfig:
+    """An optional named component (regularizer, update rule) with free-form parameters."""
+
+    name: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    epochs: int = 200
+    warmup_epochs: float = 5.0
+    schedule: str = "step"  # step | cosine | constant
+    milestones: list[int] = field(default_factory=lambda: [160, 180])
+    milestone_factors: list[float] = field(default_factory=lambda: [0.01, 0.0001])  # absolute multipliers
+    min_lr: float = 0.0  # cosine floor
+    drop_last: bool = False
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 | fp16
+    channels_last: bool = False
+    compile: bool = False
+    eval_every: int = 1  # evaluate on val/test every N epochs (the last epoch is always evaluated)
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 1  # how many epoch checkpoints to keep besides last.pt
+    output_dir: str = "runs/{name}"
+    progress: bool = True
+    diagnostics: bool = True  # per-class gradient-ratio observer (eql.md §6)
+    threads: int | None = None  # torch.set_num_threads; None = leave PyTorch's default
+
+
+@dataclass
+class EvalConfig:
+    many_threshold: int = 100
+    few_threshold: int = 20
+    ece_bins: int = 15
+    posthoc: list[str] = field(default_factory=list)  # post-hoc adjusters fit on validation logits
+    posthoc_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    batch_size: int = 1000
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    regularizer: ComponentConfig = field(default_factory=ComponentConfig)
+    update_rule: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="plain"))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """SHA-256 of the canonical JSON of the resolved config (output paths excluded)."""
+        d = self.to_dict()
+        d["train"] = {k: v for k, v in d["train"].items() if k not in ("output_dir", "progress")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def output_path(self) -> Path:
+        return Path(self.train.output_dir.format(name=self.name))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (ints accepted for floats); errors name ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping of settings, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+    return value
+
+
+def _from_dict(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key {full!r}; valid keys{' in ' + prefix if prefix else ''}: "
+                f"{', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("a config file must hold a mapping of settings at the top level")
+    cfg = _from_dict(RunConfig, data)
+    validate_config(cfg)
+    return cfg
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like a.b=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    data.setdefault("name", path.stem)
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Checks across keys that the dataclass types cannot express."""
+    o, t, d = cfg.optim, cfg.train, cfg.data
+    if o.schedule not in ("step", "cosine", "constant"):
+        raise ConfigError(f"optim.schedule must be step, cosine or constant, got {o.schedule!r}")
+    if len(o.milestones) != len(o.milestone_factors):
+        raise ConfigError("optim.milestones and optim.milestone_factors must have the same length")
+    if o.epochs < 1 or o.batch_size < 1 or o.lr <= 0:
+        raise ConfigError("optim.epochs, optim.batch_size and optim.lr must be positive")
+    if o.warmup_epochs < 0 or o.warmup_epochs > o.epochs:
+        raise ConfigError(f"optim.warmup_epochs must be in [0, epochs], got {o.warmup_epochs}")
+    if t.amp not in ("none", "bf16", "fp16"):
+        raise ConfigError(f"train.amp must be none, bf16 or fp16, got {t.amp!r}")
+    if d.profile not in ("exp", "step"):
+        raise ConfigError(f"data.profile must be exp or step, got {d.profile!r}")
+    if d.imbalance_factor < 1:
+        raise ConfigError(f"data.imbalance_factor must be >= 1, got {d.imbalance_factor}")
+    if cfg.eval.few_threshold > cfg.eval.many_threshold:
+        raise ConfigError("eval.few_threshold must be <= eval.many_threshold")
+    if t.eval_every < 1 or t.checkpoint_every < 1:
+        raise ConfigError("train.eval_every and train.checkpoint_every must be >= 1")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,538 @@
+"""The trainer: composes a run from its config and knows methods only through small interfaces.
+
+One step (design.md): batch -> ``update_rule(ctx, x, y)`` (forward through ``model.features`` and
+``model.classifier``, loss [+ regularizer], backward) -> ``optimizer.step()``. Losses, regularizers,
+update rules, post-hoc adjusters and observers come from their registries; nothing here knows a method.
+
+Runs write into their output directory: ``config.yaml`` (resolved), ``environment.json``,
+``subset.json`` (counts and hash), ``metrics.jsonl`` (one line per epoch), ``final.json``,
+``diagnostics.json`` and ``checkpoints/last.pt`` (every ``checkpoint_every`` epochs). A run resumed
+from its last checkpoint continues bit-identically on CPU (same order, augmentation, RNG, buffers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradtail.config import RunConfig, dump_config
+from gradtail.data.builder import DataBundle, build_data
+from gradtail.data.loader import BatchAugment, BatchLoader
+from gradtail.data.samplers import create_sampler
+from gradtail.distributed import is_distributed, is_main_process, rank, world_size
+from gradtail.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
+from gradtail.engine.environment import environment_info, resolve_device
+from gradtail.engine.interfaces import StepContext, StepObserver, UpdateRule
+from gradtail.engine.schedule import LRSchedule
+from gradtail.errors import ConfigError, TrainingError
+from gradtail.losses import create_loss
+from gradtail.metrics import EvalResult, evaluate_logits
+from gradtail.models import LongTailClassifier, create_model
+from gradtail.optim import create_update_rule
+from gradtail.regularizers import create_regularizer
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Predictions:
+    logits: torch.Tensor
+    targets: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+class Trainer:
+    """Train and evaluate one run described by a :class:`RunConfig`.
+
+    Args:
+        cfg: the resolved configuration.
+        data: pre-built data (tests, harness); by default built from ``cfg.data``.
+        output_dir: overrides ``cfg.train.output_dir``.
+    """
+
+    def __init__(self, cfg: RunConfig, data: DataBundle | None = None, output_dir: str | Path | None = None):
+        self.cfg = cfg
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        self.out = Path(output_dir) if output_dir is not None else cfg.output_path()
+        seed_everything(t.seed)
+        self.data = data if data is not None else build_data(cfg.data)
+        counts = self.data.class_counts
+        c = self.data.num_classes
+
+        # --- model, loss, regularizer, update rule (registries only)
+        in_channels = self.data.train.images.shape[1]
+        self.model: LongTailClassifier = create_model(
+            cfg.model.name,
+            c,
+            in_channels=in_channels,
+            head=cfg.model.head,
+            head_scale=cfg.model.head_scale,
+            **cfg.model.params,
+        ).to(self.device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = create_loss(cfg.loss.name, c, class_counts=counts, **cfg.loss.params).to(self.device)
+        required = getattr(self.loss_fn, "required_head", None)
+        head_kind = getattr(self.model.classifier, "kind", None)
+        if required is not None and required != head_kind:
+            raise ConfigError(
+                f"loss {cfg.loss.name!r} needs a {required!r} classifier head; set model.head: {required} "
+                f"(the config has {head_kind!r})"
+            )
+        self.regularizer = (
+            create_regularizer(cfg.regularizer.name, **cfg.regularizer.params).to(self.device)
+            if cfg.regularizer.name
+            else None
+        )
+        self.update_rule: UpdateRule = create_update_rule(
+            cfg.update_rule.name or "plain", **cfg.update_rule.params
+        )
+        self.observers: list[StepObserver] = []
+        self.diagnostics = None
+        if t.diagnostics:
+            from gradtail.diagnostics import GradientRatioObserver
+
+            self.diagnostics = GradientRatioObserver(c).to(self.device)
+            self.observers.append(self.diagnostics)
+
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+            weight_decay=o.weight_decay,
+        )
+        self.schedule = LRSchedule.from_config(o)
+        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
+        if t.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
+        self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+        if t.compile:
+            self.model.backbone.compile()
+
+        self.train_model: nn.Module = self.model
+        if is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+        # --- data loading
+        self.augment = BatchAugment(
+            mean=self.data.mean,
+            std=self.data.std,
+            crop_padding=cfg.data.augment.crop_padding,
+            hflip=cfg.data.augment.hflip,
+        )
+        self.sampler = create_sampler(
+            cfg.data.sampler, self.data.train.labels, c, seed=t.seed, **self._sampler_params()
+        )
+        self.train_loader = BatchLoader(
+            self.data.train.images,
+            self.data.train.labels,
+            o.batch_size,
+            self.augment,
+            sampler=self.sampler,
+            train=True,
+            drop_last=o.drop_last,
+            seed=t.seed,
+            device=self.device,
+            channels_last=t.channels_last,
+            rank=rank(),
+            world_size=world_size(),
+        )
+
+        # --- state that checkpoints carry
+        self.epoch = 0  # next epoch to run
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None  # val-selected epoch record
+
+    # ------------------------------------------------------------------ helpers
+    def _sampler_params(self) -> dict[str, Any]:
+        params = dict(self.cfg.data.sampler_params)
+        if self.cfg.data.sampler == "progressive":
+            params.setdefault("total_epochs", self.cfg.optim.epochs)
+        return params
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def eval_loader(self, images: torch.Tensor, labels: torch.Tensor) -> BatchLoader:
+        return BatchLoader(
+            images,
+            labels,
+            self.cfg.eval.batch_size,
+            self.augment,
+            sampler=None,
+            train=False,
+            device=self.device,
+            channels_last=self.cfg.train.channels_last,
+        )
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoints" / "last.pt"
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, float]:
+        self.model.train()
+        self.loss_fn.train()
+        self.loss_fn.set_epoch(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)
+        n_steps = len(self.train_loader)
+        if n_steps == 0:
+            raise ConfigError(
+                "the training loader yields no batch (batch_size larger than the data with drop_last)"
+            )
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        extras_sum: dict[str, float] = {}
+        bar = _progress(n_steps, f"epoch {epoch + 1}/{self.cfg.optim.epochs}", progress)
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader):
+            lr = self.schedule.lr_at(epoch + (i + 1) / n_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            ctx = StepContext(
+                model=self.train_model,
+                loss_fn=self.loss_fn,
+                regularizer=self.regularizer,
+                optimizer=self.optimizer,
+                epoch=epoch,
+                step=self.global_step,
+                observers=self.observers,
+                autocast=self.autocast,
+                scaler=self.scaler,
+            )
+            out = self.update_rule(ctx, x, y)
+            if not self.update_rule.owns_optimizer_step:
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+            # Non-finite check without a device sync per step: remember the first bad step on device.
+            loss = out.loss.detach().to(torch.float64)
+            bad = ~torch.isfinite(loss)
+            first_bad = torch.where(
+                bad & (first_bad < 0), torch.full_like(first_bad, self.global_step), first_bad
+            )
+            loss_sum += torch.where(bad, torch.zeros_like(loss), loss)
+            for k, v in out.extras.items():
+                extras_sum[k] = extras_sum.get(k, 0.0) + float(v)
+            self.global_step += 1
+            if bar is not None:
+                bar.update(1)
+                if (i + 1) % 25 == 0 or i + 1 == n_steps:
+                    self._check_finite(first_bad)
+                    bar.set_postfix(loss=f"{float(loss_sum) / (i + 1):.4f}", lr=f"{lr:.4g}")
+        if bar is not None:
+            bar.close()
+        self._check_finite(first_bad)
+        record = {
+            "train_loss": float(loss_sum) / n_steps,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_seconds": time.perf_counter() - start,
+            "steps": n_steps,
+        }
+        record.update({k: v / n_steps for k, v in extras_sum.items()})
+        return record
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        step = int(first_bad)
+        if step >= 0:
+            raise TrainingError(
+                f"non-finite training loss at global step {step} (epoch {self.epoch + 1}); lower the "
+                "learning "
+                "rate, check the inputs, or disable fp16"
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, labels: torch.Tensor, features: bool = False) -> Predictions:
+        self.model.eval()
+        logits, feats = [], []
+        for x, _ in self.eval_loader(images, labels):
+            with self.autocast():
+                h = self.model.features(x)
+                z = self.model.classifier(h)
+            logits.append(z.float())
+            if features:
+                feats.append(h.float())
+        return Predictions(
+            logits=torch.cat(logits),
+            targets=labels.to(self.device),
+            features=torch.cat(feats) if features else None,
+        )
+
+    def evaluate_predictions(self, logits: torch.Tensor, targets: torch.Tensor) -> EvalResult:
+        e = self.cfg.eval
+        return evaluate_logits(
+            logits, targets, self.data.class_counts, e.many_threshold, e.few_threshold, e.ece_bins
+        )
+
+    def evaluate_split(self, split: str) -> EvalResult | None:
+        arrays = self.data.val if split == "val" else self.data.test
+        if arrays is None:
+            return None
+        pred = self.predict(arrays.images, arrays.labels)
+        return self.evaluate_predictions(pred.logits, pred.targets)
+
+    # ------------------------------------------------------------------ run
+    def fit(self, resume: bool | str | Path = False, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``optim.epochs`` (or stop after ``stop_after`` epochs of this call) and evaluate.
+
+        ``resume``: ``True`` resumes from ``<output>/checkpoints/last.pt`` when it exists; a path resumes
+        from that file. Returns the final metrics (also written to ``final.json``) once training is done,
+        or the last epoch record when stopped early.
+        """
+        if resume:
+            path = self.checkpoint_path if resume is True else Path(resume)
+            if path.is_file():
+                self.load_state(load_checkpoint(path, map_location=self.device))
+            elif resume is not True:
+                raise ConfigError(f"resume checkpoint not found: {path}")
+        self._write_run_header()
+        progress = self.cfg.train.progress and is_main_process()
+        epochs = self.cfg.optim.epochs
+        ran = 0
+        while self.epoch < epochs:
+            if stop_after is not None and ran >= stop_after:
+                return self.history[-1] if self.history else {}
+            epoch = self.epoch
+            self.update_rule.on_epoch_start(epoch, self)
+            record: dict[str, Any] = {"epoch": epoch + 1}
+            record.update(self.train_epoch(epoch, progress=progress))
+            last = epoch + 1 == epochs
+            if last or (epoch + 1) % self.cfg.train.eval_every == 0:
+                record.update(self._epoch_eval())
+            if self.diagnostics is not None:
+                self.diagnostics.end_epoch(epoch + 1)
+            self.history.append(record)
+            self.epoch = epoch + 1
+            ran += 1
+            if is_main_process():
+                self._append_jsonl(record)
+                if last or self.epoch % self.cfg.train.checkpoint_every == 0:
+                    self.save()
+                if progress:
+                    print(_epoch_line(record, epochs), flush=True)
+        return self.finish()
+
+    def _epoch_eval(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {}
+        val = self.evaluate_split("val")
+        test = self.evaluate_split("test")
+        assert test is not None
+        rec["test"] = test.summary()
+        if val is not None:
+            rec["val"] = {"top1": val.top1, "balanced_accuracy": val.balanced_accuracy}
+            if self.best is None or val.balanced_accuracy > self.best["val_balanced_accuracy"]:
+                self.best = {
+                    "epoch": self.epoch + 1,
+                    "val_balanced_accuracy": val.balanced_accuracy,
+                    "test": test.summary(),
+                }
+        return rec
+
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation (last epoch, val-selected, post-hoc), written to ``final.json``."""
+        test_pred = self.predict(self.data.test.images, self.data.test.labels)
+        test = self.evaluate_predictions(test_pred.logits, test_pred.targets)
+        final: dict[str, Any] = {
+            "name": self.cfg.name,
+            "config_hash": self.cfg.hash(),
+            "subset_sha256": self.data.split.sha256,
+            "class_counts": self.data.class_counts,
+            "epochs": self.epoch,
+            "last_epoch": test.to_dict(),
+            "val_selected": self.best,
+            "posthoc": self._posthoc(test_pred),
+            "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
+        }
+        val = self.evaluate_split("val")
+        if val is not None:
+            final["val_last_epoch"] = val.summary() | {"balanced_accuracy": val.balanced_accuracy}
+        if is_main_process():
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "final.json").write_text(json.dumps(final, indent=2))
+            if self.diagnostics is not None:
+                (self.out / "diagnostics.json").write_text(json.dumps(self.diagnostics.to_json(), indent=1))
+        return final
+
+    def _posthoc(self, test_pred: Predictions) -> dict[str, Any]:
+        names = self.cfg.eval.posthoc
+        if not names:
+            return {}
+        if self.data.val is None:
+            raise ConfigError("eval.posthoc needs a held-out validation split (data.val_per_class > 0)")
+        from gradtail.posthoc import create_posthoc
+
+        val_pred = self.predict(self.data.val.images, self.data.val.labels, features=True)
+        test_feats = self.predict(self.data.test.images, self.data.test.labels, features=True)
+        results: dict[str, Any] = {}
+        for name in names:
+            params = dict(self.cfg.eval.posthoc_params.get(name, {}))
+            adjuster = create_posthoc(name, **self._posthoc_args(name, params))
+            if getattr(adjuster, "needs_features", False):
+                adjuster.fit_features(val_pred.features, val_pred.targets)  # type: ignore[attr-defined]
+                logits = adjuster.transform_features(test_feats.features)  # type: ignore[attr-defined]
+            else:
+                adjuster.fit(val_pred.logits, val_pred.targets)
+                logits = adjuster.transform(test_pred.logits)
+            res = self.evaluate_predictions(logits, test_pred.targets)
+            results[name] = {"params": adjuster.fitted_params(), **res.to_dict(include_confusion=False)}  # type: ignore[attr-defined]
+        return results
+
+    def _posthoc_args(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        from gradtail.posthoc import POSTHOC
+
+        factory = POSTHOC.get(name)
+        extra: dict[str, Any] = {}
+        wants = getattr(factory, "wants", ())
+        if "class_counts" in wants:
+            extra["class_counts"] = self.data.class_counts
+        if "classifier" in wants:
+            extra["classifier"] = self.model.classifier
+        return {**extra, **params}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "loss": self.loss_fn.state_dict(),
+            "regularizer": self.regularizer.state_dict() if self.regularizer is not None else None,
+            "update_rule": self.update_rule.state_dict(),
+            "diagnostics": self.diagnostics.state_dict() if self.diagnostics is not None else None,
+            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+            "history": self.history,
+            "best": self.best,
+            "rng": capture_rng_state(),
+            "class_counts": self.data.class_counts,
+            "subset_sha256": self.data.split.sha256,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state.get("subset_sha256") != self.data.split.sha256:
+            raise ConfigError("checkpoint was trained on a different training subset (hash mismatch)")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loss_fn.load_state_dict(state["loss"])
+        if self.regularizer is not None and state.get("regularizer") is not None:
+            self.regularizer.load_state_dict(state["regularizer"])
+        self.update_rule.load_state_dict(state.get("update_rule") or {})
+        if self.diagnostics is not None and state.get("diagnostics") is not None:
+            self.diagnostics.load_state_dict(state["diagnostics"])
+        if state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(state["sampler"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.best = state.get("best")
+        restore_rng_state(state["rng"])
+        self._rewrite_jsonl()
+
+    def save(self) -> None:
+        save_checkpoint(self.state_dict(), self.checkpoint_path)
+        keep = self.cfg.train.keep_checkpoints
+        if keep > 0:
+            epoch_path = self.checkpoint_path.with_name(f"epoch_{self.epoch:04d}.pt")
+            save_checkpoint(self.state_dict(), epoch_path)
+            old = sorted(self.checkpoint_path.parent.glob("epoch_*.pt"))[:-keep]
+            for p in old:
+                p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ files
+    def _write_run_header(self) -> None:
+        if not is_main_process():
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        env = environment_info(self.device) | {"world_size": world_size()}
+        (self.out / "environment.json").write_text(json.dumps(env, indent=2))
+        split = self.data.split
+        subset = {
+            "dataset": self.cfg.data.dataset,
+            "imbalance_factor": self.cfg.data.imbalance_factor,
+            "profile": self.cfg.data.profile,
+            "subset_seed": self.cfg.data.subset_seed,
+            "counts": self.data.class_counts,
+            "train_images": int(sum(self.data.class_counts)),
+            "val_counts": list(split.val_counts),
+            "sha256": split.sha256,
+            "test_images": len(self.data.test),
+        }
+        (self.out / "subset.json").write_text(json.dumps(subset, indent=2))
+
+    def _append_jsonl(self, record: dict[str, Any]) -> None:
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _rewrite_jsonl(self) -> None:
+        """After a resume, metrics.jsonl holds exactly the epochs the checkpoint knows (no duplicates)."""
+        if not is_main_process():
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / "metrics.jsonl").open("w") as f:
+            for record in self.history:
+                f.write(json.dumps(record) + "\n")
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+def _fmt(v: float | None) -> str:
+    return "N/A" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    parts = [
+        f"epoch {record['epoch']}/{epochs}",
+        f"loss {record['train_loss']:.4f}",
+        f"lr {record['lr']:.4g}",
+        f"{record['train_seconds']:.1f}s",
+    ]
+    if "test" in record:
+        t = record["test"]
+        parts.append(
+            f"test {_fmt(t['top1'])} "
+            f"(many {_fmt(t['many'])} / med {_fmt(t['medium'])} / few {_fmt(t['few'])})"
+        )
+    if "val" in record:
+        parts.append(f"val bal {_fmt(record['val']['balanced_accuracy'])}")
+    return " | ".join(parts)
