@@ -1,4 +1,7 @@
-"""Loss functions: a registry and ``create_loss``; every loss is an ``nn.Module`` ``(logits, targets) -> scalar``."""
+"""Loss functions: a registry and ``create_loss``.
+
+Every loss is an ``nn.Module`` ``(logits, targets) -> scalar``.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +25,14 @@ def create_loss(
     **kwargs: Any,
 ) -> LongTailLoss:
     """Build a registered loss. ``class_counts`` (training images per class) is passed to every loss;
-    those that need it validate it, the others ignore it."""
+    those that need it validate it, the others ignore it. ``drw_epoch`` (and optionally ``drw_beta``,
+    ``drw_normalize``) gives any loss exposing ``per_sample_loss`` the deferred re-weighting schedule."""
     _import_families()
-    return LOSSES.get(name)(num_classes=num_classes, class_counts=class_counts, **kwargs)
+    from gradtail.losses.reweighting import pop_drw_options, with_deferred_reweighting
+
+    drw_options = pop_drw_options(kwargs)
+    loss = LOSSES.get(name)(num_classes=num_classes, class_counts=class_counts, **kwargs)
+    return with_deferred_reweighting(loss, class_counts, **drw_options)
 
 
 def loss_names() -> list[str]:

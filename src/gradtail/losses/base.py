@@ -26,11 +26,14 @@ def validate_class_counts(
     counts = torch.as_tensor(class_counts, dtype=torch.float64).flatten()
     if counts.numel() != num_classes:
         raise ConfigError(
-            f"loss {loss_name!r}: class_counts has {counts.numel()} entries, expected num_classes={num_classes}"
+            f"loss {loss_name!r}: class_counts has {counts.numel()} entries, "
+            f"expected num_classes={num_classes}"
         )
     if not torch.isfinite(counts).all() or (counts <= 0).any():
         bad = [i for i, c in enumerate(counts.tolist()) if not (c > 0)]
-        raise ConfigError(f"loss {loss_name!r}: class_counts must be positive; classes {bad} have zero/invalid counts")
+        raise ConfigError(
+            f"loss {loss_name!r}: class_counts must be positive; classes {bad} have zero/invalid counts"
+        )
     return counts
 
 
@@ -92,3 +95,31 @@ class LongTailLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}"
+
+
+def upcast_half(logits: torch.Tensor) -> torch.Tensor:
+    """Return ``logits`` in float32 when they are float16 / bfloat16, unchanged otherwise.
+
+    Losses compute log-probabilities and class re-weightings in at least float32 whatever the training
+    precision (the same choice autocast makes for ``cross_entropy``).
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits
+
+
+class PerSampleLoss(LongTailLoss):
+    """A loss that is the batch mean of per-sample terms: ``forward = per_sample_loss(z, y).mean()``.
+
+    Subclasses implement ``per_sample_loss(logits, targets) -> (B,)`` (input checks and any statistics
+    update happen there, once per call). Exposing the per-sample terms is what lets a loss be combined
+    with per-sample class re-weighting (deferred re-weighting, ``gradtail.losses.reweighting``). Any
+    :class:`LongTailLoss` may offer the same method without subclassing this.
+    """
+
+    def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """L = (1/B) sum_i l_i."""
+        return self.per_sample_loss(logits, targets).mean()

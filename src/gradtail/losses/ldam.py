@@ -1,0 +1,64 @@
+"""LDAM: label-distribution-aware margin loss (Cao et al. 2019), ``ldam``.
+
+l_i = CE(s * (z_i - m_{y_i} e_{y_i}), y_i) with m_j = m_max * n_j^(-1/4) / max_k n_k^(-1/4), so the
+rarest class gets the margin m_max. The loss is defined on a normalised (cosine) classifier whose logits
+are plain cosines (``CosineHead(scale=1)``): the scale s is applied here, after the margin, as in the
+reference code. ``required_head = "cosine"`` tells the trainer to build that head. Combine with deferred
+re-weighting for LDAM-DRW: ``create_loss("drw", C, counts, base="ldam")`` (switches on at epoch 160) or
+``create_loss("ldam", C, counts, drw_epoch=160)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from gradtail.errors import ConfigError
+from gradtail.losses import register_loss
+from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half, validate_class_counts
+
+
+def ldam_margins(counts: torch.Tensor, max_margin: float) -> torch.Tensor:
+    """m_j = m_max * n_j^(-1/4) / max_k n_k^(-1/4)."""
+    inv_quarter = counts.pow(-0.25)
+    return inv_quarter * (max_margin / inv_quarter.max())
+
+
+@register_loss("ldam")
+class LDAMLoss(PerSampleLoss):
+    """l_i = CE(s * (z_i - m_{y_i} e_{y_i}), y_i); z are cosines (head scale 1). Defaults m_max 0.5, s 30."""
+
+    required_head = "cosine"
+    margins: torch.Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_counts: Sequence[int] | torch.Tensor | None = None,
+        max_margin: float = 0.5,
+        scale: float = 30.0,
+    ) -> None:
+        super().__init__(num_classes)
+        counts = validate_class_counts(class_counts, num_classes, "ldam")
+        max_margin, scale = float(max_margin), float(scale)
+        if not (math.isfinite(max_margin) and max_margin >= 0):
+            raise ConfigError(f"loss 'ldam': max_margin must be >= 0, got {max_margin}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"loss 'ldam': scale must be > 0, got {scale}")
+        self.max_margin = max_margin
+        self.scale = scale
+        self.register_buffer("margins", ldam_margins(counts, max_margin))
+
+    def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        check_logits_targets(logits, targets, self.num_classes)
+        z = upcast_half(logits)
+        y = targets.long()
+        margin = torch.zeros_like(z).scatter(1, y.unsqueeze(1), self.margins.to(z.dtype)[y].unsqueeze(1))
+        shifted = z - margin  # z - m_y e_y
+        return F.cross_entropy(self.scale * shifted, y, reduction="none")
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, max_margin={self.max_margin}, scale={self.scale}"

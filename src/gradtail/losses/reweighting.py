@@ -1,0 +1,228 @@
+"""Class re-weighting by the effective number of samples: ``cb`` and deferred re-weighting (DRW).
+
+Class-balanced weights (Cui et al. 2019): w_j = (1 - beta) / (1 - beta^{n_j}), normalised so that
+sum_j w_j = C. beta = 0 gives uniform weights; beta -> 1 approaches inverse class frequency.
+
+``cb`` applies the weights from the first step to one of three base losses. Reduction: the batch mean
+of the weighted per-sample terms, L = (1/B) sum_i w_{y_i} l_i (the class-balanced paper's form),
+not PyTorch's ``cross_entropy(weight=...)`` mean, which divides by sum_i w_{y_i}:
+
+- ``base="ce"``:      l_i = -log p_{i,y_i}
+- ``base="focal"``:   l_i = -(1 - p_{i,y_i})^gamma log p_{i,y_i} (the softmax focal loss of ``focal``)
+- ``base="sigmoid"``: l_i = sum_j BCE(z_ij, 1[j = y_i]), one-vs-all sigmoids summed over the C classes
+
+DRW (Cao et al. 2019) is a schedule that any loss exposing per-sample terms (``per_sample_loss``) can
+take: before epoch ``drw_epoch`` the loss is the plain batch mean of its per-sample terms; from
+``drw_epoch`` on (``set_epoch`` is called by the trainer, 0-based) each term is weighted by the
+class-balanced weight w_{y_i} with ``drw_beta`` (0.9999). The reduction after the switch is a setting:
+
+- ``drw_normalize="weights"`` (default): L = sum_i w_{y_i} l_i / sum_i w_{y_i}, what the LDAM-DRW
+  reference code computes with ``F.cross_entropy(..., weight=per_cls_weights)``;
+- ``drw_normalize="batch"``: L = (1/B) sum_i w_{y_i} l_i, the class-balanced paper's reduction.
+
+Two equivalent ways to ask for it: the registered loss ``drw`` (``base`` names the wrapped loss, CE by
+default), or ``drw_epoch=...`` on any ``create_loss`` call (see :func:`with_deferred_reweighting`).
+LDAM-DRW is ``create_loss("drw", C, counts, base="ldam")`` (switch at epoch 160, beta 0.9999).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from gradtail.errors import ConfigError
+from gradtail.losses import create_loss, register_loss
+from gradtail.losses.base import (
+    LongTailLoss,
+    PerSampleLoss,
+    check_logits_targets,
+    upcast_half,
+    validate_class_counts,
+)
+from gradtail.losses.softmax import check_gamma, focal_terms
+
+Counts = Sequence[int] | torch.Tensor | None
+
+CB_BASES = ("ce", "focal", "sigmoid")
+DRW_NORMALIZATIONS = ("weights", "batch")
+DRW_OPTIONS = ("drw_epoch", "drw_beta", "drw_normalize")
+
+
+def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """w_j = (1 - beta) / (1 - beta^{n_j}), normalised to sum C (float64)."""
+    counts = counts.to(torch.float64)
+    weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
+    return weights * (counts.numel() / weights.sum())
+
+
+def check_beta(beta: float, loss_name: str) -> float:
+    """beta must lie in [0, 1)."""
+    beta = float(beta)
+    if not (0.0 <= beta < 1.0):
+        raise ConfigError(f"loss {loss_name!r}: beta must be in [0, 1), got {beta}")
+    return beta
+
+
+def weighted_reduction(
+    per_sample: torch.Tensor, sample_weights: torch.Tensor, normalize: str
+) -> torch.Tensor:
+    """sum_i w_i l_i / sum_i w_i (``"weights"``) or sum_i w_i l_i / B (``"batch"``)."""
+    total = (sample_weights * per_sample).sum()
+    if normalize == "weights":
+        return total / sample_weights.sum()
+    return total / per_sample.numel()
+
+
+@register_loss("cb")
+class ClassBalancedLoss(PerSampleLoss):
+    """Class-balanced loss: l_i = w_{y_i} * base_i, L = (1/B) sum_i l_i; defaults beta 0.9999, base "ce".
+
+    ``gamma`` (default 1) is the focusing parameter of ``base="focal"`` and is refused with other bases.
+    """
+
+    weights: torch.Tensor
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_counts: Counts = None,
+        beta: float = 0.9999,
+        base: str = "ce",
+        gamma: float | None = None,
+    ) -> None:
+        super().__init__(num_classes)
+        counts = validate_class_counts(class_counts, num_classes, "cb")
+        if base not in CB_BASES:
+            raise ConfigError(f"loss 'cb': base must be one of {CB_BASES}, got {base!r}")
+        self.beta = check_beta(beta, "cb")
+        self.base = base
+        if gamma is not None and base != "focal":
+            raise ConfigError(f"loss 'cb': gamma applies to base='focal' only, got base={base!r}")
+        self.gamma = check_gamma(1.0 if gamma is None else gamma, "cb")
+        self.register_buffer("weights", effective_number_weights(counts, self.beta))
+
+    def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        check_logits_targets(logits, targets, self.num_classes)
+        z = upcast_half(logits)
+        y = targets.long()
+        if self.base == "sigmoid":
+            one_hot = F.one_hot(y, self.num_classes).to(z.dtype)
+            base = F.binary_cross_entropy_with_logits(z, one_hot, reduction="none").sum(dim=1)
+        else:
+            base = focal_terms(z, y, self.gamma if self.base == "focal" else 0.0)
+        return self.weights.to(z.dtype)[y] * base
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, beta={self.beta}, base={self.base!r}, gamma={self.gamma}"
+
+
+class DeferredReweighting(LongTailLoss):
+    """Deferred re-weighting of any loss with ``per_sample_loss``: class-balanced weights from ``drw_epoch``.
+
+    L = mean_i l_i while ``epoch < drw_epoch``; afterwards sum_i w_{y_i} l_i / sum_i w_{y_i}
+    (``drw_normalize="weights"``) or (1/B) sum_i w_{y_i} l_i (``"batch"``), w from ``drw_beta``.
+    The wrapped loss is the submodule ``inner`` (its buffers checkpoint as ``inner.*``); it receives
+    ``set_epoch`` and keeps its own statistics; ``required_head`` is the wrapped loss's.
+    """
+
+    allows_single_class = True  # the wrapped loss has validated num_classes already
+    weights: torch.Tensor
+
+    def __init__(
+        self,
+        loss: LongTailLoss,
+        class_counts: Counts = None,
+        drw_epoch: int = 160,
+        drw_beta: float = 0.9999,
+        drw_normalize: str = "weights",
+    ) -> None:
+        if isinstance(loss, DeferredReweighting):
+            raise ConfigError("loss is already deferred-reweighted (with_deferred_reweighting replaces it)")
+        if not callable(getattr(loss, "per_sample_loss", None)):
+            raise ConfigError(
+                f"{type(loss).__name__} does not expose per_sample_loss(logits, targets), so it cannot be "
+                "combined with deferred re-weighting (drw)"
+            )
+        super().__init__(loss.num_classes)
+        counts = validate_class_counts(class_counts, loss.num_classes, "drw")
+        if isinstance(drw_epoch, bool) or not isinstance(drw_epoch, numbers.Integral) or drw_epoch < 0:
+            raise ConfigError(f"loss 'drw': drw_epoch must be an integer >= 0, got {drw_epoch!r}")
+        if drw_normalize not in DRW_NORMALIZATIONS:
+            raise ConfigError(
+                f"loss 'drw': drw_normalize must be one of {DRW_NORMALIZATIONS}, got {drw_normalize!r}"
+            )
+        self.inner = loss
+        self.required_head = loss.required_head
+        self.drw_epoch = int(drw_epoch)
+        self.drw_beta = check_beta(drw_beta, "drw")
+        self.drw_normalize = drw_normalize
+        self.register_buffer("weights", effective_number_weights(counts, self.drw_beta))
+        self.set_epoch(loss.epoch)
+
+    @property
+    def active(self) -> bool:
+        """True from epoch ``drw_epoch`` on (epochs are 0-based, as ``set_epoch`` receives them)."""
+        return self.epoch >= self.drw_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.inner.set_epoch(epoch)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        per_sample = self.inner.per_sample_loss(logits, targets)  # checks the inputs
+        if not self.active:
+            return per_sample.mean()
+        sample_weights = self.weights.to(per_sample.dtype)[targets.long()]
+        return weighted_reduction(per_sample, sample_weights, self.drw_normalize)
+
+    def extra_repr(self) -> str:
+        return f"drw_epoch={self.drw_epoch}, drw_beta={self.drw_beta}, drw_normalize={self.drw_normalize!r}"
+
+
+def pop_drw_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop the DRW options (``drw_epoch``, ``drw_beta``, ``drw_normalize``) out of ``kwargs``, return them."""
+    return {key: kwargs.pop(key) for key in DRW_OPTIONS if key in kwargs}
+
+
+def with_deferred_reweighting(
+    loss: LongTailLoss,
+    class_counts: Counts = None,
+    drw_epoch: int | None = None,
+    **drw_options: Any,
+) -> LongTailLoss:
+    """Give ``loss`` the DRW schedule switching on at ``drw_epoch`` (``None``: return ``loss`` unchanged).
+
+    A loss that already has a schedule gets the new one in its place (never weighted twice).
+    """
+    unknown = set(drw_options) - set(DRW_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown deferred re-weighting options {sorted(unknown)}; valid: {DRW_OPTIONS}")
+    if drw_epoch is None:
+        if drw_options:
+            raise ConfigError(f"{sorted(drw_options)} given without drw_epoch: deferred re-weighting is off")
+        return loss
+    if isinstance(loss, DeferredReweighting):
+        loss = loss.inner
+    return DeferredReweighting(loss, class_counts, drw_epoch=drw_epoch, **drw_options)
+
+
+@register_loss("drw")
+def deferred_reweighting(
+    num_classes: int,
+    class_counts: Counts = None,
+    base: str = "ce",
+    drw_epoch: int = 160,
+    drw_beta: float = 0.9999,
+    drw_normalize: str = "weights",
+    **base_kwargs: Any,
+) -> DeferredReweighting:
+    """The ``drw`` baseline: the registered loss ``base`` (CE by default; ``"ldam"`` gives LDAM-DRW) with
+    class-balanced weights switched on at ``drw_epoch``; ``base_kwargs`` go to the base loss."""
+    if base == "drw":
+        raise ConfigError("loss 'drw': base must name another loss, not 'drw'")
+    inner = create_loss(base, num_classes, class_counts, **base_kwargs)
+    return DeferredReweighting(inner, class_counts, drw_epoch, drw_beta, drw_normalize)
