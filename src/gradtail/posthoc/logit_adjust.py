@@ -1,0 +1,102 @@
+"""Post-hoc logit adjustment (baselines.md row ``posthoc_la``; Menon et al., ICLR 2021).
+
+Predict argmax_j (z_j - tau log pi_j), pi the training class prior (counts / total). tau = 1 by default;
+:meth:`PosthocLogitAdjuster.fit` picks tau on the validation split to maximise balanced accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gradtail.engine.interfaces import PosthocAdjuster
+from gradtail.errors import ConfigError
+from gradtail.posthoc import register_posthoc
+from gradtail.posthoc.search import (
+    DEFAULT_TAU_GRID,
+    balanced_accuracy,
+    check_logits,
+    check_targets,
+    tune_scalar,
+)
+
+
+def class_log_prior(
+    class_counts: Sequence[int] | torch.Tensor | None, num_classes: int | None = None
+) -> torch.Tensor:
+    """log pi_j = log(n_j / sum_k n_k), float64; :class:`ConfigError` for missing/zero/mis-sized counts."""
+    if class_counts is None:
+        raise ConfigError("posthoc_la needs class_counts (training images per class)")
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).flatten()
+    if counts.numel() < 2:
+        raise ConfigError(f"posthoc_la: class_counts needs at least 2 classes, got {counts.numel()}")
+    if num_classes is not None and counts.numel() != num_classes:
+        raise ConfigError(f"posthoc_la: class_counts has {counts.numel()} entries, expected {num_classes}")
+    if not bool(torch.isfinite(counts).all()) or bool((counts <= 0).any()):
+        bad = [i for i, c in enumerate(counts.tolist()) if not c > 0]
+        raise ConfigError(
+            f"posthoc_la: class_counts must be positive; classes {bad} have zero/invalid counts"
+        )
+    return torch.log(counts / counts.sum())
+
+
+@register_posthoc("posthoc_la")
+class PosthocLogitAdjuster(PosthocAdjuster):
+    """z - tau log pi (baselines.md ``posthoc_la``).
+
+    Args:
+        class_counts: training images per class (required).
+        tau: the adjustment strength used by :meth:`transform` (until :meth:`fit` tunes it).
+        tune: if True, :meth:`fit` picks tau on ``grid``; if False, :meth:`fit` keeps ``tau``.
+        grid: candidate taus (default 0, 0.1, ..., 2); ties go to the smallest |tau|.
+        num_classes: optional, checked against ``class_counts``.
+    """
+
+    name = "posthoc_la"
+    wants: tuple[str, ...] = ("class_counts",)  # what the harness passes at construction
+
+    def __init__(
+        self,
+        class_counts: Sequence[int] | torch.Tensor | None = None,
+        tau: float = 1.0,
+        tune: bool = True,
+        grid: Sequence[float] = DEFAULT_TAU_GRID,
+        num_classes: int | None = None,
+    ) -> None:
+        self.log_prior = class_log_prior(class_counts, num_classes)
+        self.num_classes = int(self.log_prior.numel())
+        self.tau = float(tau)
+        self.tune = bool(tune)
+        self.grid = tuple(float(t) for t in grid)
+        if self.tune and not self.grid:
+            raise ConfigError("posthoc_la: the tau grid is empty")
+        self.scores: list[float] = []
+
+    def adjust(self, logits: torch.Tensor, tau: float) -> torch.Tensor:
+        """z - tau log pi, in the logits' dtype (at least float32)."""
+        check_logits(logits, self.num_classes, self.name)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        offset = (tau * self.log_prior).to(device=logits.device, dtype=dtype)
+        return logits.to(dtype) - offset
+
+    def transform(self, logits: torch.Tensor) -> torch.Tensor:
+        """Adjusted logits with the current tau; argmax of the result is the prediction."""
+        return self.adjust(logits, self.tau)
+
+    def fit(self, logits: torch.Tensor, targets: torch.Tensor) -> PosthocLogitAdjuster:
+        """Pick tau on validation logits maximising balanced accuracy (no-op when ``tune=False``)."""
+        check_logits(logits, self.num_classes, self.name)
+        check_targets(targets, logits.shape[0], self.name)
+        if self.tune:
+            self.tau, self.scores = tune_scalar(
+                lambda t: balanced_accuracy(self.adjust(logits, t), targets, self.num_classes), self.grid
+            )
+        return self
+
+    def fitted_params(self) -> dict[str, float]:
+        """The parameter in use (after :meth:`fit`), for reports."""
+        return {"tau": self.tau}
+
+    def __repr__(self) -> str:
+        return f"PosthocLogitAdjuster(num_classes={self.num_classes}, tau={self.tau}, tune={self.tune})"
