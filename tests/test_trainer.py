@@ -120,3 +120,29 @@ def test_resume_with_other_subset_is_refused(tmp_path):
     other = tiny_config(optim__epochs=2, data__subset_seed=5)
     with pytest.raises(ConfigError, match="different training subset"):
         Trainer(other, output_dir=tmp_path).fit(resume=True)
+
+
+def test_crt_stage_two_freezes_backbone_and_retrains_classifier(tmp_path):
+    stage1 = Trainer(tiny_config(optim__epochs=1), output_dir=tmp_path / "s1")
+    stage1.fit()
+    cfg = tiny_config(optim__epochs=2, data__sampler="class_balanced")
+    cfg.train.init_from = str(tmp_path / "s1" / "checkpoints" / "last.pt")
+    cfg.train.freeze_backbone = True
+    cfg.train.reset_classifier = True
+    stage2 = Trainer(cfg, output_dir=tmp_path / "s2")
+    head_at_start = stage2.model.classifier.weight.detach().clone()
+    assert not torch.equal(head_at_start, stage1.model.classifier.weight)  # re-initialised
+    stage2.fit()
+    before = stage1.model.backbone.state_dict()
+    after = stage2.model.backbone.state_dict()
+    for k in before:  # weights and BatchNorm running statistics untouched
+        assert torch.equal(before[k], after[k]), k
+    assert not torch.equal(stage2.model.classifier.weight, head_at_start)
+
+
+def test_init_from_other_subset_is_refused(tmp_path):
+    Trainer(tiny_config(optim__epochs=1), output_dir=tmp_path / "s1").fit()
+    cfg = tiny_config(optim__epochs=1, data__subset_seed=3)
+    cfg.train.init_from = str(tmp_path / "s1" / "checkpoints" / "last.pt")
+    with pytest.raises(ConfigError, match="another subset"):
+        Trainer(cfg, output_dir=tmp_path / "s2")

@@ -99,6 +99,11 @@ class TrainConfig:
     progress: bool = True
     diagnostics: bool = True  # per-class gradient-ratio observer (eql.md §6)
     threads: int | None = None  # torch.set_num_threads; None = leave PyTorch's default
+    # Decoupled training (cRT, Kang et al. 2020): start from a stage-1 checkpoint's model, optionally
+    # freeze the backbone (its BatchNorm statistics too) and re-initialise the classifier.
+    init_from: str | None = None
+    freeze_backbone: bool = False
+    reset_classifier: bool = False
 
 
 @dataclass

@@ -19,24 +19,76 @@ Rules kept here, so that every method follows them (eql.md §1):
    concatenated) through :func:`gradtail.distributed.all_reduce_sum_`, which is a no-op without a
    process group. Every rank must call the update every step.
 4. Buffers: the sums are registered buffers, so ``state_dict()`` checkpoints them.
-5. Precision: sums are float64 whatever the training precision; inputs are cast before summing.
-6. Scale: callers may pass gradients of a scaled loss; ratios do not change.
+5. Precision: sums are float64 whatever the training precision; inputs are cast before summing, with
+   autocast disabled. A step whose sums are not finite on any rank (an fp16 overflow caught by the
+   gradient scaler) is skipped on every rank: the finiteness flag travels in the same all-reduce, so
+   the skip needs no extra collective and no device sync.
+6. Scale: callers may pass gradients of a scaled loss; ratios do not change. The ``scale`` argument of
+   the updates multiplies the per-class sums (exactly, after summation), so a loss can pass unnormalized
+   per-element gradients and its 1/B normalizer separately.
+
+Multi-process scale convention (shared with GALA): a rank-local loss is a mean over the rank's batch and
+DDP averages parameter gradients over ranks, so the gradient of the objective actually optimized, at a
+rank's logits, is the local gradient divided by the world size. Closed-form callers include that factor
+in ``scale``; the autograd hook applies it itself. With equal per-rank batches the summed statistics
+then equal those of one process running the whole global batch (tested).
 
 Two ways to feed the statistics: closed form (the loss computes |dL/dz| itself and calls
 :meth:`GradientStatistics.update_from_softmax_grad` / :meth:`update_from_elementwise_grad`), or an
 autograd hook (:meth:`GradientStatistics.attach_hook`). A hook that was attached but never fired is an
-error at the next attach, so statistics cannot silently stay at zero.
+error at the next attach (and at :meth:`GradientStatistics.check_hook_fired`), so statistics cannot
+silently stay at zero.
+
+Update rules that run several forward/backward passes per optimizer step (SAM's ascent pass, per-group
+gradients) wrap the passes that must not count in :func:`frozen_statistics`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
-from gradtail.distributed import all_reduce_sum_
+from gradtail.distributed import all_reduce_sum_, world_size
 from gradtail.errors import InputError, TrainingError
 
 RATIO_EPS = 1e-10
+
+_frozen_depth = 0  # process-wide (not thread-local): CUDA backward runs hooks on autograd worker threads
+
+
+@contextmanager
+def frozen_statistics() -> Iterator[None]:
+    """Inside this context no :class:`GradientStatistics` accepts updates (closed form or hook).
+
+    For update rules whose extra passes must not be accumulated (eql.md §1 rule 1: what is accumulated
+    is the gradient of the final training loss), e.g. SAM's first (ascent) pass. It is process-wide, so
+    every rank must enter it at the same points (then no rank calls the all-reduce, consistently).
+    Hooks attached inside still count as fired if a backward reaches them.
+    """
+    global _frozen_depth
+    _frozen_depth += 1
+    try:
+        yield
+    finally:
+        _frozen_depth -= 1
+
+
+def statistics_frozen() -> bool:
+    """True inside :func:`frozen_statistics`; losses skip their closed-form gradient computation then."""
+    return _frozen_depth > 0
+
+
+def flatten_class_dim(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, d1, ..., dk) -> (N * d1 * ... * dk, C): every position is one sample (segmentation, eql.md §4).
+
+    2-D input is returned unchanged.
+    """
+    if x.dim() == 2:
+        return x
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
 class GradientStatistics(nn.Module):
@@ -77,41 +129,66 @@ class GradientStatistics(nn.Module):
 
     @property
     def is_empty(self) -> bool:
-        """True before the first update (every weight derived from the statistics is at its initial value)."""
+        """True before the first update (every weight derived from the statistics is at its initial value).
+
+        This reads a buffer on the host (a device sync on accelerators); per-step code should use
+        ``torch.where(self.steps > 0, ...)`` instead.
+        """
         return int(self.steps) == 0
+
+    @property
+    def hook_pending(self) -> bool:
+        """True while a hook attached by :meth:`attach_hook` has not fired yet."""
+        return self._pending_hook
 
     # ------------------------------------------------------------------ updating
     @torch.no_grad()
     def update_from_softmax_grad(
-        self, grad_abs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None
+        self,
+        grad_abs: torch.Tensor,
+        targets: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        *,
+        scale: float | torch.Tensor = 1.0,
     ) -> None:
         """Add one step of single-label gradients.
 
         Args:
             grad_abs: (n, C) |dL/dz| for each sample and class channel.
             targets: (n,) class index per sample; channel ``targets[i]`` is the positive of sample i.
-            valid: optional (n,) bool mask of samples to count (ignored labels excluded).
+                Entries where ``valid`` is False may hold anything (an ignore index).
+            valid: optional (n,) bool mask of samples to count (ignored labels excluded). Masking is
+                arithmetic (no boolean indexing), so it never forces a device sync.
+            scale: multiplies this step's per-class sums (e.g. 1 / (B * world_size)), a float or a
+                0-dim tensor.
         """
+        if statistics_frozen():
+            return
         grad_abs, targets = self._check(grad_abs, targets)
         g = grad_abs.detach().to(torch.float64)
-        onehot = torch.zeros_like(g)
         if valid is not None:
-            keep = valid.to(device=g.device, dtype=torch.bool)
-            g = g[keep]
-            targets = targets[keep]
-            onehot = onehot[keep]
-        onehot.scatter_(1, targets.view(-1, 1), 1.0)
-        self._accumulate(g, onehot, targets)
+            keep = valid.detach().to(device=g.device, dtype=torch.bool).view(-1, 1)
+            g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
+            targets = torch.where(keep.view(-1), targets, torch.zeros_like(targets))
+            onehot = torch.zeros_like(g).scatter_(1, targets.view(-1, 1), keep.to(g.dtype))
+        else:
+            onehot = torch.zeros_like(g).scatter_(1, targets.view(-1, 1), 1.0)
+        self._accumulate(g, onehot, single_label=True, scale=scale)
 
     @torch.no_grad()
-    def update_from_elementwise_grad(self, grad_abs: torch.Tensor, target_matrix: torch.Tensor) -> None:
+    def update_from_elementwise_grad(
+        self, grad_abs: torch.Tensor, target_matrix: torch.Tensor, *, scale: float | torch.Tensor = 1.0
+    ) -> None:
         """Add one step of element-wise (sigmoid, multi-label) gradients.
 
         Args:
-            grad_abs: (n, C) |dL/dz|; rows already restricted to samples that count.
+            grad_abs: (n, C) |dL/dz|; rows of samples that do not count must be zero.
             target_matrix: (n, C) in {0, 1}; 1 marks a positive element. A background sample is a row
                 of zeros (it only adds negatives).
+            scale: multiplies this step's per-class sums (float or 0-dim tensor).
         """
+        if statistics_frozen():
+            return
         if grad_abs.shape != target_matrix.shape or grad_abs.dim() != 2:
             raise InputError(
                 f"grad_abs {tuple(grad_abs.shape)} and target_matrix {tuple(target_matrix.shape)} "
@@ -122,31 +199,69 @@ class GradientStatistics(nn.Module):
         if self.track_matrix:
             raise TrainingError("the C x C matrix is defined for single-label targets only")
         g = grad_abs.detach().to(torch.float64)
-        t = target_matrix.detach().to(torch.float64)
-        self._accumulate(g, t, None)
+        t = target_matrix.detach().to(device=g.device, dtype=torch.float64)
+        self._accumulate(g, t, single_label=False, scale=scale)
 
-    def attach_hook(self, logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    def attach_hook(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        *,
+        loss_scale: Callable[[], float | torch.Tensor] | None = None,
+    ) -> None:
         """Collect |dL/dz| of ``logits`` by an autograd hook during the coming backward pass.
+
+        Args:
+            logits: (n, C) or (N, C, d1, ...) (every position a sample), requiring grad.
+            targets: (n,) or (N, d1, ...) class indices; invalid entries must be masked by ``valid``.
+            valid: optional mask shaped like ``targets``.
+            loss_scale: for fp16 training with a gradient scaler, a callable returning the current loss
+                scale (float or tensor); the hook divides by it (eql.md §1 rule 5: unscale before
+                accumulating; overflowed steps are skipped on every rank by the update).
+
+        The hook divides by the world size (see the module docstring). Gradients computed with
+        ``create_graph=True`` (``torch.is_grad_enabled()`` inside the hook) are intermediate ones, e.g. a
+        regularizer's ``autograd.grad`` at the logits (BGP): they mark the hook as fired but are not
+        accumulated, so only the training backward counts.
 
         Raises :class:`TrainingError` if the hook attached at the previous call never fired (the
         backward pass did not reach these logits), instead of letting statistics stay silently at zero.
         """
+        self.check_hook_fired()
+        if not logits.requires_grad:
+            raise TrainingError("cannot collect gradient statistics: logits do not require grad")
+        if logits.dim() < 2 or logits.shape[1] != self.num_classes:
+            raise InputError(f"logits must be (n, {self.num_classes}, ...), got {tuple(logits.shape)}")
+        expected = (logits.shape[0], *logits.shape[2:])
+        if tuple(targets.shape) != expected:
+            raise InputError(
+                f"targets must have shape {expected} to match logits, got {tuple(targets.shape)}"
+            )
+        flat_targets = targets.detach().reshape(-1)
+        flat_valid = None if valid is None else valid.detach().reshape(-1)
+
+        def hook(grad: torch.Tensor) -> None:
+            self._pending_hook = False
+            if torch.is_grad_enabled():  # create_graph=True: an intermediate gradient, not the step's
+                return
+            scale: float | torch.Tensor = 1.0 / world_size()
+            if loss_scale is not None:
+                scale = scale / torch.as_tensor(loss_scale(), dtype=torch.float64, device=grad.device)
+            g = flatten_class_dim(grad.detach()).abs()
+            self.update_from_softmax_grad(g, flat_targets, flat_valid, scale=scale)
+
+        self._pending_hook = True
+        logits.register_hook(hook)
+
+    def check_hook_fired(self) -> None:
+        """Raise :class:`TrainingError` if the last hook attached by :meth:`attach_hook` never fired."""
         if self._pending_hook:
+            self._pending_hook = False  # report once; the next attach starts clean
             raise TrainingError(
                 "gradient statistics hook attached at the previous step never fired: the backward pass "
                 "did not reach the logits, so statistics would silently stay stale"
             )
-        if not logits.requires_grad:
-            raise TrainingError("cannot collect gradient statistics: logits do not require grad")
-        targets = targets.detach()
-        valid = None if valid is None else valid.detach()
-
-        def hook(grad: torch.Tensor) -> None:
-            self._pending_hook = False
-            self.update_from_softmax_grad(grad.abs(), targets, valid)
-
-        self._pending_hook = True
-        logits.register_hook(hook)
 
     def _check(self, grad_abs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if grad_abs.dim() != 2 or grad_abs.shape[1] != self.num_classes:
@@ -157,23 +272,33 @@ class GradientStatistics(nn.Module):
             )
         return grad_abs, targets.to(device=grad_abs.device, dtype=torch.long)
 
-    def _accumulate(self, g: torch.Tensor, pos_mask: torch.Tensor, targets: torch.Tensor | None) -> None:
-        """Per-class sums of this step, one all-reduce, then add (rules 1, 3, 5)."""
-        pos_step = (g * pos_mask).sum(dim=0)
-        neg_step = (g * (1.0 - pos_mask)).sum(dim=0)
-        parts = [pos_step, neg_step]
-        if self.track_matrix:
-            assert targets is not None
-            # M[j, c] += sum_{i: y_i = c} |dL/dz_ij|  ==  G^T @ onehot(y)   (gala.md §1)
-            parts.append((g.t() @ pos_mask).reshape(-1))
-        flat = torch.cat(parts).to(self.pos.device)
-        all_reduce_sum_(flat)
-        c = self.num_classes
-        self.pos.add_(flat[:c])
-        self.neg.add_(flat[c : 2 * c])
-        if self.track_matrix:
-            self.matrix.add_(flat[2 * c :].view(c, c))
-        self.steps.add_(1)
+    def _accumulate(
+        self, g: torch.Tensor, pos_mask: torch.Tensor, single_label: bool, scale: float | torch.Tensor
+    ) -> None:
+        """Per-class sums of this step, one all-reduce, then add (rules 1, 3, 5, 6)."""
+        with torch.autocast(device_type=g.device.type, enabled=False):
+            pos_step = (g * pos_mask).sum(dim=0)
+            neg_step = (g * (1.0 - pos_mask)).sum(dim=0)
+            parts = [pos_step, neg_step]
+            if self.track_matrix:
+                if not single_label:
+                    raise TrainingError("the C x C matrix is defined for single-label targets only")
+                # M[j, c] += sum_{i: y_i = c} |dL/dz_ij|  ==  G^T @ onehot(y)   (gala.md §1)
+                parts.append((g.t() @ pos_mask).reshape(-1))
+            flat = torch.cat(parts).to(self.pos.device)
+            if not (isinstance(scale, float | int) and scale == 1):
+                flat = flat * torch.as_tensor(scale, dtype=torch.float64, device=flat.device)
+            bad = (~torch.isfinite(flat)).any().to(torch.float64).view(1)
+            flat = torch.cat([flat, bad])  # the skip flag rides in the same collective (rule 5)
+            all_reduce_sum_(flat)
+            ok = flat[-1] == 0
+            zero = torch.zeros((), dtype=torch.float64, device=flat.device)
+            c = self.num_classes
+            self.pos.add_(torch.where(ok, flat[:c], zero))
+            self.neg.add_(torch.where(ok, flat[c : 2 * c], zero))
+            if self.track_matrix:
+                self.matrix.add_(torch.where(ok, flat[2 * c : -1], zero).view(c, c))
+            self.steps.add_(ok.to(torch.int64))
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, track_matrix={self.track_matrix}"

@@ -181,8 +181,9 @@ def build_longtail_split(
     2. ``n_max`` defaults to the largest class in the dataset (before the carve); counts come from
        :func:`longtail_counts`; ``class_order[i]`` is the label that gets the i-th count (head first).
        When validation was carved and ``n_max`` was not given, a head class (count ``n_max``) keeps
-       its whole remaining pool (choice recorded here because protocol.md §1 is ambiguous: its reference counts and its
-       carve-before-subsampling rule cannot both hold for the head class). For Fashion-MNIST-LT IF100
+       its whole remaining pool (choice recorded here because protocol.md §1 is ambiguous: its
+       reference counts and its carve-before-subsampling rule cannot both hold for the head class).
+       For Fashion-MNIST-LT IF100
        with 20 validation images per class this gives ``5980 3596 2156 1292 774 464 278 166 100 60``:
        every class but the head matches the reference table; only the head loses the 20 it gave to
        validation. Without validation the reference counts are reproduced exactly, and an explicit
@@ -219,7 +220,9 @@ def build_longtail_split(
         counts = [min(n, pool.size) if n == n_max else n for n, pool in zip(counts, pools, strict=True)]
     for j, (pool, n) in enumerate(zip(pools, counts, strict=True)):
         if n == 0 and pool.size == 0:
-            raise DataError(f"class {j} has no training images left after carving {val_per_class} for validation")
+            raise DataError(
+                f"class {j} has no training images left after carving {val_per_class} for validation"
+            )
         if pool.size < n:
             carved = f" after carving {val_per_class} for validation" if val_per_class else ""
             raise DataError(f"class {j} has {pool.size} images{carved}, fewer than the {n} it needs")

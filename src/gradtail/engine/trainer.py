@@ -64,8 +64,15 @@ class Trainer:
         output_dir: overrides ``cfg.train.output_dir``.
     """
 
-    def __init__(self, cfg: RunConfig, data: DataBundle | None = None, output_dir: str | Path | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        data: DataBundle | None = None,
+        output_dir: str | Path | None = None,
+        verbose: bool = True,
+    ):
         self.cfg = cfg
+        self.verbose = verbose
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -86,6 +93,8 @@ class Trainer:
             head_scale=cfg.model.head_scale,
             **cfg.model.params,
         ).to(self.device)
+        if t.init_from:
+            self._init_from_stage1(Path(t.init_from))
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = create_loss(cfg.loss.name, c, class_counts=counts, **cfg.loss.params).to(self.device)
@@ -114,7 +123,7 @@ class Trainer:
 
         o = cfg.optim
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],
             lr=o.lr,
             momentum=o.momentum,
             nesterov=o.nesterov,
@@ -125,6 +134,8 @@ class Trainer:
         if t.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+        if self.diagnostics is not None:
+            self.diagnostics.set_grad_scaler(self.scaler)
         if t.compile:
             self.model.backbone.compile()
 
@@ -164,7 +175,47 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # val-selected epoch record
 
+    # ------------------------------------------------------------------ what update rules may read
+    # (``gradtail.optim.gbg.GroupingView``: the un-augmented training set and the model's input transform)
+    @property
+    def train_images(self) -> torch.Tensor:
+        return self.train_loader.images
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.train_loader.labels
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def class_counts(self) -> list[int]:
+        return self.data.class_counts
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.augment.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+
     # ------------------------------------------------------------------ helpers
+    def _init_from_stage1(self, path: Path) -> None:
+        """Stage 2 of decoupled training (cRT): stage-1 model, frozen backbone, re-initialised classifier."""
+        state = load_checkpoint(path, map_location=self.device)
+        if state.get("subset_sha256") != self.data.split.sha256:
+            raise ConfigError(f"train.init_from {path} was trained on another subset (hash mismatch)")
+        self.model.load_state_dict(state["model"])
+        t = self.cfg.train
+        if t.reset_classifier:
+            self.model.reset_classifier()
+        if t.freeze_backbone:
+            for p in self.model.backbone_parameters():
+                p.requires_grad_(False)
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.cfg.train.freeze_backbone:
+            self.model.backbone.eval()  # a frozen backbone keeps its BatchNorm running statistics
+
     def _sampler_params(self) -> dict[str, Any]:
         params = dict(self.cfg.data.sampler_params)
         if self.cfg.data.sampler == "progressive":
@@ -194,7 +245,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, float]:
-        self.model.train()
+        self._set_train_mode()
         self.loss_fn.train()
         self.loss_fn.set_epoch(epoch)
         if hasattr(self.sampler, "set_epoch"):
@@ -337,7 +388,7 @@ class Trainer:
                 self._append_jsonl(record)
                 if last or self.epoch % self.cfg.train.checkpoint_every == 0:
                     self.save()
-                if progress:
+                if self.verbose:
                     print(_epoch_line(record, epochs), flush=True)
         return self.finish()
 

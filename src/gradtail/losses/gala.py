@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from gradtail.distributed import world_size
 from gradtail.errors import ConfigError, InputError
-from gradtail.gradstats import GradientStatistics
+from gradtail.gradstats import GradientStatistics, statistics_frozen
 from gradtail.losses import register_loss
 from gradtail.losses.base import LongTailLoss, check_logits_targets
 
@@ -169,6 +169,8 @@ class GALALoss(LongTailLoss):
     @torch.no_grad()
     def _update(self, z_adj: torch.Tensor, targets: torch.Tensor) -> None:
         """Add G = |softmax(z~) - onehot(y)| / (B * world_size) to M (gala.md §1), then the second level."""
+        if statistics_frozen():
+            return
         with torch.autocast(device_type=z_adj.device.type, enabled=False):
             grad = torch.softmax(z_adj.to(torch.float64), dim=1)
             grad.scatter_add_(1, targets.view(-1, 1), -torch.ones_like(grad[:, :1]))

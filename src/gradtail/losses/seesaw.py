@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from gradtail import distributed
 from gradtail.errors import ConfigError
+from gradtail.gradstats import statistics_frozen
 from gradtail.losses import register_loss
 from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half
 
@@ -85,8 +86,9 @@ class SeesawLoss(PerSampleLoss):
 
     @property
     def updates_statistics(self) -> bool:
-        """Counts are accumulated only in training mode with gradients enabled."""
-        return self.training and torch.is_grad_enabled()
+        """Counts are accumulated only in training mode with gradients enabled, and not inside
+        :func:`gradtail.gradstats.frozen_statistics` (second passes of two-pass update rules)."""
+        return self.training and torch.is_grad_enabled() and not statistics_frozen()
 
     def accumulate(self, targets: torch.Tensor) -> None:
         """N += all_reduce_sum(per-class label counts of this batch) (no host-device synchronisation)."""

@@ -16,8 +16,9 @@ Conventions:
   implementations) but its running statistics are discarded: every BatchNorm buffer (running mean /
   variance, ``num_batches_tracked``) is saved before the second forward and restored after it, so the
   running statistics are exactly those a plain step would leave.
-- Stateful losses: the base loss is put in eval mode for the second pass, so a loss that updates its
-  statistics only in training mode (losses/base.py) updates them once per step, from the first pass.
+- Stateful losses: the second pass runs inside :func:`gradtail.gradstats.frozen_statistics`, so
+  losses that keep statistics (EQL, GALA, Seesaw) update them once per step, from the first pass at
+  theta (the loss at the parameters actually being updated).
 - fp16 with a GradScaler is not supported (the ascent would use scaled, possibly inf gradients and the
   scaler's skip-step logic would see two backward passes): a :class:`ConfigError` says to use bf16 or fp32.
 - Gradients must be zero (or None) on entry, as the trainer leaves them; gradients of parameters that
@@ -34,6 +35,7 @@ from torch import nn
 
 from gradtail.engine.interfaces import StepContext, StepOutput, UpdateRule
 from gradtail.errors import ConfigError
+from gradtail.gradstats import frozen_statistics
 from gradtail.optim import register_update_rule
 
 
@@ -91,13 +93,11 @@ class SAM(UpdateRule):
                 p.grad = None
         # 3. gradient at theta + e, BatchNorm running statistics and loss statistics left untouched
         saved_bn = batchnorm_buffers(ctx.model)
-        loss_was_training = ctx.loss_fn.training
-        ctx.loss_fn.eval()
         try:
-            h2, z2 = ctx.features_and_logits(x)
-            ctx.backward(ctx.criterion(h2, z2, targets))
+            with frozen_statistics():
+                h2, z2 = ctx.features_and_logits(x)
+                ctx.backward(ctx.criterion(h2, z2, targets))
         finally:
-            ctx.loss_fn.train(loss_was_training)
             # 4. restore theta exactly, and the running statistics of the first pass
             with torch.no_grad():
                 for p, old in zip(params, theta, strict=True):

@@ -1,0 +1,500 @@
+"""The Equalization losses (eql.md §1-4; Tan et al., TPAMI 2023, EQLv2 CVPR 2021, EFL CVPR 2022).
+
+Each loss keeps a :class:`gradtail.gradstats.GradientStatistics` submodule ``stats`` (float64 buffers
+P, N, steps: checkpointed by ``state_dict()``, SUM-all-reduced across ranks) and follows eql.md §1:
+
+1. Timing: ``forward`` derives its class weights / offsets from the statistics as they are on entry
+   (through step t-1), builds the loss, and only then adds the step-t gradient of *that* loss.
+2. Detachment: weights and offsets are computed from buffers under no autograd history; the closed-form
+   gradient is computed from ``logits.detach()``; nothing flows back into the statistics.
+3. Synchronization: one all-reduce per training forward, on every rank (inside the statistics update).
+4. Statistics are buffers (``stats.pos``, ``stats.neg``, ``stats.steps``).
+5. Precision: the loss and its closed-form gradient are computed in float32 (float64 for float64
+   logits) from the logits, whatever autocast produced; sums are float64. bf16/fp16 autocast therefore
+   gives the same statistics as fp32 on the same logits, and no gradient scaler is involved.
+6. The collected gradient is the exact |dL/dz| of the value returned by ``forward`` (1/n normalizers
+   included), divided by the world size under DDP (see :mod:`gradtail.gradstats`): a run on W ranks with
+   B/W samples each accumulates what one process with B samples accumulates. Ratios g_j are unaffected
+   by this scale (the released EQLv2 code omits the 1/n; only the absolute P, N differ).
+
+The statistics change only when ``self.training and torch.is_grad_enabled()`` and not inside
+:func:`gradtail.gradstats.frozen_statistics`. A forward in eval mode on logits that require grad warns
+once: it is probably a training step whose statistics would otherwise stay silently frozen. One training
+forward = one accumulated step, so an update rule that evaluates the loss several times per optimizer
+step must freeze the extra passes. Buffers follow the logits' device (the module moves itself on the
+first forward on a new device).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from gradtail.distributed import world_size
+from gradtail.errors import ConfigError, InputError
+from gradtail.gradstats import GradientStatistics, flatten_class_dim, statistics_frozen
+from gradtail.losses import register_loss
+from gradtail.losses.base import LongTailLoss, check_label_range
+
+Indicator = Literal["pos", "neg", "pos_and_neg"]
+ClassCounts = Sequence[int] | torch.Tensor | None
+
+
+def _work_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 logits, float64 for float64 (eql.md §1 rule 5)."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _check_2d_logits(logits: torch.Tensor, channels: int, name: str) -> None:
+    if logits.dim() != 2 or logits.shape[1] != channels:
+        raise InputError(f"{name}: logits must be (n, {channels}), got shape {tuple(logits.shape)}")
+    if not logits.dtype.is_floating_point:
+        raise InputError(f"{name}: logits must be floating point, got {logits.dtype}")
+
+
+def _check_index_targets(targets: torch.Tensor, n: int, name: str) -> None:
+    if targets.dim() != 1 or targets.shape[0] != n:
+        raise InputError(f"{name}: targets must be ({n},) class indices, got shape {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise InputError(f"{name}: targets must be integer class indices, got dtype {targets.dtype}")
+
+
+def _check_unit_interval(x: torch.Tensor, what: str) -> None:
+    """Values in [0, 1]; an ordinary check on CPU, an asynchronous assert elsewhere (no device sync)."""
+    ok = ((x >= 0) & (x <= 1)).all()
+    if x.device.type == "cpu":
+        if not bool(ok):
+            raise InputError(f"{what} must lie in [0, 1]")
+    else:
+        torch._assert_async(ok, f"{what} must lie in [0, 1]")
+
+
+def sigmoid_eql_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Detection inference scores (eql.md §2): score_j = sigmoid(z_j) * (1 - sigmoid(z_extra)).
+
+    ``logits`` is (n, C + 1) with the objectness/background channel last; returns (n, C). Uses
+    1 - sigmoid(x) = sigmoid(-x) for accuracy when the background logit is large.
+    """
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise InputError(f"logits must be (n, C + 1) with C >= 1, got shape {tuple(logits.shape)}")
+    z = logits.to(_work_dtype(logits))
+    return torch.sigmoid(z[:, :-1]) * torch.sigmoid(-z[:, -1:])
+
+
+class _EqualizationLoss(LongTailLoss):
+    """Shared plumbing: the statistics submodule, when to collect, device following (eql.md §1)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__(num_classes)
+        self.stats = GradientStatistics(self.num_classes)
+        self._warned_eval = False
+
+    def _prepare(self, logits: torch.Tensor) -> bool:
+        """Move buffers to the logits' device; return whether this call updates the statistics."""
+        if self.stats.pos.device != logits.device:
+            self.to(logits.device)
+        if self.training and torch.is_grad_enabled():
+            return not statistics_frozen()
+        if not self.training and torch.is_grad_enabled() and logits.requires_grad and not self._warned_eval:
+            self._warned_eval = True
+            warnings.warn(
+                f"{type(self).__name__} is in eval mode but its logits require grad: its gradient "
+                "statistics are not updated (call loss.train() for training steps)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+
+    def ratio(self) -> torch.Tensor:
+        """g_j = P_j / (N_j + 1e-10) (eql.md §1), float64 (C,), as accumulated so far."""
+        return self.stats.ratio()
+
+
+# ---------------------------------------------------------------------------------------------- §2
+@register_loss("sigmoid_eql")
+class SigmoidEQL(_EqualizationLoss):
+    """Sigmoid Equalization Loss v2 (eql.md §2): L = (1/n) sum_i sum_j w_ij BCE(z_ij, T_ij).
+
+    Args:
+        num_classes: C, the number of object classes (not counting an objectness channel).
+        class_counts: accepted for the common factory signature and ignored.
+        alpha, gamma, mu: q_j = 1 + alpha (1 - r_j), r_j = f(g_j) = 1 / (1 + exp(-gamma (g_j - mu))).
+        init_ratio: g used while the statistics are empty (100: every weight is exactly 1 at step 1).
+        objectness: logits have C + 1 channels, the last a class-agnostic background/objectness channel
+            with r = q = 1, excluded from the statistics.
+
+    Targets: (n,) class indices in [0, C], where C means background (all class channels 0; with
+    ``objectness`` the extra channel is 1), or, without ``objectness``, an (n, C) {0, 1} multi-label
+    matrix. Statistics: |sigmoid(z_ij) - T_ij| w_ij / n per class over positives and negatives.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_counts: ClassCounts = None,
+        alpha: float = 4.0,
+        gamma: float = 12.0,
+        mu: float = 0.8,
+        init_ratio: float = 100.0,
+        objectness: bool = False,
+    ) -> None:
+        super().__init__(num_classes)
+        self.alpha = float(alpha)
+        self.gamma = float(gamma)
+        self.mu = float(mu)
+        self.init_ratio = float(init_ratio)
+        self.objectness = bool(objectness)
+
+    @property
+    def num_channels(self) -> int:
+        """Logit channels expected: C, or C + 1 with the objectness channel."""
+        return self.num_classes + int(self.objectness)
+
+    def effective_ratio(self) -> torch.Tensor:
+        """g_j, with ``init_ratio`` while no step is accumulated (eql.md §2: 'initial ratio 100')."""
+        init = torch.full_like(self.stats.pos, self.init_ratio)
+        return torch.where(self.stats.steps > 0, self.stats.ratio(), init)
+
+    @torch.no_grad()
+    def class_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, q), float64 (num_channels,): r_j = f(g_j), q_j = 1 + alpha (1 - r_j); extra channel 1 (§2)."""
+        r = torch.sigmoid(self.gamma * (self.effective_ratio() - self.mu))
+        q = 1.0 + self.alpha * (1.0 - r)
+        if self.objectness:
+            one = torch.ones(1, dtype=r.dtype, device=r.device)
+            r, q = torch.cat([r, one]), torch.cat([q, one])
+        return r, q
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Inference scores: :func:`sigmoid_eql_scores` with objectness, plain sigmoid without."""
+        if self.objectness:
+            return sigmoid_eql_scores(logits)
+        return torch.sigmoid(logits.to(_work_dtype(logits)))
+
+    def _target_matrix(self, logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """T (n, num_channels): one-hot rows; label C is background (eql.md §2)."""
+        n, c = logits.shape[0], self.num_classes
+        if targets.dim() == 2:
+            if self.objectness:
+                raise InputError("sigmoid_eql: multi-label (n, C) targets are not supported with objectness")
+            if tuple(targets.shape) != (n, c):
+                raise InputError(
+                    f"sigmoid_eql: multi-label targets must be ({n}, {c}), got {tuple(targets.shape)}"
+                )
+            t = targets.detach().to(device=logits.device, dtype=dtype)
+            binary = ((t == 0) | (t == 1)).all()
+            if t.device.type == "cpu":
+                if not bool(binary):
+                    raise InputError("sigmoid_eql: multi-label targets must be 0 or 1")
+            else:
+                torch._assert_async(binary, "sigmoid_eql: multi-label targets must be 0 or 1")
+            return t
+        _check_index_targets(targets, n, "sigmoid_eql")
+        check_label_range(targets, c + 1)
+        onehot = F.one_hot(targets.to(device=logits.device, dtype=torch.long), c + 1).to(dtype)
+        return onehot if self.objectness else onehot[:, :c]
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """L = (1/n) sum_i sum_j w_ij BCE(z_ij, T_ij) with weights from statistics through step t-1 (§1-2)."""
+        _check_2d_logits(logits, self.num_channels, "sigmoid_eql")
+        collect = self._prepare(logits)
+        dtype = _work_dtype(logits)
+        z = logits.to(dtype)
+        t = self._target_matrix(z, targets, dtype)
+        r, q = (w.to(dtype) for w in self.class_weights())  # constants: statistics through t-1
+        w = t * q + (1.0 - t) * r  # w_ij = q_j if T_ij = 1 else r_j
+        n = max(z.shape[0], 1)
+        loss = F.binary_cross_entropy_with_logits(z, t, weight=w, reduction="sum") / n
+        if collect:
+            with torch.no_grad():
+                grad = (torch.sigmoid(z.detach()) - t).abs() * w  # |dL/dz| * n
+                c = self.num_classes
+                self.stats.update_from_elementwise_grad(grad[:, :c], t[:, :c], scale=1.0 / (n * world_size()))
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, alpha={self.alpha}, gamma={self.gamma}, mu={self.mu}, "
+            f"init_ratio={self.init_ratio}, objectness={self.objectness}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- §3
+class _FocalEqualization(_EqualizationLoss):
+    """Shared part of EFL and EQFL (eql.md §3): per-class focusing gamma_j and weighting omega_j.
+
+    Targets: (n,) integers; -1 = ignored (out of the loss and the statistics), C = background (all class
+    channels 0), otherwise the positive class. Normalizer: the number of positive samples, at least 1.
+    """
+
+    IGNORE = -1
+
+    def __init__(self, num_classes: int, gamma_b: float, s: float) -> None:
+        super().__init__(num_classes)
+        if not gamma_b > 0:
+            raise ConfigError(f"gamma_b must be > 0 (omega_j = gamma_j / gamma_b), got {gamma_b}")
+        self.gamma_b = float(gamma_b)
+        self.s = float(s)
+
+    def effective_ratio(self) -> torch.Tensor:
+        """g_hat_j = clamp(g_j, 0, 1), 1 while the statistics are empty (eql.md §3: 'ratio starts at 1')."""
+        g = torch.where(self.stats.steps > 0, self.stats.ratio(), torch.ones_like(self.stats.pos))
+        return g.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def focusing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gamma_j, omega_j), float64 (C,): gamma_j = gamma_b + s (1 - g_hat_j), omega_j = gamma_j / gamma_b.
+
+        (eql.md §3.)
+        """
+        gamma = self.gamma_b + self.s * (1.0 - self.effective_ratio())
+        return gamma, gamma / self.gamma_b
+
+    def _targets(
+        self, logits: torch.Tensor, targets: torch.Tensor, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(T (n, C), valid (n, 1) bool, normalizer 0-dim) for index targets in {-1} U [0, C]."""
+        _check_index_targets(targets, logits.shape[0], name)
+        check_label_range(targets, self.num_classes + 1, allow=self.IGNORE)
+        y = targets.to(device=logits.device, dtype=torch.long)
+        valid = (y != self.IGNORE).view(-1, 1)
+        idx = torch.where(valid.view(-1), y, torch.full_like(y, self.num_classes))  # ignored -> a zero row
+        t = F.one_hot(idx, self.num_classes + 1)[:, : self.num_classes].to(logits.dtype)
+        num_pos = (valid.view(-1) & (y < self.num_classes)).sum().clamp(min=1).to(logits.dtype)
+        return t, valid, num_pos
+
+    def _collect(
+        self, grad: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, num_pos: torch.Tensor
+    ) -> None:
+        """Add |dl/dz| / num_pos (ignored rows zeroed) to the statistics (eql.md §3)."""
+        grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        scale = 1.0 / (num_pos.to(torch.float64) * world_size())
+        self.stats.update_from_elementwise_grad(grad, t, scale=scale)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, s={self.s}"
+
+
+@register_loss("efl")
+class EqualizedFocalLoss(_FocalEqualization):
+    """Equalized Focal Loss (eql.md §3): l_ij = -alpha_t omega_j (1 - p_t)^gamma_j log(p_t), summed / #pos.
+
+    Args:
+        num_classes: C.
+        class_counts: accepted for the common factory signature and ignored.
+        gamma_b: base focusing parameter (2).
+        s: focusing scale factor (8; 4 for lighter detectors).
+        alpha: focal alpha (0.25); ``None`` or a negative value disables the alpha_t factor.
+
+    With empty statistics (g_hat = 1) this is exactly the sigmoid focal loss summed over elements and
+    divided by the number of positives. gamma_j and omega_j are constants; (1 - p_t)^gamma_j is
+    differentiated as in focal loss.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_counts: ClassCounts = None,
+        gamma_b: float = 2.0,
+        s: float = 8.0,
+        alpha: float | None = 0.25,
+    ) -> None:
+        super().__init__(num_classes, gamma_b, s)
+        self.alpha = None if alpha is None or alpha < 0 else float(alpha)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sum over valid elements of alpha_t omega_j (1 - p_t)^gamma_j BCE(z, T), over #pos (§3)."""
+        _check_2d_logits(logits, self.num_classes, "efl")
+        collect = self._prepare(logits)
+        z = logits.to(_work_dtype(logits))
+        t, valid, num_pos = self._targets(z, targets, "efl")
+        gamma, omega = (v.to(z.dtype) for v in self.focusing())  # constants: statistics through t-1
+        p = torch.sigmoid(z)
+        ce = F.binary_cross_entropy_with_logits(z, t, reduction="none")  # -log(p_t)
+        p_t = p * t + (1.0 - p) * (1.0 - t)
+        elem = ce * ((1.0 - p_t) ** gamma)
+        alpha_t = None
+        if self.alpha is not None:
+            alpha_t = self.alpha * t + (1.0 - self.alpha) * (1.0 - t)
+            elem = alpha_t * elem
+        elem = omega * elem
+        elem = torch.where(valid, elem, torch.zeros((), dtype=elem.dtype, device=elem.device))
+        loss = elem.sum() / num_pos
+        if collect:
+            with torch.no_grad():
+                # |dl/dz| * norm = alpha_t omega (1 - p_t)^gamma [(1 - p_t) - gamma p_t log p_t]  (§3)
+                signed = z.detach() * (2.0 * t - 1.0)  # p_t = sigmoid(signed)
+                pt, one_m, log_pt = torch.sigmoid(signed), torch.sigmoid(-signed), F.logsigmoid(signed)
+                grad = omega * one_m**gamma * (one_m - gamma * pt * log_pt)
+                if alpha_t is not None:
+                    grad = alpha_t * grad
+                self._collect(grad, t, valid, num_pos)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, alpha={self.alpha}"
+
+
+@register_loss("eqfl")
+class EqualizedQualityFocalLoss(_FocalEqualization):
+    """Equalized quality focal loss (eql.md §3): omega_j BCE(z, Q) |Q - p|^gamma_j, summed / #pos.
+
+    ``forward(logits, targets, quality=None)``: ``quality`` is an (n,) tensor in [0, 1], the soft target
+    of each sample's positive channel (e.g. the IoU of a detection); ``None`` means 1 (hard targets).
+    Q_ij = quality_i on the positive channel, 0 elsewhere, so negatives give BCE(z, 0) p^gamma_j and
+    positives BCE(z, q) |q - p|^gamma_j, all times omega_j, no alpha. With empty statistics this is the
+    quality focal loss (beta = gamma_b). Statistics count the label channel as the positive whatever q.
+
+    Args:
+        num_classes: C.
+        class_counts: accepted for the common factory signature and ignored.
+        gamma_b: base focusing parameter (2).
+        s: focusing scale factor (8).
+    """
+
+    def __init__(
+        self, num_classes: int, class_counts: ClassCounts = None, gamma_b: float = 2.0, s: float = 8.0
+    ) -> None:
+        super().__init__(num_classes, gamma_b, s)
+
+    def forward(
+        self, logits: torch.Tensor, targets: torch.Tensor, quality: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sum over valid elements of omega_j BCE(z, Q) |Q - p|^gamma_j, divided by #pos (§3)."""
+        _check_2d_logits(logits, self.num_classes, "eqfl")
+        collect = self._prepare(logits)
+        z = logits.to(_work_dtype(logits))
+        t, valid, num_pos = self._targets(z, targets, "eqfl")
+        if quality is None:
+            soft = t
+        else:
+            if quality.dim() != 1 or quality.shape[0] != z.shape[0]:
+                raise InputError(f"eqfl: quality must be ({z.shape[0]},), got shape {tuple(quality.shape)}")
+            qv = quality.detach().to(device=z.device, dtype=z.dtype)
+            _check_unit_interval(qv, "eqfl: quality")
+            soft = t * qv.view(-1, 1)
+        gamma, omega = (v.to(z.dtype) for v in self.focusing())  # constants: statistics through t-1
+        p = torch.sigmoid(z)
+        bce = F.binary_cross_entropy_with_logits(z, soft, reduction="none")
+        elem = omega * (bce * (p - soft).abs() ** gamma)
+        elem = torch.where(valid, elem, torch.zeros((), dtype=elem.dtype, device=elem.device))
+        loss = elem.sum() / num_pos
+        if collect:
+            with torch.no_grad():
+                # d/dz [BCE(z, Q) |p - Q|^gamma]
+                #   = sign(p - Q) |p - Q|^(gamma - 1) [|p - Q|^2 + gamma BCE(z, Q) p (1 - p)]
+                zd = z.detach()
+                pd = torch.sigmoid(zd)
+                d = (pd - soft).abs()
+                bce_d = bce.detach()
+                grad = omega * d ** (gamma - 1.0) * (d * d + gamma * bce_d * pd * torch.sigmoid(-zd))
+                self._collect(grad, t, valid, num_pos)
+        return loss
+
+
+# ---------------------------------------------------------------------------------------------- §4
+@register_loss("softmax_eql")
+class SoftmaxEQL(_EqualizationLoss):
+    """Softmax Equalization Loss (eql.md §4): L = mean_i CE(z_i + tau log I, y_i), I_j = max(stat_j, eps).
+
+    Args:
+        num_classes: C.
+        class_counts: accepted for the common factory signature and ignored.
+        tau: strength of the adjustment (1).
+        eps: floor of the indicator (1e-4).
+        indicator: ``"pos"`` (I = P, default), ``"neg"`` (I = N) or ``"pos_and_neg"`` (I = P + N).
+        ignore_index: label excluded from the loss and the statistics (default -100, as in
+            ``F.cross_entropy``).
+
+    Logits (N, C) with targets (N,), or (N, C, d1, ...) with targets (N, d1, ...) for segmentation:
+    every non-ignored position is a sample. The mean is over non-ignored samples (0 if there are none).
+
+    CE(z + tau log I, y) equals the spec's CE(z~, y), z~_j = z_j + tau log(I_j / I_y) (j != y): the two
+    differ by a per-sample constant and softmax is shift-invariant. gradtail adds
+    tau (log I_j - max_k log I_k), also the same up to a constant: at step 1 (all I = eps) the offsets are
+    exactly 0, so the loss is bit-for-bit CE, and offsets stay <= 0. Statistics: |softmax(z~) - onehot(y)|
+    / (#samples), positives the label column (the gradient at z~ equals the gradient at z). Test time uses
+    the raw logits.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_counts: ClassCounts = None,
+        tau: float = 1.0,
+        eps: float = 1e-4,
+        indicator: Indicator = "pos",
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__(num_classes)
+        if indicator not in ("pos", "neg", "pos_and_neg"):
+            raise ConfigError(
+                f"softmax_eql: indicator must be 'pos', 'neg' or 'pos_and_neg', got {indicator!r}"
+            )
+        if not eps > 0:
+            raise ConfigError(f"softmax_eql: eps must be > 0 (it floors a logarithm), got {eps}")
+        if 0 <= ignore_index < num_classes:
+            raise ConfigError(f"softmax_eql: ignore_index {ignore_index} is a valid class index")
+        self.tau = float(tau)
+        self.eps = float(eps)
+        self.indicator: Indicator = indicator
+        self.ignore_index = int(ignore_index)
+
+    @torch.no_grad()
+    def indicator_values(self) -> torch.Tensor:
+        """I_j = max(P_j, eps) (or N_j, or P_j + N_j), float64 (C,) (eql.md §4)."""
+        if self.indicator == "pos":
+            raw = self.stats.pos
+        elif self.indicator == "neg":
+            raw = self.stats.neg
+        else:
+            raw = self.stats.pos + self.stats.neg
+        return raw.clamp(min=self.eps)
+
+    @torch.no_grad()
+    def logit_offsets(self) -> torch.Tensor:
+        """tau (log I_j - max_k log I_k), float64 (C,): z + offsets is z + tau log I up to a constant (§4)."""
+        log_i = torch.log(self.indicator_values())
+        return self.tau * (log_i - log_i.max())
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """mean over non-ignored samples of CE(z + tau log I, y), I from statistics through t-1 (§1, §4)."""
+        c = self.num_classes
+        if logits.dim() < 2 or logits.shape[1] != c or not logits.dtype.is_floating_point:
+            raise InputError(
+                f"softmax_eql: logits must be floating (N, {c}) or (N, {c}, d1, ...), got "
+                f"{logits.dtype} {tuple(logits.shape)}"
+            )
+        expected = (logits.shape[0], *logits.shape[2:])
+        if tuple(targets.shape) != expected:
+            raise InputError(f"softmax_eql: targets must have shape {expected}, got {tuple(targets.shape)}")
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise InputError(f"softmax_eql: targets must be integer class indices, got dtype {targets.dtype}")
+        check_label_range(targets, c, allow=self.ignore_index)
+        collect = self._prepare(logits)
+        z = logits.to(_work_dtype(logits))
+        y = targets.to(device=z.device, dtype=torch.long)
+        offsets = self.logit_offsets().to(z.dtype).view(1, c, *([1] * (z.dim() - 2)))  # constants
+        z_adj = z + offsets
+        valid = y != self.ignore_index
+        count = valid.sum().clamp(min=1)
+        loss = F.cross_entropy(z_adj, y, ignore_index=self.ignore_index, reduction="sum") / count
+        if collect:
+            with torch.no_grad():
+                prob = torch.softmax(flatten_class_dim(z_adj.detach()), dim=1)
+                yf, vf = y.reshape(-1), valid.reshape(-1)
+                y_safe = torch.where(vf, yf, torch.zeros_like(yf))
+                grad = prob.scatter_add(1, y_safe.view(-1, 1), -torch.ones_like(prob[:, :1])).abs()
+                scale = 1.0 / (count.to(torch.float64) * world_size())  # |softmax(z~) - onehot(y)| / B
+                self.stats.update_from_softmax_grad(grad, y_safe, vf, scale=scale)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, tau={self.tau}, eps={self.eps}, indicator={self.indicator!r}, "
+            f"ignore_index={self.ignore_index}"
+        )

@@ -1,0 +1,384 @@
+"""GBG: gradient-balancing grouping, long-tailed learning as multi-objective optimisation (gbg.md).
+
+Stage 1 (:meth:`GBGRule.on_epoch_start`, gbg.md §1): classes are grouped (spectral clustering of per-class
+backbone-gradient prototypes, or the ``frequency`` / ``random`` ablations) at the scheduled epochs.
+
+Stage 2 (:meth:`GBGRule.__call__`, gbg.md §2), per step:
+
+1. one forward through ``ctx.forward`` (observers see the logits once);
+2. for each group g present in the batch, L_g = ``ctx.loss_fn`` on the batch rows whose label is in g
+   (full C-way logits); the batch is sorted by group once, so one host read (the per-group counts) is the
+   only synchronisation of the step;
+3. ``mgda``: G_g = ``autograd.grad(L_g, shared, retain_graph=True)`` flattened into one (G', D) buffer on
+   the device, the Gram matrix M = G G^T, normalisation applied to M (``loss+``: G_g / (L_g ||G_g||),
+   ``l2``: G_g / ||G_g||, ``none``), alpha = :func:`~gradtail.optim.min_norm.min_norm_weights` (M).
+   ``sum``: alpha_g = 1 and ``mean``: alpha_g = 1 / G' need no group gradients at all;
+4. loss = sum_g alpha_g L_g (alpha detached, raw losses), plus the regularizer when active (e.g. the BCL
+   term, gbg.md §2.5): it is computed on the whole batch, added outside the balancing (weight 1), and
+   receives the combined GBG loss as its ``loss`` argument; then one ``ctx.backward``.
+
+One group present (or before the first grouping): the step is exactly the plain step,
+``ctx.criterion(h, z, y)`` and one backward (alpha = [1], no solver, no group gradients).
+
+Group gradients go through a second application of the (parameter-sharing) classifier to the features,
+so hooks that observers put on the logits fire only for the final backward. With a ``GradScaler`` the
+group losses are scaled before ``autograd.grad`` (alpha is invariant to a common scale of the gradients).
+Under DDP every rank solves for alpha on its own batch; the final gradient is averaged by DDP as usual.
+
+``params`` chooses the shared quantity whose gradients are balanced:
+
+- ``backbone`` (faithful): every backbone parameter (``model.backbone_parameters()``);
+- ``last_layer``: the parameters of the last shared layer only: the last backbone module owning a weight
+  of dimension >= 2 (conv or linear) and the parameterised modules registered after it (its BatchNorm);
+  autograd then stops at that layer, so a group gradient costs a fraction of a backward;
+- ``features``: the gradient w.r.t. the batch features h (Sener & Koltun's MGDA-UB bound). Groups own
+  disjoint rows of h, so these gradients are orthogonal and MGDA reduces to alpha_g proportional to
+  1 / ||G^_g||^2 (with ``loss+``: to L_g^2); the cheapest mode, offered for measurement.
+
+Losses that keep statistics (a :class:`~gradtail.gradstats.GradientStatistics` submodule) are refused at
+the first step with a :class:`~gradtail.errors.ConfigError`: GBG calls the loss once per group (and again
+for the group gradients), so the statistics would be updated several times per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gradtail.distributed import broadcast_, is_distributed
+from gradtail.engine.interfaces import StepContext, StepOutput, UpdateRule
+from gradtail.errors import ConfigError
+from gradtail.gradstats import GradientStatistics
+from gradtail.optim import register_update_rule
+from gradtail.optim.grouping import (
+    class_gradient_prototypes,
+    frequency_groups,
+    random_groups,
+    spectral_groups,
+)
+from gradtail.optim.min_norm import min_norm_weights
+
+GROUPINGS = ("spectral", "frequency", "random")
+NORMALIZATIONS = ("loss+", "l2", "none")
+COMBINERS = ("mgda", "sum", "mean")
+PARAM_MODES = ("backbone", "last_layer", "features")
+
+
+class GroupingView(Protocol):
+    """What :meth:`GBGRule.on_epoch_start` reads from the trainer (gbg.md §1).
+
+    ``train_images``: the un-augmented training images as stored (e.g. uint8, N x C x H x W, any device);
+    ``normalize`` maps a batch of them to model input; ``loss_fn``: the training loss (``None``:
+    cross-entropy); ``class_counts``: training images per class (for the ``frequency`` grouping).
+    """
+
+    model: nn.Module
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    num_classes: int
+    class_counts: Sequence[int] | torch.Tensor
+    loss_fn: nn.Module | None
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def parse_group_at(spec: str) -> tuple[str, int]:
+    """Parse ``group_at``: ``"init"``, ``"after:k"`` (k >= 0) or ``"every:N"`` (N >= 1) -> (kind, number).
+
+    ``init``: group at the first epoch start (epoch 0; faithful: the random initial model), never again.
+    ``after:k``: group once, at the start of epoch k (after k warm-up epochs; until then every class is in
+    one group, i.e. plain steps). ``every:N``: group at the start of epochs 0, N, 2N, ...
+    """
+    text = str(spec).strip()
+    if text == "init":
+        return "init", 0
+    kind, sep, num = text.partition(":")
+    if sep and kind in ("after", "every"):
+        try:
+            value = int(num)
+        except ValueError:
+            value = -1
+        if value >= (1 if kind == "every" else 0):
+            return kind, value
+    raise ConfigError(f"group_at must be 'init', 'after:k' (k >= 0) or 'every:N' (N >= 1), got {spec!r}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    if hasattr(model, "backbone_parameters"):
+        params = list(model.backbone_parameters())
+    else:
+        head = {id(p) for p in model.classifier.parameters()}
+        params = [p for p in model.parameters() if id(p) not in head]
+    return [p for p in params if p.requires_grad]
+
+
+def last_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The last shared layer: the last backbone module with a >= 2-D weight and the modules after it."""
+    backbone = set(map(id, _backbone_parameters(model)))
+    owners = [m for m in model.modules() if any(id(p) in backbone for p in m.parameters(recurse=False))]
+    start = 0
+    for i, m in enumerate(owners):
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            start = i
+    return [p for m in owners[start:] for p in m.parameters(recurse=False) if id(p) in backbone]
+
+
+@register_update_rule("gbg")
+class GBGRule(UpdateRule):
+    """The GBG update rule (gbg.md §1-2); see the module docstring for the step.
+
+    Args:
+        num_groups: G, the number of class groups (default 4).
+        grouping: ``spectral`` (gradient directions, faithful), ``frequency`` or ``random`` (ablations).
+        group_at: when to group; see :func:`parse_group_at`.
+        normalization: ``loss+`` (default), ``l2`` or ``none`` (gbg.md §2.3).
+        combiner: ``mgda`` (default), ``sum`` or ``mean`` (gbg.md §2, ablation combiners).
+        params: ``backbone`` (default), ``last_layer`` or ``features``; see the module docstring.
+        sketch_dim: random-projection dimension of the grouping prototypes (``None``: full gradients).
+        seed: seed of the sketch and of the ``random`` grouping.
+        batch_size: batch size of the grouping pass.
+        max_iter, tol: bounds of the min-norm solver (gbg.md §2.4).
+        eps: floor of the norms and losses in the normalisation.
+    """
+
+    def __init__(
+        self,
+        num_groups: int = 4,
+        grouping: str = "spectral",
+        group_at: str = "init",
+        normalization: str = "loss+",
+        combiner: str = "mgda",
+        params: str = "backbone",
+        sketch_dim: int | None = None,
+        seed: int = 0,
+        batch_size: int = 256,
+        max_iter: int = 250,
+        tol: float = 1e-5,
+        eps: float = 1e-12,
+    ) -> None:
+        if int(num_groups) < 1:
+            raise ConfigError(f"gbg: num_groups must be >= 1, got {num_groups}")
+        for name, value, valid in (
+            ("grouping", grouping, GROUPINGS),
+            ("normalization", normalization, NORMALIZATIONS),
+            ("combiner", combiner, COMBINERS),
+            ("params", params, PARAM_MODES),
+        ):
+            if value not in valid:
+                raise ConfigError(f"gbg: {name} must be one of {', '.join(valid)}; got {value!r}")
+        if sketch_dim is not None and int(sketch_dim) < 1:
+            raise ConfigError(f"gbg: sketch_dim must be >= 1 or null, got {sketch_dim}")
+        if int(batch_size) < 1 or int(max_iter) < 1 or tol < 0 or eps <= 0:
+            raise ConfigError("gbg: batch_size and max_iter must be >= 1, tol >= 0 and eps > 0")
+        self.num_groups = int(num_groups)
+        self.grouping = grouping
+        self.group_at = group_at
+        self._schedule = parse_group_at(group_at)
+        self.normalization = normalization
+        self.combiner = combiner
+        self.params = params
+        self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.eps = float(eps)
+        self.groups: torch.Tensor | None = None  # (C,) long, on the CPU; checkpointed
+        self.grouped_epoch = -1
+        self.last_alpha: torch.Tensor | None = None  # weights of the last multi-group step (diagnostics)
+        self._device_groups: torch.Tensor | None = None
+        self._num_used = 0
+        self._checked_loss: int | None = None
+        self._shared_cache: tuple[int, list[torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ stage 1: grouping
+    def due(self, epoch: int) -> bool:
+        """Whether the schedule groups at the start of ``epoch`` (a resumed run keeps its loaded groups)."""
+        kind, n = self._schedule
+        if kind == "init":
+            return self.groups is None
+        if kind == "after":
+            return self.groups is None and epoch >= n
+        return self.groups is None or (epoch % n == 0 and epoch != self.grouped_epoch)
+
+    def on_epoch_start(self, epoch: int, trainer_view: Any) -> None:
+        """Group the classes when scheduled (gbg.md §1)."""
+        if self.due(epoch):
+            self.set_groups(self.compute_groups(trainer_view))
+            self.grouped_epoch = int(epoch)
+
+    def compute_groups(self, view: GroupingView) -> torch.Tensor:
+        """Group ids (C,) by the configured grouping; rank 0's result is broadcast under DDP."""
+        num_classes = int(view.num_classes)
+        device = next(view.model.parameters()).device
+        if self.grouping == "spectral":
+            prototypes = class_gradient_prototypes(
+                view.model,
+                getattr(view, "loss_fn", None),
+                view.train_images,
+                view.train_labels,
+                num_classes,
+                batch_size=self.batch_size,
+                sketch_dim=self.sketch_dim,
+                seed=self.seed,
+                device=device,
+                transform=view.normalize,
+                params=_backbone_parameters(_unwrap(view.model)),
+            )
+            groups = spectral_groups(prototypes, self.num_groups, seed=self.seed)
+            del prototypes
+        elif self.grouping == "frequency":
+            groups = frequency_groups(view.class_counts, self.num_groups)
+        else:
+            groups = random_groups(num_classes, self.num_groups, seed=self.seed)
+        if groups.numel() != num_classes:
+            raise ConfigError(f"gbg: grouping gave {groups.numel()} ids for {num_classes} classes")
+        if is_distributed():
+            groups = broadcast_(groups.to(device), src=0).cpu()
+        return groups
+
+    def set_groups(self, groups: torch.Tensor) -> None:
+        """Install group ids (C,), contiguous from 0."""
+        self.groups = torch.as_tensor(groups, dtype=torch.long).detach().cpu().clone()
+        if self.groups.dim() != 1 or (self.groups.numel() and int(self.groups.min()) < 0):
+            raise ConfigError("gbg: groups must be a 1-D tensor of non-negative group ids")
+        self._num_used = int(self.groups.max()) + 1 if self.groups.numel() else 0
+        self._device_groups = None
+
+    @property
+    def num_groups_used(self) -> int:
+        """The number of distinct group ids (G, or fewer when C < G or a cluster came out empty)."""
+        return 0 if self.groups is None else self._num_used
+
+    # ------------------------------------------------------------------ stage 2: the step
+    def _check_loss(self, loss_fn: nn.Module) -> None:
+        if self._checked_loss == id(loss_fn):
+            return
+        if any(isinstance(m, GradientStatistics) for m in loss_fn.modules()):
+            raise ConfigError(
+                f"gbg: the loss {type(loss_fn).__name__} keeps gradient statistics; GBG evaluates the "
+                "loss once per group, which would update them several times per step. Use a stateless "
+                "base loss (ce, logit-adjusted ce)."
+            )
+        self._checked_loss = id(loss_fn)
+
+    def _shared(self, model: nn.Module) -> list[torch.Tensor]:
+        if self._shared_cache is None or self._shared_cache[0] != id(model):
+            if self.params == "last_layer":
+                shared: list[torch.Tensor] = list(last_layer_parameters(model))
+            else:
+                shared = list(_backbone_parameters(model))
+            self._shared_cache = (id(model), shared)
+        return self._shared_cache[1]
+
+    def __call__(self, ctx: StepContext, x: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        self._check_loss(ctx.loss_fn)
+        h, z = ctx.forward(x, targets)
+        if self.groups is None:
+            return self._plain(ctx, h, z, targets)
+        if self._device_groups is None or self._device_groups.device != targets.device:
+            if self.groups.numel() != z.shape[-1]:
+                raise ConfigError(f"gbg: {self.groups.numel()} class groups for a {z.shape[-1]}-class model")
+            self._device_groups = self.groups.to(targets.device)
+        group_of = self._device_groups[targets]
+        counts = torch.bincount(group_of, minlength=self.num_groups_used).tolist()  # the one host read
+        sizes = [n for n in counts if n > 0]
+        if len(sizes) <= 1:
+            return self._plain(ctx, h, z, targets)
+
+        order = torch.argsort(group_of, stable=True)
+        y_parts = targets[order].split(sizes)
+        with ctx.autocast():
+            losses = torch.stack(
+                [ctx.loss_fn(zp, yp) for zp, yp in zip(z[order].split(sizes), y_parts, strict=True)]
+            )
+        losses = losses.to(torch.promote_types(losses.dtype, torch.float32))
+        if self.combiner == "sum":
+            alpha = torch.ones_like(losses)
+        elif self.combiner == "mean":
+            alpha = torch.full_like(losses, 1.0 / len(sizes))
+        else:
+            alpha = self._mgda_weights(ctx, h, order, sizes, y_parts)
+        alpha = alpha.detach().to(losses.dtype)
+        self.last_alpha = alpha
+        total = (alpha * losses).sum()
+        if ctx.regularizer is not None and ctx.epoch >= ctx.regularizer.start_epoch:
+            with ctx.autocast():
+                total = total + ctx.regularizer(h, z, targets, total, ctx.model)
+        ctx.backward(total)
+        return StepOutput(
+            loss=total.detach(), logits=z.detach(), extras={"groups_present": float(len(sizes))}
+        )
+
+    def _plain(self, ctx: StepContext, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        """One group (or none yet): alpha = [1], the plain base-loss step (gbg.md §5: never crash)."""
+        loss = ctx.criterion(h, z, y)
+        ctx.backward(loss)
+        self.last_alpha = torch.ones(1, device=z.device)
+        return StepOutput(loss=loss.detach(), logits=z.detach(), extras={"groups_present": 1.0})
+
+    def _mgda_weights(
+        self,
+        ctx: StepContext,
+        h: torch.Tensor,
+        order: torch.Tensor,
+        sizes: list[int],
+        y_parts: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """alpha from the normalised Gram matrix of the group gradients (gbg.md §2.2-2.4), on the device."""
+        model = _unwrap(ctx.model)
+        shared: list[torch.Tensor] = [h] if self.params == "features" else self._shared(model)
+        with ctx.autocast():
+            # A second, hook-free application of the classifier: observers' hooks on z stay untouched.
+            z_parts = model.classifier(h)[order].split(sizes)
+            group_losses = [ctx.loss_fn(zp, yp) for zp, yp in zip(z_parts, y_parts, strict=True)]
+        dim = sum(t.numel() for t in shared)
+        dtype = torch.promote_types(shared[0].dtype, torch.float32)
+        flat = torch.empty(len(sizes), dim, device=h.device, dtype=dtype)
+        for i, loss_g in enumerate(group_losses):
+            scaled = ctx.scaler.scale(loss_g) if ctx.scaler is not None else loss_g
+            grads = torch.autograd.grad(
+                scaled, shared, retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+            torch.cat([g.reshape(-1).to(dtype) for g in grads], out=flat[i])
+        gram = flat @ flat.T
+        del flat
+        if self.normalization == "none":
+            scale = torch.ones(len(sizes), device=gram.device, dtype=dtype)
+        else:
+            scale = 1.0 / torch.diagonal(gram).clamp_min(0.0).sqrt().clamp_min(self.eps)
+            if self.normalization == "loss+":
+                loss_values = torch.stack([lg.detach().to(dtype) for lg in group_losses])
+                scale = scale / loss_values.clamp_min(self.eps)
+        gram = gram * scale[:, None] * scale[None, :]
+        return min_norm_weights(gram, max_iter=self.max_iter, tol=self.tol)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The groups (a CPU LongTensor, or None before the first grouping) and the epoch they were made."""
+        return {
+            "groups": None if self.groups is None else self.groups.clone(),
+            "grouped_epoch": self.grouped_epoch,
+            "grouping": self.grouping,
+            "num_groups": self.num_groups,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        groups = state.get("groups")
+        if groups is None:
+            self.groups = None
+            self._device_groups = None
+        else:
+            self.set_groups(groups)
+        self.grouped_epoch = int(state.get("grouped_epoch", -1))
+
+
+__all__ = ["GBGRule", "GroupingView", "last_layer_parameters", "parse_group_at"]
