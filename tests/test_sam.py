@@ -11,6 +11,7 @@ from torch import nn
 
 from gradtail.engine.interfaces import StepContext
 from gradtail.errors import ConfigError
+from gradtail.gradstats import statistics_frozen
 from gradtail.models.base import LongTailClassifier
 from gradtail.optim import create_update_rule, update_rule_names
 from gradtail.optim.sam import SAM
@@ -40,14 +41,15 @@ class Recorder:
 
 
 class CountingCE(nn.Module):
-    """CE that counts the calls that would update statistics (training mode, grad enabled)."""
+    """CE that counts the calls that would update statistics (the contract of every stateful loss:
+    training mode, grad enabled, statistics not frozen)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.updates = 0
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not statistics_frozen():
             self.updates += 1
         return F.cross_entropy(logits, targets)
 

@@ -146,3 +146,18 @@ def test_init_from_other_subset_is_refused(tmp_path):
     cfg.train.init_from = str(tmp_path / "s1" / "checkpoints" / "last.pt")
     with pytest.raises(ConfigError, match="another subset"):
         Trainer(cfg, output_dir=tmp_path / "s2")
+
+
+@pytest.mark.parametrize("loss", ["softmax_eql", "gala", "seesaw"])
+def test_two_pass_sam_updates_loss_statistics_once_per_step(tmp_path, loss):
+    cfg = tiny_config(optim__epochs=1)
+    cfg.loss.name = loss
+    cfg.update_rule.name = "sam"
+    trainer = Trainer(cfg, output_dir=tmp_path)
+    trainer.fit()
+    steps = trainer.global_step
+    assert trainer.diagnostics.stats.steps.item() == steps
+    if loss == "seesaw":  # one epoch of the instance sampler sees every training image once
+        assert trainer.loss_fn.cum_samples.tolist() == [float(n) for n in trainer.data.class_counts]
+    else:
+        assert trainer.loss_fn.stats.steps.item() == steps

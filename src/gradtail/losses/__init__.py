@@ -30,8 +30,11 @@ def create_loss(
     _import_families()
     from gradtail.losses.reweighting import pop_drw_options, with_deferred_reweighting
 
+    factory = LOSSES.get(name)
+    if name == "drw":  # the DRW wrapper itself takes the options
+        return factory(num_classes=num_classes, class_counts=class_counts, **kwargs)
     drw_options = pop_drw_options(kwargs)
-    loss = LOSSES.get(name)(num_classes=num_classes, class_counts=class_counts, **kwargs)
+    loss = factory(num_classes=num_classes, class_counts=class_counts, **kwargs)
     return with_deferred_reweighting(loss, class_counts, **drw_options)
 
 
