@@ -161,3 +161,19 @@ def test_two_pass_sam_updates_loss_statistics_once_per_step(tmp_path, loss):
         assert trainer.loss_fn.cum_samples.tolist() == [float(n) for n in trainer.data.class_counts]
     else:
         assert trainer.loss_fn.stats.steps.item() == steps
+
+
+def test_posthoc_adjusters_run_and_unknown_names_fail_before_training(tmp_path):
+    cfg = tiny_config(optim__epochs=1)
+    cfg.eval.posthoc = ["posthoc_la", "gala_rebalance", "tau_norm"]
+    final = Trainer(cfg, output_dir=tmp_path).fit()
+    assert set(final["posthoc"]) == {"posthoc_la", "gala_rebalance", "tau_norm"}
+    for res in final["posthoc"].values():
+        assert 0.0 <= res["top1"] <= 1.0 and "tau" in res["params"]
+    cfg.eval.posthoc = ["posthoc_typo"]
+    with pytest.raises(ConfigError, match="posthoc_typo"):
+        Trainer(cfg, output_dir=tmp_path / "b")
+    cfg.eval.posthoc = ["posthoc_la"]
+    cfg.data.val_per_class = 0
+    with pytest.raises(ConfigError, match="validation split"):
+        Trainer(cfg, output_dir=tmp_path / "c")

@@ -13,9 +13,19 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to factories of one kind of component (loss, model, regularizer, ...)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, package: tuple[str, list[str]] | None = None) -> None:
+        """``package``: (name, path) of a package whose modules register into this registry; they are
+        imported on the first lookup (one file per family, no import list to maintain)."""
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
+        self._package = package
+
+    def _load(self) -> None:
+        if self._package is not None:
+            package, self._package = self._package, None
+            from gradtail.plugins import import_submodules
+
+            import_submodules(package[0], package[1])
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator: ``@LOSSES.register("ce")`` above a class or function."""
@@ -29,6 +39,7 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> Callable[..., T]:
+        self._load()
         try:
             return self._factories[name]
         except KeyError:
@@ -37,9 +48,11 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._factories)
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._factories
 
     def __iter__(self) -> Iterator[str]:

@@ -43,6 +43,7 @@ from gradtail.losses import create_loss
 from gradtail.metrics import EvalResult, evaluate_logits
 from gradtail.models import LongTailClassifier, create_model
 from gradtail.optim import create_update_rule
+from gradtail.posthoc import POSTHOC, create_posthoc
 from gradtail.regularizers import create_regularizer
 
 CHECKPOINT_VERSION = 1
@@ -113,6 +114,10 @@ class Trainer:
         self.update_rule: UpdateRule = create_update_rule(
             cfg.update_rule.name or "plain", **cfg.update_rule.params
         )
+        for name in cfg.eval.posthoc:  # fail before training, not after it
+            POSTHOC.get(name)
+        if cfg.eval.posthoc and self.data.val is None:
+            raise ConfigError("eval.posthoc needs a held-out validation split (data.val_per_class > 0)")
         self.observers: list[StepObserver] = []
         self.diagnostics = None
         if t.diagnostics:
@@ -437,10 +442,6 @@ class Trainer:
         names = self.cfg.eval.posthoc
         if not names:
             return {}
-        if self.data.val is None:
-            raise ConfigError("eval.posthoc needs a held-out validation split (data.val_per_class > 0)")
-        from gradtail.posthoc import create_posthoc
-
         val_pred = self.predict(self.data.val.images, self.data.val.labels, features=True)
         test_feats = self.predict(self.data.test.images, self.data.test.labels, features=True)
         results: dict[str, Any] = {}
@@ -458,8 +459,6 @@ class Trainer:
         return results
 
     def _posthoc_args(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
-        from gradtail.posthoc import POSTHOC
-
         factory = POSTHOC.get(name)
         extra: dict[str, Any] = {}
         wants = getattr(factory, "wants", ())

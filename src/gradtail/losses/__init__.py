@@ -11,10 +11,9 @@ from typing import Any
 import torch
 
 from gradtail.losses.base import LongTailLoss, check_logits_targets, validate_class_counts
-from gradtail.plugins import import_submodules
 from gradtail.registry import Registry
 
-LOSSES: Registry[LongTailLoss] = Registry("loss")
+LOSSES: Registry[LongTailLoss] = Registry("loss", package=(__name__, __path__))
 register_loss = LOSSES.register
 
 
@@ -27,7 +26,6 @@ def create_loss(
     """Build a registered loss. ``class_counts`` (training images per class) is passed to every loss;
     those that need it validate it, the others ignore it. ``drw_epoch`` (and optionally ``drw_beta``,
     ``drw_normalize``) gives any loss exposing ``per_sample_loss`` the deferred re-weighting schedule."""
-    _import_families()
     from gradtail.losses.reweighting import pop_drw_options, with_deferred_reweighting
 
     factory = LOSSES.get(name)
@@ -39,13 +37,7 @@ def create_loss(
 
 
 def loss_names() -> list[str]:
-    _import_families()
     return LOSSES.names()
-
-
-def _import_families() -> None:
-    """Import the loss modules so their ``@register_loss`` decorators run (one file per family)."""
-    import_submodules(__name__, __path__, skip=("base",))
 
 
 __all__ = [

@@ -5,21 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from gradtail.engine.interfaces import UpdateRule
-from gradtail.plugins import import_submodules
 from gradtail.registry import Registry
 
-UPDATE_RULES: Registry[UpdateRule] = Registry("update rule")
+UPDATE_RULES: Registry[UpdateRule] = Registry("update rule", package=(__name__, __path__))
 register_update_rule = UPDATE_RULES.register
-UPDATE_RULES.register("plain")(UpdateRule)
+register_update_rule("plain")(UpdateRule)
 
 
 def create_update_rule(name: str, **kwargs: Any) -> UpdateRule:
-    import_submodules(__name__, __path__)
     return UPDATE_RULES.get(name)(**kwargs)
 
 
 def update_rule_names() -> list[str]:
-    import_submodules(__name__, __path__)
     return UPDATE_RULES.names()
 
 
