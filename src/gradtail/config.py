@@ -1,5 +1,7 @@
 """Run configuration: typed dataclasses loaded from YAML, with strict keys and ``--set a.b=value`` overrides.
 
+A config file may start with ``extends: base.yaml`` (a path relative to it) and give only what differs.
+
 An unknown key is a :class:`ConfigError` that names the key and lists the valid ones; a value of the
 wrong type names the key, the expected type and the value. Method hyperparameters (``loss.params``,
 ``regularizer.params``, ...) are free-form dicts checked by the method's own constructor.
@@ -7,6 +9,7 @@ wrong type names the key, the expected type and the value. Method hyperparameter
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -248,18 +251,45 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    path = Path(path)
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``extra`` into ``base`` in place: sections merge key by key; ``params`` mappings and all
+    other values are replaced whole (a method's hyperparameters never mix with another's)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "params":
+            deep_merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def load_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a config file, with ``extends: other.yaml`` (relative to the file) resolved:
+    the extended file's settings first, this file's merged on top. ``name`` defaults to the file stem."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(
+            f"config files extend each other in a cycle: {' -> '.join(map(str, (*_seen, path)))}"
+        )
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        where = f" (extended by {_seen[-1]})" if _seen else ""
+        raise ConfigError(f"config file not found: {path}{where}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        base = load_config_dict(path.parent / str(parent), (*_seen, path))
+        base.pop("name", None)
+        data = deep_merge(base, data)
     data.setdefault("name", path.stem)
-    return config_from_dict(apply_overrides(data, overrides or []))
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    return config_from_dict(apply_overrides(load_config_dict(path), overrides or []))
 
 
 def validate_config(cfg: RunConfig) -> None:

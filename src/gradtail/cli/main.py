@@ -69,6 +69,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from gradtail.bench import load_suite, run_suite
+    from gradtail.report.render import build_results, write_report
+
+    suite = load_suite(args.suite)  # validated completely before any training
+    output = Path(args.output) if args.output else Path("runs") / "bench" / suite.name
+    if args.seeds:
+        suite.seeds = list(args.seeds)
+    only = args.only.split(",") if args.only else None
+    start = time.perf_counter()
+    finals = run_suite(suite, output, only=only, progress=not args.no_progress)
+    wall = time.perf_counter() - start
+    results = build_results(suite, finals, output, wall)
+    paths = write_report(results, output)
+    from gradtail.report.aggregate import format_mean_std
+
+    rows = [
+        [r["label"], *(format_mean_std(r[m]) for m in ("top1", "many", "medium", "few", "ece"))]
+        for r in results["table"]
+    ]
+    from gradtail.report import format_table
+
+    print()
+    print(format_table(rows))
+    print(
+        f"\nwall time {wall / 60:.1f} min; report: {paths['html']} "
+        f"(also {paths['markdown'].name}, results.json)"
+    )
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from gradtail.data.builder import DATASETS
     from gradtail.losses import loss_names
@@ -111,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--full", action="store_true", help="with --json: everything, not only the last epoch")
     e.set_defaults(func=_cmd_eval)
+
+    b = sub.add_parser("bench", help="run a suite of methods x seeds and write results.json + report")
+    b.add_argument("suite", help="suite YAML (see suites/)")
+    b.add_argument("--output", help="output directory (default: runs/bench/<suite name>)")
+    b.add_argument("--only", help="comma-separated methods to run (plus those they start from)")
+    b.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(func=_cmd_bench)
 
     ls = sub.add_parser("list", help="list registered datasets, models, losses, regularizers, update rules")
     ls.set_defaults(func=_cmd_list)

@@ -427,6 +427,7 @@ class Trainer:
             "val_selected": self.best,
             "posthoc": self._posthoc(test_pred),
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
+            "update_rule_state": _jsonable(self.update_rule.state_dict()),
         }
         val = self.evaluate_split("val")
         if val is not None:
@@ -556,6 +557,15 @@ class Trainer:
         with (self.out / "metrics.jsonl").open("w") as f:
             for record in self.history:
                 f.write(json.dumps(record) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors -> lists, recursively (for update-rule state in final.json, e.g. GBG's class groups)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value.tolist() if isinstance(value, torch.Tensor) else value
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

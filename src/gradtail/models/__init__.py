@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradtail.models import resnet_cifar, small_cnn  # noqa: F401  (registers the models)
+from gradtail.models import resnet_cifar, small_cnn, torchvision_backbones  # noqa: F401
 from gradtail.models.base import LongTailClassifier
 from gradtail.models.heads import CosineHead, LinearHead, create_head
 from gradtail.models.registry import MODELS, register_model

@@ -1,0 +1,135 @@
+"""Run a suite: every (method, seed) in order, skipping finished runs and resuming interrupted ones.
+
+Layout: ``<output>/<method>/seed<k>/`` is an ordinary run directory (see
+:class:`~gradtail.engine.trainer.Trainer`).
+A run is *done* when its ``final.json`` exists with the config hash of the run it would be now; a run
+with a checkpoint but no ``final.json`` resumes from it (epoch-level, bit-identical on CPU). So killing
+``gradtail bench`` at any point and starting it again completes the suite without redoing work.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradtail.bench.suite import MethodSpec, Suite
+from gradtail.config import RunConfig
+from gradtail.errors import ConfigError
+
+
+@dataclass
+class PlannedRun:
+    method: MethodSpec
+    seed: int
+    directory: Path
+    config: RunConfig
+
+    @property
+    def final_path(self) -> Path:
+        return self.directory / "final.json"
+
+    def is_done(self) -> bool:
+        if not self.final_path.is_file():
+            return False
+        try:
+            final = json.loads(self.final_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return final.get("config_hash") == self.config.hash()
+
+
+def _ordered(methods: list[MethodSpec]) -> list[MethodSpec]:
+    """Methods with ``after`` come after the method they start from (depth-first; cycles are errors)."""
+    by_name = {m.name: m for m in methods}
+    out: list[MethodSpec] = []
+    state: dict[str, str] = {}
+
+    def visit(m: MethodSpec) -> None:
+        if state.get(m.name) == "done":
+            return
+        if state.get(m.name) == "visiting":
+            raise ConfigError(f"methods form a cycle through 'after': {m.name!r}")
+        state[m.name] = "visiting"
+        if m.after:
+            visit(by_name[m.after])
+        state[m.name] = "done"
+        out.append(m)
+
+    for m in methods:
+        visit(m)
+    return out
+
+
+def plan_runs(suite: Suite, output: Path, only: list[str] | None = None) -> list[PlannedRun]:
+    selected = set(only) if only else None
+    if selected:
+        missing = selected - {m.name for m in suite.methods}
+        if missing:
+            raise ConfigError(f"--only names unknown method(s) {sorted(missing)}")
+        # a selected method needs the methods it starts from
+        for m in list(suite.methods):
+            if m.name in selected and m.after:
+                selected.add(m.after)
+    runs = []
+    for seed in suite.seeds:
+        for m in _ordered(suite.methods):
+            if selected is not None and m.name not in selected:
+                continue
+            cfg = suite.run_config(m, seed)
+            directory = output / m.name / f"seed{seed}"
+            cfg.train.output_dir = str(directory)
+            if m.after:
+                cfg.train.init_from = str(output / m.after / f"seed{seed}" / "checkpoints" / "last.pt")
+            runs.append(PlannedRun(m, seed, directory, cfg))
+    return runs
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+def run_suite(
+    suite: Suite,
+    output: Path,
+    only: list[str] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every planned run that is not done; return the ``final.json`` of every planned run."""
+    from gradtail.engine.trainer import Trainer
+
+    runs = plan_runs(suite, output, only)
+    todo = [r for r in runs if not r.is_done()]
+    log(
+        f"gradtail bench: suite {suite.name!r}: {len(runs)} runs ({len(runs) - len(todo)} already done) "
+        f"-> {output}"
+    )
+    durations: list[float] = []
+    for i, run in enumerate(runs, start=1):
+        tag = f"[{i}/{len(runs)}] {run.method.name} seed {run.seed}"
+        if run.is_done():
+            log(f"{tag}: done, skipped")
+            continue
+        resumed = (run.directory / "checkpoints" / "last.pt").is_file()
+        remaining = sum(1 for r in runs[i - 1 :] if not r.is_done())
+        eta = f", ETA {_fmt_duration(remaining * sum(durations) / len(durations))}" if durations else ""
+        log(f"{tag}: {'resuming' if resumed else 'training'} ({run.config.optim.epochs} epochs{eta})")
+        start = time.perf_counter()
+        run.config.train.progress = progress and sys.stderr.isatty()
+        trainer = Trainer(run.config, output_dir=run.directory, verbose=False)
+        final = trainer.fit(resume=True)
+        durations.append(time.perf_counter() - start)
+        last = final["last_epoch"]
+        few = "N/A" if last.get("few") is None else f"{100 * last['few']:.1f}"
+        log(f"{tag}: top-1 {100 * last['top1']:.1f}, few {few} ({_fmt_duration(durations[-1])})")
+    return [json.loads(r.final_path.read_text()) | {"method": r.method.name, "seed": r.seed} for r in runs]

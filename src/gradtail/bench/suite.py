@@ -1,0 +1,166 @@
+"""Benchmark suites: a base recipe, a list of methods (config overrides) and seeds, as YAML.
+
+```yaml
+name: quick
+description: every registered method on Fashion-MNIST-LT IF100, short schedule
+base: ../configs/fashion_mnist_lt/ce.yaml     # a run config (path relative to the suite file)
+overrides: {optim: {epochs: 8}}               # applied to every method
+seeds: [0]
+methods:
+  ce: {}
+  balanced_softmax: {loss: {name: balanced_softmax}}
+  softmax_eql: {config: ../configs/fashion_mnist_lt/softmax_eql.yaml}   # a method's own config file
+  crt:                                        # stage 2 from the same seed's `ce` checkpoint
+    after: ce
+    train: {freeze_backbone: true, reset_classifier: true}
+    data: {sampler: class_balanced}
+published: {ce: 70.4}                         # optional "paper" column (top-1 %)
+```
+
+Everything is validated before any training: unknown suite keys, a method that does not build (unknown
+config key, unknown loss / model / regularizer / update rule / post-hoc / dataset), ``after`` naming a
+method that is not in the suite, seeds that are not a list of integers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradtail.config import RunConfig, apply_overrides, config_from_dict, deep_merge, load_config_dict
+from gradtail.errors import ConfigError
+
+SUITE_KEYS = ("name", "description", "base", "overrides", "seeds", "methods", "published", "dataset_label")
+METHOD_KEYS = ("after", "label", "config")  # method-level keys that are not run-config sections
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    overrides: dict[str, Any]
+    after: str | None = None  # a method whose checkpoint (same seed) this one starts from
+    label: str | None = None
+    config: dict[str, Any] | None = None  # the method's own config file (replaces the suite's base)
+
+
+@dataclass
+class Suite:
+    name: str
+    base: dict[str, Any]
+    overrides: dict[str, Any]
+    seeds: list[int]
+    methods: list[MethodSpec]
+    description: str = ""
+    published: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+
+    def method(self, name: str) -> MethodSpec:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise ConfigError(
+            f"suite {self.name!r} has no method {name!r}; methods: {[m.name for m in self.methods]}"
+        )
+
+    def run_config(self, method: MethodSpec, seed: int) -> RunConfig:
+        """The resolved config of one (method, seed) run."""
+        start = method.config if method.config is not None else self.base
+        data = deep_merge(deep_merge(copy.deepcopy(start), self.overrides), method.overrides)
+        data["name"] = f"{method.name}"
+        apply_overrides(data, [f"train.seed={seed}"])
+        return config_from_dict(data)
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Load and fully validate a suite file (every run config is built and checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"suite file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"suite file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"suite file {path} must hold a mapping")
+    unknown = set(raw) - set(SUITE_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown suite key(s) {sorted(unknown)} in {path}; valid: {', '.join(SUITE_KEYS)}")
+    base: dict[str, Any] = {}
+    if raw.get("base") is not None:
+        base = load_config_dict(path.parent / str(raw["base"]))
+    overrides = _mapping(raw.get("overrides") or {}, "overrides", path)
+    seeds = raw.get("seeds", [0])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise ConfigError(f"suite {path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    methods_raw = _mapping(raw.get("methods"), "methods", path)
+    if not methods_raw:
+        raise ConfigError(f"suite {path}: no methods")
+    methods = []
+    for name, spec in methods_raw.items():
+        spec = dict(_mapping(spec or {}, f"methods.{name}", path))
+        after = spec.pop("after", None)
+        label = spec.pop("label", None)
+        config_path = spec.pop("config", None)
+        config = load_config_dict(path.parent / str(config_path)) if config_path is not None else None
+        if config is None and raw.get("base") is None:
+            raise ConfigError(f"suite {path}: method {name!r} has no config and the suite has no base")
+        methods.append(MethodSpec(str(name), overrides=spec, after=after, label=label, config=config))
+    published = {str(k): float(v) for k, v in _mapping(raw.get("published") or {}, "published", path).items()}
+    suite = Suite(
+        name=str(raw.get("name", path.stem)),
+        base=base,
+        overrides=overrides,
+        seeds=list(seeds),
+        methods=methods,
+        description=str(raw.get("description", "")),
+        published=published,
+        path=path,
+    )
+    validate_suite(suite)
+    return suite
+
+
+def _mapping(value: Any, key: str, path: Path) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"suite {path}: {key} must be a mapping, got {value!r}")
+    return value
+
+
+def validate_suite(suite: Suite) -> None:
+    """Build every run config and check every registry name, so nothing fails after hours of training."""
+    from gradtail.data.builder import DATASETS
+    from gradtail.data.samplers import SAMPLERS
+    from gradtail.losses import LOSSES
+    from gradtail.models import MODELS
+    from gradtail.optim import UPDATE_RULES
+    from gradtail.posthoc import POSTHOC
+    from gradtail.regularizers import REGULARIZERS
+
+    names = [m.name for m in suite.methods]
+    for m in suite.methods:
+        where = f"suite {suite.name!r}, method {m.name!r}"
+        if m.after is not None and m.after not in names:
+            raise ConfigError(f"{where}: after={m.after!r} is not a method of the suite")
+        if m.after == m.name:
+            raise ConfigError(f"{where}: a method cannot start from itself")
+        try:
+            cfg = suite.run_config(m, suite.seeds[0])
+            DATASETS.get(cfg.data.dataset)
+            SAMPLERS.get(cfg.data.sampler)
+            MODELS.get(cfg.model.name)
+            LOSSES.get(cfg.loss.name)
+            UPDATE_RULES.get(cfg.update_rule.name or "plain")
+            if cfg.regularizer.name:
+                REGULARIZERS.get(cfg.regularizer.name)
+            for p in cfg.eval.posthoc:
+                POSTHOC.get(p)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None

@@ -1,0 +1,241 @@
+"""Write a suite's ``results.json``, ``report.md`` and a self-contained ``report.html`` (PNG figures inlined).
+
+The report states its protocol (protocol.md §5): the subset and its hash, the recipe, the group thresholds,
+last-epoch reporting with mean ± std over seeds, validation-selected results in separate rows.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from gradtail.report import plots
+from gradtail.report.aggregate import METRICS, aggregate, format_mean_std
+
+HEADERS = ("method", "overall", "many", "medium", "few", "ECE")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def build_results(
+    suite: Any, finals: list[dict[str, Any]], output: Path, wall_seconds: float | None
+) -> dict[str, Any]:
+    """Everything the report shows, as one JSON-serialisable record."""
+    order = [m.name for m in suite.methods]
+    rows = aggregate(finals, order)
+    for row in rows:
+        if row["kind"] == "last_epoch" and row["method"] in suite.published:
+            row["published"] = suite.published[row["method"]]
+    first = finals[0]
+    run_dir = output / first["method"] / f"seed{first['seed']}"
+    subset = json.loads((run_dir / "subset.json").read_text())
+    environment = json.loads((run_dir / "environment.json").read_text())
+    config = suite.run_config(suite.method(first["method"]), first["seed"])
+    return {
+        "suite": suite.name,
+        "description": suite.description,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": wall_seconds,
+        "environment": environment,
+        "subset": subset,
+        "recipe": {
+            "model": config.model.name,
+            "model_params": config.model.params,
+            "epochs": config.optim.epochs,
+            "batch_size": config.optim.batch_size,
+            "lr": config.optim.lr,
+            "schedule": config.optim.schedule,
+            "warmup_epochs": config.optim.warmup_epochs,
+            "weight_decay": config.optim.weight_decay,
+            "augment": config.data.augment.__dict__,
+            "many_threshold": config.eval.many_threshold,
+            "few_threshold": config.eval.few_threshold,
+            "ece_bins": config.eval.ece_bins,
+        },
+        "seeds": suite.seeds,
+        "table": rows,
+        "runs": [
+            {
+                "method": f["method"],
+                "seed": f["seed"],
+                "config_hash": f["config_hash"],
+                "subset_sha256": f["subset_sha256"],
+                "train_seconds": f.get("train_seconds"),
+                "last_epoch": {k: f["last_epoch"].get(k) for k in (*METRICS, "per_class", "mce", "nll")},
+                "val_selected": f.get("val_selected"),
+                "posthoc": {
+                    k: {m: v.get(m) for m in (*METRICS, "params")} for k, v in f.get("posthoc", {}).items()
+                },
+            }
+            for f in finals
+        ],
+    }
+
+
+def _table_markdown(rows: list[dict[str, Any]], published: bool) -> str:
+    headers = [*HEADERS, "published"] if published else list(HEADERS)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for r in rows:
+        cells = [r["label"], *(format_mean_std(r[m]) for m in METRICS)]
+        if published:
+            cells.append(f"{r['published']:.1f}" if r.get("published") is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def protocol_paragraph(results: dict[str, Any]) -> str:
+    s, r = results["subset"], results["recipe"]
+    seeds = results["seeds"]
+    aug = r["augment"]
+    crop = f"random crop with {aug['crop_padding']}-pixel padding" if aug.get("crop_padding") else "no crop"
+    return (
+        f"Training set: {s['dataset']} long-tailed with imbalance factor {s['imbalance_factor']:g} "
+        f"({s['profile']} profile, LDAM rule, subset seed {s['subset_seed']}): {s['train_images']} images, "
+        f"counts {s['counts']} (SHA-256 of the kept indices {s['sha256'][:16]}…). "
+        f"Validation: {sum(s['val_counts'])} held-out images ({s['val_counts'][0]} per class), "
+        "carved from the "
+        f"training split before subsampling; used only for model selection and post-hoc tuning. "
+        f"Test: the untouched balanced test split ({s['test_images']} images). "
+        f"Recipe: {r['model']} {r['model_params'] or ''}, {r['epochs']} epochs, "
+        f"batch {r['batch_size']}, SGD lr "
+        f"{r['lr']:g} with {r['warmup_epochs']:g} warm-up epochs and {r['schedule']} decay, weight decay "
+        f"{r['weight_decay']:g}, {crop}{' + horizontal flip' if aug.get('hflip') else ''}. "
+        f"Numbers are top-1 test accuracy (%) at the last epoch, mean ± sample std over {len(seeds)} seed(s) "
+        f"{seeds}; rows marked (val-selected) pick the epoch with the best balanced validation accuracy. "
+        f"Many / Medium / Few: classes with > {r['many_threshold']}, "
+        f"{r['few_threshold']}–{r['many_threshold']}, "
+        f"< {r['few_threshold']} training images (N/A: empty group). ECE with {r['ece_bins']} bins."
+    )
+
+
+def _figures(results: dict[str, Any], output: Path) -> dict[str, bytes]:
+    counts = results["subset"]["counts"]
+    figs: dict[str, bytes] = {}
+    per_class: dict[str, list[float | None]] = {}
+    for row in results["table"]:
+        if row["kind"] != "last_epoch":
+            continue
+        runs = [r for r in results["runs"] if r["method"] == row["method"]]
+        accs = [r["last_epoch"]["per_class"] for r in runs]
+        per_class[row["label"]] = [
+            (sum(a[j] for a in accs if a[j] is not None) / max(1, sum(a[j] is not None for a in accs)))
+            if any(a[j] is not None for a in accs)
+            else None
+            for j in range(len(counts))
+        ]
+    figs["Per-class test accuracy vs training count"] = plots.per_class_accuracy_plot(per_class, counts)
+    histories, bins, groups = {}, {}, {}
+    for run in results["runs"]:
+        if run["seed"] != results["seeds"][0]:
+            continue
+        d = output / run["method"] / f"seed{run['seed']}"
+        diag = d / "diagnostics.json"
+        if diag.is_file():
+            hist = json.loads(diag.read_text())["history"]
+            if hist:
+                histories[run["method"]] = hist
+        final = json.loads((d / "final.json").read_text())
+        bins[run["method"]] = final["last_epoch"]["calibration_bins"]
+        state = final.get("update_rule_state") or {}
+        if state.get("groups") is not None:
+            groups[run["method"]] = state["groups"]
+    if histories:
+        figs[
+            "Gradient ratio g = P/N per class over training (diagnostics observer, seed "
+            f"{results['seeds'][0]})"
+        ] = plots.gradient_ratio_plot(histories, counts)
+    if groups:
+        figs["GBG class groups"] = plots.group_map_plot(groups, counts)
+    figs[f"Reliability diagrams (seed {results['seeds'][0]})"] = plots.reliability_plot(bins)
+    return figs
+
+
+def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
+    """Write results.json, report.md (+ PNG files) and report.html; return their paths."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    figs = _figures(results, output)
+    has_published = any(r.get("published") is not None for r in results["table"])
+    table = _table_markdown(results["table"], has_published)
+    env = results["environment"]
+    env_line = (
+        f"gradtail {env.get('gradtail')} ({(env.get('git_commit') or '')[:10]}), torch {env.get('torch')}, "
+        f"{env.get('device')}, {env.get('cpu_count')} CPUs"
+    )
+    wall = results.get("wall_seconds")
+    md = [
+        f"# gradtail bench: {results['suite']}",
+        "",
+        results.get("description", ""),
+        "",
+        "## Results",
+        "",
+        table,
+        "",
+        "## Protocol",
+        "",
+        protocol_paragraph(results),
+        "",
+        f"Environment: {env_line}."
+        + (f" Wall time of this invocation: {wall / 60:.1f} min." if wall else ""),
+        "",
+        "## Figures",
+        "",
+    ]
+    html_figs = []
+    for k, (title, png) in enumerate(figs.items()):
+        name = f"figure_{k + 1}.png"
+        (output / name).write_bytes(png)
+        md += [f"### {title}", "", f"![{title}]({name})", ""]
+        b64 = base64.b64encode(png).decode()
+        html_figs.append(
+            f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
+        )
+    (output / "report.md").write_text("\n".join(md))
+    wall_text = f" Wall time: {wall / 60:.1f} min." if wall else ""
+    head_cells = "".join(f"<th>{h}</th>" for h in (*HEADERS, *(("published",) if has_published else ())))
+    body_rows = []
+    for r in results["table"]:
+        cells = [html.escape(r["label"]), *(format_mean_std(r[m]) for m in METRICS)]
+        if has_published:
+            cells.append(f"{r['published']:.1f}" if r.get("published") is not None else "")
+        cls = f" class='{r['kind']}'"
+        body_rows.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>gradtail bench: {html.escape(results["suite"])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; font-size: 14px; }}
+th, td {{ padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+tr.posthoc td {{ color: #345; background: #f5f8fb; }}
+tr.val_selected td {{ color: #666; font-style: italic; }}
+img {{ max-width: 100%; }} .protocol {{ font-size: 14px; line-height: 1.5; }}
+</style></head><body>
+<h1>gradtail bench: {html.escape(results["suite"])}</h1>
+<p>{html.escape(results.get("description", ""))}</p>
+<h2>Results</h2>
+<table><thead><tr>{head_cells}</tr></thead><tbody>{"".join(body_rows)}</tbody></table>
+<h2>Protocol</h2><p class="protocol">{html.escape(protocol_paragraph(results))}</p>
+<p class="protocol">Environment: {html.escape(env_line)}.{wall_text}</p>
+<h2>Figures</h2>{"".join(html_figs)}
+</body></html>
+"""
+    (output / "report.html").write_text(page)
+    return {
+        "results": output / "results.json",
+        "markdown": output / "report.md",
+        "html": output / "report.html",
+    }
