@@ -12,8 +12,12 @@ from gradtail.errors import ConfigError
 
 BASE = {
     "name": "syn",
-    "data": {"dataset": "synthetic", "imbalance_factor": 10, "val_per_class": 3,
-             "synthetic": {"num_classes": 4, "per_class": 33, "test_per_class": 10, "image_size": 10}},
+    "data": {
+        "dataset": "synthetic",
+        "imbalance_factor": 10,
+        "val_per_class": 3,
+        "synthetic": {"num_classes": 4, "per_class": 33, "test_per_class": 10, "image_size": 10},
+    },
     "model": {"name": "small_cnn", "params": {"width": 4}},
     "optim": {"batch_size": 16, "epochs": 2, "warmup_epochs": 0, "schedule": "cosine"},
     "train": {"progress": False},
@@ -23,7 +27,9 @@ BASE = {
 
 def write_suite(tmp_path, **over):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
-    (tmp_path / "la.yaml").write_text(yaml.safe_dump({"extends": "base.yaml", "loss": {"name": "logit_adjust"}}))
+    (tmp_path / "la.yaml").write_text(
+        yaml.safe_dump({"extends": "base.yaml", "loss": {"name": "logit_adjust"}})
+    )
     suite = {
         "name": "tiny",
         "base": "base.yaml",
@@ -31,8 +37,11 @@ def write_suite(tmp_path, **over):
         "methods": {
             "ce": {"eval": {"posthoc": ["posthoc_la"]}},
             "la": {"config": "la.yaml"},
-            "crt": {"after": "ce", "train": {"freeze_backbone": True, "reset_classifier": True},
-                    "data": {"sampler": "class_balanced"}},
+            "crt": {
+                "after": "ce",
+                "train": {"freeze_backbone": True, "reset_classifier": True},
+                "data": {"sampler": "class_balanced"},
+            },
         },
         "published": {"ce": 50.0},
     }
@@ -69,7 +78,9 @@ def test_interrupted_run_is_resumed_not_restarted(tmp_path):
     suite = load_suite(write_suite(tmp_path, seeds=[0]))
     out = tmp_path / "out"
     first = plan_runs(suite, out, only=["ce"])[0]
-    Trainer(first.config, output_dir=first.directory, verbose=False).fit(stop_after=1)  # "killed" after epoch 1
+    Trainer(first.config, output_dir=first.directory, verbose=False).fit(
+        stop_after=1
+    )  # "killed" after epoch 1
     logs = []
     finals = run_suite(suite, out, only=["ce"], progress=False, log=logs.append)
     assert any("resuming" in line for line in logs)
