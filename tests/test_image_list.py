@@ -146,6 +146,9 @@ def test_loader_is_reproducible_by_seed_and_epoch(tree):
         ref = (x1, y1) if epoch == 1 else (x2, None)
         assert torch.equal(xw, ref[0])
     assert torch.equal(yw, y1)
+    workers.close()  # stop the workers early; iterating again starts new ones
+    assert torch.equal(_batches(workers, 1)[0], x1)
+    workers.close()
 
 
 def test_rank_slices_are_disjoint_and_augment_like_one_process(tree):
@@ -247,9 +250,11 @@ def test_corrupt_image_names_file_and_line(tree, kind):
         ds[[rel for rel, _ in ENTRIES].index("class two/b 1.jpg")]
     _names_line(err, lst, line)
     assert str(victim) in str(err.value)
+    loader = ImageListLoader(ds, 4, train=False, num_workers=1)
     with pytest.raises(DataError) as err:  # also through a worker process
-        list(ImageListLoader(ds, 4, train=False, num_workers=1))
+        list(loader)
     _names_line(err, lst, line)
+    assert loader._loader._iterator is None  # the failed workers were shut down
 
 
 # ---------------------------------------------------------------------------------------------- known splits
@@ -279,7 +284,7 @@ def test_load_split_finds_list_and_warns_on_size(tree, tmp_path):
     _write_list(root / "Places_LT_val.txt", [(rel, 364) for rel, _ in ENTRIES])  # list_dir defaults to root
     with warnings.catch_warnings(record=True):
         assert load_image_list_split("places_lt", "val", root).labels.max() == 364
-    with pytest.raises(DataError, match="Places_LT_test.txt"):
+    with pytest.raises(DataError, match=r"Places_LT_test\.txt"):
         load_image_list_split("places_lt", "test", root)
     with pytest.raises(ConfigError, match="inat2018"):
         load_image_list_split("inaturalist", "train", root)

@@ -281,30 +281,57 @@ class _SeededItems(Dataset):
             return self.dataset[index]
 
 
+@dataclass
 class _EpochBatches:
-    """The batch sampler of an :class:`ImageListLoader`: lists of ``(index, seed)`` of its current epoch."""
+    """The batch sampler of an :class:`ImageListLoader`: lists of ``(index, seed)`` of its current epoch.
 
-    def __init__(self, loader: ImageListLoader) -> None:
-        self.loader = loader
+    It holds no reference to the loader: without a reference cycle the loader (and its persistent
+    workers) is released as soon as it is dropped, not at a later garbage collection.
+    """
+
+    size: int
+    batch_size: int
+    sampler: Any
+    train: bool
+    drop_last: bool
+    seed: int
+    rank: int
+    world_size: int
+    epoch: int = 0
+
+    def order(self) -> torch.Tensor:
+        if self.sampler is None:
+            return torch.arange(self.rank, self.size, self.world_size)
+        order = self.sampler.indices(self.epoch, rank=self.rank, world_size=self.world_size)
+        return torch.as_tensor(order, dtype=torch.long).cpu()
+
+    def num_samples(self) -> int:
+        if self.sampler is None:
+            return len(range(self.rank, self.size, self.world_size))
+        return int(self.sampler.num_samples_per_rank(self.world_size))
 
     def __len__(self) -> int:
-        return len(self.loader)
+        n = self.num_samples()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int | None]]]:
-        ld = self.loader
-        order = ld.order().tolist()
+        order = self.order().tolist()
         n = len(order)
-        stop = n - n % ld.batch_size if ld.drop_last else n
-        for start in range(0, stop, ld.batch_size):
-            chunk = order[start : start + ld.batch_size]
-            if ld.train:
-                pos = range(start, start + len(chunk))
-                seeds: list[int | None] = [
-                    epoch_seed(ld.seed, ld.epoch, stream=1 + ld.rank + p * ld.world_size) for p in pos
+        stop = n - n % self.batch_size if self.drop_last else n
+        for start in range(0, stop, self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            seeds: list[int | None] = [None] * len(chunk)
+            if self.train:
+                # Global position of this rank's p-th sample: rank + p * world_size.
+                seeds = [
+                    epoch_seed(self.seed, self.epoch, stream=1 + self.rank + p * self.world_size)
+                    for p in range(start, start + len(chunk))
                 ]
-            else:
-                seeds = [None] * len(chunk)
             yield list(zip(chunk, seeds, strict=True))
+
+
+def _plan_attribute(name: str) -> property:
+    return property(lambda self: getattr(self._plan, name), doc=f"The loader's ``{name}`` (read-only).")
 
 
 class ImageListLoader:
@@ -312,7 +339,8 @@ class ImageListLoader:
 
     The large-scale counterpart of :class:`~gradtail.data.loader.BatchLoader`, with its surface:
     ``set_epoch``, ``len`` (batches per epoch on this rank), iteration of (x, y) on ``device``, and
-    ``labels`` (int64 on ``device``); ``images`` is ``None`` (nothing is held in memory).
+    ``labels`` (int64 on ``device``); ``images`` is ``None`` (nothing is held in memory). Workers
+    persist across epochs: build one loader per split and reuse it.
 
     Args:
         dataset: the images; its ``transform`` is the train or test transform.
@@ -322,12 +350,20 @@ class ImageListLoader:
         train: seed each sample's augmentation from ``(seed, epoch, position)``; ``False`` (evaluation)
             leaves the RNGs alone (the test transform is deterministic).
         drop_last: drop the last partial batch.
-        num_workers: loader processes (0: load in this process); workers persist across epochs.
+        num_workers: loader processes (0: load in this process).
         pin_memory: page-locked batches; ``None``: when ``device`` is CUDA.
         prefetch_factor: batches loaded ahead per worker (``None``: PyTorch's default).
     """
 
     images: None = None
+    epoch = _plan_attribute("epoch")
+    batch_size = _plan_attribute("batch_size")
+    sampler = _plan_attribute("sampler")
+    train = _plan_attribute("train")
+    drop_last = _plan_attribute("drop_last")
+    seed = _plan_attribute("seed")
+    rank = _plan_attribute("rank")
+    world_size = _plan_attribute("world_size")
 
     def __init__(
         self,
@@ -358,22 +394,16 @@ class ImageListLoader:
         self.dataset = dataset
         self.device = torch.device(device)
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.long).to(self.device)
-        self.batch_size = batch_size
-        self.sampler = sampler
-        self.train = train
-        self.drop_last = drop_last
-        self.seed = seed
         self.channels_last = channels_last
-        self.rank = rank
-        self.world_size = world_size
         self.num_workers = num_workers
-        self.epoch = 0
-        pin = self.device.type == "cuda" if pin_memory is None else pin_memory
-        self._pin = bool(pin)
+        self._plan = _EpochBatches(
+            len(dataset), batch_size, sampler, bool(train), bool(drop_last), int(seed), rank, world_size
+        )
+        self._pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
         # Worker base seeds come from this generator; per-sample reseeding makes them irrelevant to
         # the transforms, but keeps anything else the workers draw deterministic too.
-        self._generator = torch.Generator()
-        self._generator.manual_seed(epoch_seed(seed, 0, stream=2**20))
+        generator = torch.Generator()
+        generator.manual_seed(epoch_seed(int(seed), 0, stream=2**20))
         extra: dict[str, Any] = {}
         if num_workers > 0:
             extra["persistent_workers"] = True
@@ -381,34 +411,46 @@ class ImageListLoader:
                 extra["prefetch_factor"] = prefetch_factor
         self._loader = DataLoader(
             _SeededItems(dataset),
-            batch_sampler=_EpochBatches(self),
+            batch_sampler=self._plan,
             num_workers=num_workers,
             pin_memory=self._pin,
-            generator=self._generator,
+            generator=generator,
             **extra,
         )
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._plan.epoch = int(epoch)
 
     def order(self) -> torch.Tensor:
         """This rank's dataset indices for the current epoch, in order (int64, CPU)."""
-        if self.sampler is None:
-            return torch.arange(self.rank, len(self.dataset), self.world_size)
-        order = self.sampler.indices(self.epoch, rank=self.rank, world_size=self.world_size)  # type: ignore[attr-defined]
-        return torch.as_tensor(order, dtype=torch.long).cpu()
-
-    def _num_samples(self) -> int:
-        if self.sampler is None:
-            return len(range(self.rank, len(self.dataset), self.world_size))
-        return int(self.sampler.num_samples_per_rank(self.world_size))  # type: ignore[attr-defined]
+        return self._plan.order()
 
     def __len__(self) -> int:
-        n = self._num_samples()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self._plan)
+
+    def close(self) -> None:
+        """Stop the worker processes now (the next iteration starts new ones).
+
+        Dropping the loader stops them too; this is for when the loader outlives its use, or is kept
+        alive by a reference cycle (an exception's traceback): a cyclic garbage collection closes the
+        workers' queues before the iterator's finaliser runs, and shutting down then waits for a timeout.
+        """
+        iterator = getattr(self._loader, "_iterator", None)  # where DataLoader keeps persistent workers
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._loader._iterator = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in self._loader:
+        batches = iter(self._loader)
+        while True:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                return
+            except BaseException:
+                self.close()  # a failed worker (e.g. a corrupt image) leaves nothing running
+                raise
             x = x.to(self.device, non_blocking=self._pin)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
