@@ -28,13 +28,17 @@ from gradtail.errors import ConfigError
 class AugmentConfig:
     crop_padding: int = 2  # random crop to the input size after zero-padding this many pixels; 0 = off
     hflip: bool = True
+    autoaugment: str | None = None  # batched AutoAugment policy on uint8 images after crop/flip ("cifar10")
+    autoaugment_fill: int = 0  # fill of pixels moved in by AutoAugment's geometric ops (PIL ports: 128)
+    cutout: int = 0  # Cutout hole side in pixels, after AutoAugment and before normalisation; 0 = off
     mean: list[float] | None = None  # per-channel; None = the dataset's standard statistics
     std: list[float] | None = None
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"  # fashion_mnist | cifar10 | cifar100 | synthetic
+    # fashion_mnist | cifar10 | cifar100 | synthetic (in memory); imagenet_lt | places_lt | inat2018 (lists)
+    dataset: str = "fashion_mnist"
     data_dir: str | None = None
     download: bool = True
     imbalance_factor: float = 100.0
@@ -48,6 +52,13 @@ class DataConfig:
     pad_to: int | None = None  # zero-pad images to this size (e.g. 32 for Fashion-MNIST in a CIFAR model)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: dict[str, Any] = field(default_factory=dict)  # options of the synthetic dataset (tests)
+    # Image-list datasets (split files with `relative/path label` lines; protocol.md §2):
+    image_root: str | None = None  # root the listed paths are relative to (default: data_dir)
+    list_dir: str | None = None  # where the list files are (default: image_root)
+    image_size: int = 224  # RandomResizedCrop (train) / CenterCrop (test) size
+    color_jitter: float = 0.0  # train-time ColorJitter strength (0 = off)
+    num_workers: int = 8  # decoding processes per loader
+    check_files: bool = True  # stat every listed image before training (errors name the list line)
 
 
 @dataclass

@@ -1,26 +1,35 @@
-"""From a :class:`~gradtail.config.DataConfig` to the train / validation / test arrays of a run.
+"""From a :class:`~gradtail.config.DataConfig` to the data of a run: a *bundle* the trainer uses through a
+small surface (counts, subset hash, loaders), whatever the storage.
 
-The training set is the long-tailed subset of the dataset's training split (protocol.md §1, LDAM rule);
-the validation set is carved from the training split before subsampling (balanced, disjoint); the test
-set is the untouched balanced test split.
+- In-memory datasets (Fashion-MNIST, CIFAR, synthetic): the training set is the long-tailed subset of the
+  training split (protocol.md §1, LDAM rule); validation is carved from the training split before
+  subsampling (balanced, disjoint); the test set is the untouched balanced test split. Batches come from
+  :class:`~gradtail.data.loader.BatchLoader` (whole-batch augmentation on the device).
+- Image-list datasets (ImageNet-LT, Places-LT, iNaturalist 2018): the community's split files are already
+  long-tailed; images are decoded by workers (:class:`~gradtail.data.image_list.ImageListLoader`). The
+  "subset hash" is the SHA-256 of the training list file.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 
-from gradtail.config import DataConfig
+from gradtail.config import DataConfig, RunConfig
 from gradtail.data.base import ImageArrays
+from gradtail.data.loader import BatchAugment, BatchLoader
 from gradtail.data.longtail import LongTailSplit, build_longtail_split
 from gradtail.errors import ConfigError
 from gradtail.registry import Registry
 
-# name -> loader(train: bool, cfg: DataConfig) -> ImageArrays
-DATASETS: Registry[ImageArrays] = Registry("dataset")
+# name -> build(cfg: DataConfig) -> a data bundle (DataBundle or ImageListBundle)
+DATASETS: Registry[Any] = Registry("dataset")
 
 # Standard per-channel statistics (of the full training splits).
 NORMALIZATION: dict[str, tuple[list[float], list[float]]] = {
@@ -30,21 +39,18 @@ NORMALIZATION: dict[str, tuple[list[float], list[float]]] = {
 }
 
 
-@DATASETS.register("fashion_mnist")
 def _fashion(train: bool, cfg: DataConfig) -> ImageArrays:
     from gradtail.data.fashion_mnist import load_fashion_mnist
 
     return load_fashion_mnist(train=train, data_dir=cfg.data_dir, download=cfg.download)
 
 
-@DATASETS.register("cifar10")
 def _cifar10(train: bool, cfg: DataConfig) -> ImageArrays:
     from gradtail.data.cifar import load_cifar
 
     return load_cifar("cifar10", train=train, data_dir=cfg.data_dir, download=cfg.download)
 
 
-@DATASETS.register("cifar100")
 def _cifar100(train: bool, cfg: DataConfig) -> ImageArrays:
     from gradtail.data.cifar import load_cifar
 
@@ -54,7 +60,6 @@ def _cifar100(train: bool, cfg: DataConfig) -> ImageArrays:
 _SYNTHETIC_KEYS = ("num_classes", "per_class", "test_per_class", "image_size", "channels", "noise", "seed")
 
 
-@DATASETS.register("synthetic")
 def _synthetic(train: bool, cfg: DataConfig) -> ImageArrays:
     from gradtail.data.synthetic import make_synthetic
 
@@ -72,7 +77,7 @@ def _synthetic(train: bool, cfg: DataConfig) -> ImageArrays:
 
 @dataclass
 class DataBundle:
-    """Everything a run needs from the data side."""
+    """In-memory data of a run: uint8 arrays of the long-tailed training subset, validation and test."""
 
     train: ImageArrays
     val: ImageArrays | None
@@ -80,6 +85,8 @@ class DataBundle:
     split: LongTailSplit
     mean: list[float]
     std: list[float]
+    augment_cfg: Any = None
+    _augment: BatchAugment | None = field(default=None, repr=False)
 
     @property
     def class_counts(self) -> list[int]:
@@ -88,6 +95,70 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return self.train.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def sha256(self) -> str:
+        return self.split.sha256
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.train.labels
+
+    def has_split(self, split: str) -> bool:
+        return (self.val if split == "val" else self.test) is not None
+
+    @property
+    def augment(self) -> BatchAugment:
+        if self._augment is None:
+            from gradtail.data.augment_policies import build_policy_transforms
+
+            a = self.augment_cfg
+            self._augment = BatchAugment(
+                mean=self.mean,
+                std=self.std,
+                crop_padding=a.crop_padding if a is not None else 0,
+                hflip=a.hflip if a is not None else False,
+                policy=None
+                if a is None
+                else build_policy_transforms(a.autoaugment, a.cutout, fill=a.autoaugment_fill),
+            )
+        return self._augment
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored uint8 images -> model input without augmentation (GBG's grouping pass)."""
+        return self.augment.normalize(x)
+
+    def train_loader(
+        self, cfg: RunConfig, sampler: object, device: torch.device, rank: int, world: int
+    ) -> BatchLoader:
+        return BatchLoader(
+            self.train.images, self.train.labels, cfg.optim.batch_size, self.augment, sampler=sampler,
+            train=True, drop_last=cfg.optim.drop_last, seed=cfg.train.seed, device=device,
+            channels_last=cfg.train.channels_last, rank=rank, world_size=world,
+        )  # fmt: skip
+
+    def eval_loader(self, split: str, cfg: RunConfig, device: torch.device) -> Any:
+        arrays = self.val if split == "val" else self.test
+        if arrays is None:
+            raise ConfigError(f"this run has no {split} split")
+        return BatchLoader(
+            arrays.images, arrays.labels, cfg.eval.batch_size, self.augment, sampler=None, train=False,
+            device=device, channels_last=cfg.train.channels_last,
+        )  # fmt: skip
+
+    def describe(self) -> dict[str, Any]:
+        """What ``subset.json`` records (protocol.md §1: counts and hash make the subset auditable)."""
+        return {
+            "counts": self.class_counts,
+            "train_images": int(sum(self.class_counts)),
+            "val_counts": list(self.split.val_counts),
+            "sha256": self.split.sha256,
+            "test_images": len(self.test),
+        }
 
 
 def _pad(arrays: ImageArrays, size: int | None) -> ImageArrays:
@@ -103,11 +174,13 @@ def _pad(arrays: ImageArrays, size: int | None) -> ImageArrays:
     )
 
 
-def build_data(
-    cfg: DataConfig, loader: Callable[[bool, DataConfig], ImageArrays] | None = None
-) -> DataBundle:
-    """Load the dataset named in ``cfg`` and build the long-tailed training subset, validation and test."""
-    load = loader or DATASETS.get(cfg.dataset)
+def build_data(cfg: DataConfig) -> Any:
+    """The data bundle of the dataset named in ``cfg`` (see the module docstring)."""
+    return DATASETS.get(cfg.dataset)(cfg)
+
+
+def build_in_memory_data(cfg: DataConfig, load: Callable[[bool, DataConfig], ImageArrays]) -> DataBundle:
+    """Load an in-memory dataset and build the long-tailed training subset, validation and test."""
     full_train = load(True, cfg)
     test = load(False, cfg)
     split = build_longtail_split(
@@ -137,4 +210,115 @@ def build_data(
         split=split,
         mean=list(mean),
         std=list(std),
+        augment_cfg=cfg.augment,
     )
+
+
+def _in_memory(name: str, load: Callable[[bool, DataConfig], ImageArrays]) -> None:
+    DATASETS.register(name)(lambda cfg: build_in_memory_data(cfg, load))
+
+
+@dataclass
+class ImageListBundle:
+    """Image-list data of a run (ImageNet-LT, Places-LT, iNaturalist 2018): datasets decoded by workers."""
+
+    name: str
+    train: Any  # ImageListDataset
+    val: Any | None
+    test: Any
+    num_classes: int
+    sha256: str
+    cfg: DataConfig
+    _eval: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def class_counts(self) -> list[int]:
+        return list(self.train.class_counts())
+
+    @property
+    def in_channels(self) -> int:
+        return 3
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return torch.as_tensor(self.train.labels, dtype=torch.long)
+
+    def has_split(self, split: str) -> bool:
+        return (self.val if split == "val" else self.test) is not None
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        raise ConfigError(
+            f"{self.name} is decoded from files by workers: methods that re-read the raw training images "
+            "(GBG's grouping pass) need an in-memory dataset"
+        )
+
+    def train_loader(
+        self, cfg: RunConfig, sampler: object, device: torch.device, rank: int, world: int
+    ) -> Any:
+        from gradtail.data.image_list import ImageListLoader
+
+        return ImageListLoader(
+            self.train, cfg.optim.batch_size, sampler=sampler, train=True, drop_last=cfg.optim.drop_last,
+            seed=cfg.train.seed, device=device, num_workers=self.cfg.num_workers,
+            channels_last=cfg.train.channels_last, rank=rank, world_size=world,
+        )  # fmt: skip
+
+    def eval_loader(self, split: str, cfg: RunConfig, device: torch.device) -> Any:
+        """One loader per split, built once and reused (its workers persist across evaluations)."""
+        from gradtail.data.image_list import ImageListLoader
+
+        if split not in self._eval:
+            dataset = self.val if split == "val" else self.test
+            if dataset is None:
+                raise ConfigError(f"{self.name} has no {split} split")
+            self._eval[split] = ImageListLoader(
+                dataset, cfg.eval.batch_size, train=False, device=device, num_workers=self.cfg.num_workers,
+                channels_last=cfg.train.channels_last,
+            )  # fmt: skip
+        return self._eval[split]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "counts": self.class_counts,
+            "train_images": len(self.train),
+            "val_counts": [] if self.val is None else list(self.val.class_counts()),
+            "sha256": self.sha256,
+            "test_images": len(self.test),
+            "list_files": {"train": str(self.train.list_file)},
+        }
+
+
+def build_image_list_data(cfg: DataConfig) -> ImageListBundle:
+    """The community split files of ``cfg.dataset`` under ``data.image_root`` / ``data.list_dir``."""
+    from gradtail.data.image_list import imagenet_transform, known_splits, load_image_list_split
+
+    spec = known_splits()[cfg.dataset]
+    root = cfg.image_root or cfg.data_dir
+    if root is None:
+        raise ConfigError(f"dataset {cfg.dataset!r} needs data.image_root (where the list paths start)")
+
+    def split(name: str, train: bool) -> Any:
+        tf = imagenet_transform(train, cfg.image_size, color_jitter=cfg.color_jitter if train else 0.0)
+        return load_image_list_split(cfg.dataset, name, root, cfg.list_dir, tf, cfg.check_files)
+
+    has_test = "test" in spec.files
+    train = split("train", True)
+    digest = hashlib.sha256(Path(train.list_file).read_bytes()).hexdigest()
+    return ImageListBundle(
+        name=cfg.dataset,
+        train=train,
+        val=split("val", False) if has_test else None,
+        test=split("test" if has_test else "val", False),  # iNaturalist 2018: val is the test set
+        num_classes=spec.num_classes,
+        sha256=digest,
+        cfg=cfg,
+    )
+
+
+for _name in ("imagenet_lt", "places_lt", "inat2018"):
+    DATASETS.register(_name)(build_image_list_data)
+
+_in_memory("fashion_mnist", _fashion)
+_in_memory("cifar10", _cifar10)
+_in_memory("cifar100", _cifar100)
+_in_memory("synthetic", _synthetic)

@@ -1,8 +1,9 @@
 """In-memory batch loading with whole-batch tensor augmentation.
 
 The whole dataset lives as one uint8 tensor on the training device. Each batch is gathered by index and
-augmented with tensor ops over the whole batch (random crop with zero padding, horizontal flip,
-normalisation): no per-sample Python, no worker processes, no host-device copies in the hot path.
+augmented with tensor ops over the whole batch (random crop with zero padding, horizontal flip, an
+optional uint8 policy stage such as AutoAugment + Cutout, normalisation): no per-sample Python, no
+worker processes, no host-device copies in the hot path.
 
 Randomness is reproducible and resumable: the sample order comes from the sampler's ``(seed, epoch)``
 and the augmentation draws from a ``torch.Generator`` seeded by ``(seed, epoch)`` on the data's device,
@@ -11,7 +12,7 @@ so an epoch replays bit-identically after a resume from an epoch-boundary checkp
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class BatchAugment:
     std: Sequence[float]
     crop_padding: int = 0
     hflip: bool = False
+    policy: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None  # uint8 -> uint8
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std):
@@ -75,6 +77,8 @@ class BatchAugment:
         if self.hflip:
             flip = torch.rand(b, device=x.device, generator=generator) < 0.5
             x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+        if self.policy is not None:  # e.g. AutoAugment + Cutout (gradtail.data.augment_policies)
+            x = self.policy(x, generator)
         return self.normalize(x)
 
 

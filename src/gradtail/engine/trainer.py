@@ -25,7 +25,6 @@ from torch import nn
 
 from gradtail.config import RunConfig, dump_config
 from gradtail.data.builder import DataBundle, build_data
-from gradtail.data.loader import BatchAugment, BatchLoader
 from gradtail.data.samplers import create_sampler
 from gradtail.distributed import is_distributed, is_main_process, rank, world_size
 from gradtail.engine.checkpoint import (
@@ -36,7 +35,7 @@ from gradtail.engine.checkpoint import (
     seed_everything,
 )
 from gradtail.engine.environment import environment_info, resolve_device
-from gradtail.engine.interfaces import StepContext, StepObserver, UpdateRule
+from gradtail.engine.interfaces import StepContext, StepObserver, StepOutput, UpdateRule
 from gradtail.engine.schedule import LRSchedule
 from gradtail.errors import ConfigError, TrainingError
 from gradtail.losses import create_loss
@@ -85,7 +84,7 @@ class Trainer:
         c = self.data.num_classes
 
         # --- model, loss, regularizer, update rule (registries only)
-        in_channels = self.data.train.images.shape[1]
+        in_channels = self.data.in_channels
         self.model: LongTailClassifier = create_model(
             cfg.model.name,
             c,
@@ -116,7 +115,7 @@ class Trainer:
         )
         for name in cfg.eval.posthoc:  # fail before training, not after it
             POSTHOC.get(name)
-        if cfg.eval.posthoc and self.data.val is None:
+        if cfg.eval.posthoc and not self.data.has_split("val"):
             raise ConfigError("eval.posthoc needs a held-out validation split (data.val_per_class > 0)")
         self.observers: list[StepObserver] = []
         self.diagnostics = None
@@ -149,30 +148,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
-        # --- data loading
-        self.augment = BatchAugment(
-            mean=self.data.mean,
-            std=self.data.std,
-            crop_padding=cfg.data.augment.crop_padding,
-            hflip=cfg.data.augment.hflip,
-        )
+        # --- data loading (through the bundle: in-memory arrays or image-list files alike)
         self.sampler = create_sampler(
-            cfg.data.sampler, self.data.train.labels, c, seed=t.seed, **self._sampler_params()
+            cfg.data.sampler, self.data.train_labels, c, seed=t.seed, **self._sampler_params()
         )
-        self.train_loader = BatchLoader(
-            self.data.train.images,
-            self.data.train.labels,
-            o.batch_size,
-            self.augment,
-            sampler=self.sampler,
-            train=True,
-            drop_last=o.drop_last,
-            seed=t.seed,
-            device=self.device,
-            channels_last=t.channels_last,
-            rank=rank(),
-            world_size=world_size(),
-        )
+        self.train_loader = self.data.train_loader(cfg, self.sampler, self.device, rank(), world_size())
 
         # --- state that checkpoints carry
         self.epoch = 0  # next epoch to run
@@ -183,7 +163,8 @@ class Trainer:
     # ------------------------------------------------------------------ what update rules may read
     # (``gradtail.optim.gbg.GroupingView``: the un-augmented training set and the model's input transform)
     @property
-    def train_images(self) -> torch.Tensor:
+    def train_images(self) -> torch.Tensor | None:
+        """Stored (un-augmented) training images on the device; None for image-list datasets."""
         return self.train_loader.images
 
     @property
@@ -199,14 +180,14 @@ class Trainer:
         return self.data.class_counts
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.augment.normalize(x)
+        x = self.data.normalize(x)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
     # ------------------------------------------------------------------ helpers
     def _init_from_stage1(self, path: Path) -> None:
         """Stage 2 of decoupled training (cRT): stage-1 model, frozen backbone, re-initialised classifier."""
         state = load_checkpoint(path, map_location=self.device)
-        if state.get("subset_sha256") != self.data.split.sha256:
+        if state.get("subset_sha256") != self.data.sha256:
             raise ConfigError(f"train.init_from {path} was trained on another subset (hash mismatch)")
         self.model.load_state_dict(state["model"])
         t = self.cfg.train
@@ -231,18 +212,6 @@ class Trainer:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-    def eval_loader(self, images: torch.Tensor, labels: torch.Tensor) -> BatchLoader:
-        return BatchLoader(
-            images,
-            labels,
-            self.cfg.eval.batch_size,
-            self.augment,
-            sampler=None,
-            train=False,
-            device=self.device,
-            channels_last=self.cfg.train.channels_last,
-        )
 
     @property
     def checkpoint_path(self) -> Path:
@@ -270,25 +239,7 @@ class Trainer:
             lr = self.schedule.lr_at(epoch + (i + 1) / n_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.optimizer.zero_grad(set_to_none=True)
-            ctx = StepContext(
-                model=self.train_model,
-                loss_fn=self.loss_fn,
-                regularizer=self.regularizer,
-                optimizer=self.optimizer,
-                epoch=epoch,
-                step=self.global_step,
-                observers=self.observers,
-                autocast=self.autocast,
-                scaler=self.scaler,
-            )
-            out = self.update_rule(ctx, x, y)
-            if not self.update_rule.owns_optimizer_step:
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
+            out = self.train_step(x, y, epoch)
             # Non-finite check without a device sync per step: remember the first bad step on device.
             loss = out.loss.detach().to(torch.float64)
             bad = ~torch.isfinite(loss)
@@ -316,6 +267,30 @@ class Trainer:
         record.update({k: v / n_steps for k, v in extras_sum.items()})
         return record
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> StepOutput:
+        """One optimisation step on a ready batch: the update rule forms the gradient, then the optimizer
+        steps (the learning rate is set by the caller). Benchmarks time exactly this."""
+        self.optimizer.zero_grad(set_to_none=True)
+        ctx = StepContext(
+            model=self.train_model,
+            loss_fn=self.loss_fn,
+            regularizer=self.regularizer,
+            optimizer=self.optimizer,
+            epoch=epoch,
+            step=self.global_step,
+            observers=self.observers,
+            autocast=self.autocast,
+            scaler=self.scaler,
+        )
+        out = self.update_rule(ctx, x, y)
+        if not self.update_rule.owns_optimizer_step:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        return out
+
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         step = int(first_bad)
         if step >= 0:
@@ -327,19 +302,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, labels: torch.Tensor, features: bool = False) -> Predictions:
+    def predict(self, split: str, features: bool = False) -> Predictions:
+        """Logits (and features) of the ``val`` or ``test`` split, in dataset order."""
         self.model.eval()
-        logits, feats = [], []
-        for x, _ in self.eval_loader(images, labels):
+        logits, feats, targets = [], [], []
+        for x, y in self.data.eval_loader(split, self.cfg, self.device):
             with self.autocast():
                 h = self.model.features(x)
                 z = self.model.classifier(h)
             logits.append(z.float())
+            targets.append(y)
             if features:
                 feats.append(h.float())
         return Predictions(
             logits=torch.cat(logits),
-            targets=labels.to(self.device),
+            targets=torch.cat(targets),
             features=torch.cat(feats) if features else None,
         )
 
@@ -350,10 +327,9 @@ class Trainer:
         )
 
     def evaluate_split(self, split: str) -> EvalResult | None:
-        arrays = self.data.val if split == "val" else self.data.test
-        if arrays is None:
+        if not self.data.has_split(split):
             return None
-        pred = self.predict(arrays.images, arrays.labels)
+        pred = self.predict(split)
         return self.evaluate_predictions(pred.logits, pred.targets)
 
     # ------------------------------------------------------------------ run
@@ -415,12 +391,12 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation (last epoch, val-selected, post-hoc), written to ``final.json``."""
-        test_pred = self.predict(self.data.test.images, self.data.test.labels)
+        test_pred = self.predict("test")
         test = self.evaluate_predictions(test_pred.logits, test_pred.targets)
         final: dict[str, Any] = {
             "name": self.cfg.name,
             "config_hash": self.cfg.hash(),
-            "subset_sha256": self.data.split.sha256,
+            "subset_sha256": self.data.sha256,
             "class_counts": self.data.class_counts,
             "epochs": self.epoch,
             "last_epoch": test.to_dict(),
@@ -443,8 +419,8 @@ class Trainer:
         names = self.cfg.eval.posthoc
         if not names:
             return {}
-        val_pred = self.predict(self.data.val.images, self.data.val.labels, features=True)
-        test_feats = self.predict(self.data.test.images, self.data.test.labels, features=True)
+        val_pred = self.predict("val", features=True)
+        test_feats = self.predict("test", features=True)
         results: dict[str, Any] = {}
         for name in names:
             params = dict(self.cfg.eval.posthoc_params.get(name, {}))
@@ -488,11 +464,11 @@ class Trainer:
             "best": self.best,
             "rng": capture_rng_state(),
             "class_counts": self.data.class_counts,
-            "subset_sha256": self.data.split.sha256,
+            "subset_sha256": self.data.sha256,
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        if state.get("subset_sha256") != self.data.split.sha256:
+        if state.get("subset_sha256") != self.data.sha256:
             raise ConfigError("checkpoint was trained on a different training subset (hash mismatch)")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -531,17 +507,12 @@ class Trainer:
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
         env = environment_info(self.device) | {"world_size": world_size()}
         (self.out / "environment.json").write_text(json.dumps(env, indent=2))
-        split = self.data.split
         subset = {
             "dataset": self.cfg.data.dataset,
             "imbalance_factor": self.cfg.data.imbalance_factor,
             "profile": self.cfg.data.profile,
             "subset_seed": self.cfg.data.subset_seed,
-            "counts": self.data.class_counts,
-            "train_images": int(sum(self.data.class_counts)),
-            "val_counts": list(split.val_counts),
-            "sha256": split.sha256,
-            "test_images": len(self.data.test),
+            **self.data.describe(),
         }
         (self.out / "subset.json").write_text(json.dumps(subset, indent=2))
 
