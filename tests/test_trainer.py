@@ -177,3 +177,41 @@ def test_posthoc_adjusters_run_and_unknown_names_fail_before_training(tmp_path):
     cfg.data.val_per_class = 0
     with pytest.raises(ConfigError, match="validation split"):
         Trainer(cfg, output_dir=tmp_path / "c")
+
+
+def test_trains_on_an_image_list_dataset(tmp_path):
+    """The trainer on the large-scale path (list files + decoding workers' code), with a tiny image tree."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "places"
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", [6, 3, 1]), ("val", [1, 1, 1]), ("test", [2, 2, 2])):
+        lines = []
+        for label, n in enumerate(per_class):
+            for i in range(n):
+                rel = f"{split}/c{label}/img {i}.png"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / rel)
+                lines.append(f"{rel} {label}")
+        (root / f"Places_LT_{split}.txt").write_text("\n".join(lines) + "\n")
+    cfg = config_from_dict(
+        {
+            "name": "places_tiny",
+            "data": {"dataset": "places_lt", "image_root": str(root), "image_size": 16, "num_workers": 0},
+            "model": {"name": "resnet18"},
+            "optim": {"batch_size": 4, "epochs": 2, "warmup_epochs": 0, "schedule": "cosine"},
+            "train": {"progress": False, "diagnostics": False},
+            "eval": {"batch_size": 4},
+        }
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # list sizes differ from the real Places-LT
+        trainer = Trainer(cfg, output_dir=tmp_path / "run", verbose=False)
+        final = trainer.fit()
+    assert final["class_counts"][:3] == [6, 3, 1] and len(final["class_counts"]) == 365
+    assert final["last_epoch"]["num_samples"] == 6
+    subset = json.loads((tmp_path / "run" / "subset.json").read_text())
+    assert subset["train_images"] == 10 and len(subset["sha256"]) == 64
