@@ -53,19 +53,21 @@ def gradient_ratio_plot(histories: dict[str, list[dict[str, Any]]], counts: Sequ
     fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
     norm = colors.LogNorm(vmin=max(min(counts), 1), vmax=max(counts))
     cmap = colormaps["viridis"]
+    first = None
     for k, (label, history) in enumerate(histories.items()):
-        ax = fig.add_subplot(rows, cols, k + 1)
+        ax = fig.add_subplot(rows, cols, k + 1, sharey=first)
+        first = first or ax
         epochs = [h["epoch"] for h in history]
         for j, count in enumerate(counts):
             ax.plot(epochs, [h["g"][j] for h in history], color=cmap(norm(count)), lw=1)
         for level in (0.5, 1.0):
             ax.axhline(level, color="grey", ls="--", lw=0.7)
         ax.set_title(label, fontsize=8)
-        ax.set_yscale("log")
         ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
     fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=fig.axes, label="training images", shrink=0.8)
     fig.supxlabel("epoch", fontsize=8)
-    fig.supylabel("g = P / N (log)", fontsize=8)
+    fig.supylabel("g = P / N", fontsize=8)
     return _png(fig)
 
 
