@@ -111,3 +111,25 @@ def test_shipped_suites_validate(repo_root):
     for path in sorted((repo_root / "suites").glob("*.yaml")):
         suite = load_suite(path)
         assert suite.methods
+
+
+def test_report_renders_in_headless_chromium(tmp_path, repo_root):
+    """The HTML report opens in a real browser and paints more than a blank page."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "report_screenshot", repo_root / "scripts" / "report_screenshot.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.find_chromium() is None:
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    path = write_suite(tmp_path, seeds=[0], methods={"ce": {}})
+    out = tmp_path / "out"
+    assert main(["bench", str(path), "--output", str(out), "--no-progress"]) == 0
+    png = module.screenshot(out / "report.html", tmp_path / "shot.png", width=900, height=1600)
+    from PIL import Image
+
+    with Image.open(png) as im:
+        colours = im.convert("RGB").resize((90, 160)).getcolors(maxcolors=100_000)
+    assert colours is not None and len(colours) > 20  # text, table and figures, not a blank page

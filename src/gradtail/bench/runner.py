@@ -103,10 +103,15 @@ def run_suite(
     output: Path,
     only: list[str] | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every planned run that is not done; return the ``final.json`` of every planned run."""
     from gradtail.engine.trainer import Trainer
+
+    if log is None:  # flushed per line: the progress must show when stdout is a file or a pipe
+
+        def log(line: str) -> None:
+            print(line, flush=True)
 
     runs = plan_runs(suite, output, only)
     todo = [r for r in runs if not r.is_done()]

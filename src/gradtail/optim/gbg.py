@@ -149,6 +149,8 @@ class GBGRule(UpdateRule):
         eps: floor of the norms and losses in the normalisation.
     """
 
+    report_note = "GBG runs here without the BCL term of the released code (gbg.md §3)."
+
     def __init__(
         self,
         num_groups: int = 4,

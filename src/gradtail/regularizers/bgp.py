@@ -156,6 +156,11 @@ class BalancedGradientPenalty(Regularizer):
         detach_features: the penalty sends no gradient to the features (regularises the head only).
     """
 
+    report_note = (
+        "BGP is a documented reconstruction: the paper's full text is unavailable, so the penalty is "
+        "built from its abstract (bgp.md; gradtail.regularizers.bgp)."
+    )
+
     def __init__(
         self,
         variant: str = "head",

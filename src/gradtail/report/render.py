@@ -44,6 +44,7 @@ def build_results(
     environment = json.loads((run_dir / "environment.json").read_text())
     config = suite.run_config(suite.method(first["method"]), first["seed"])
     return {
+        "notes": method_notes(suite),
         "suite": suite.name,
         "description": suite.description,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -82,6 +83,23 @@ def build_results(
             for f in finals
         ],
     }
+
+
+def method_notes(suite: Any) -> list[str]:
+    """Notes the methods themselves attach to reports (``report_note`` on a loss / regularizer / rule)."""
+    from gradtail.losses import LOSSES
+    from gradtail.optim import UPDATE_RULES
+    from gradtail.regularizers import REGULARIZERS
+
+    notes: list[str] = []
+    for m in suite.methods:
+        cfg = suite.run_config(m, suite.seeds[0])
+        for registry, name in ((LOSSES, cfg.loss.name), (REGULARIZERS, cfg.regularizer.name),
+                               (UPDATE_RULES, cfg.update_rule.name)):  # fmt: skip
+            note = getattr(registry.get(name), "report_note", None) if name else None
+            if note and note not in notes:
+                notes.append(note)
+    return notes
 
 
 def _table_markdown(rows: list[dict[str, Any]], published: bool) -> str:
@@ -184,6 +202,8 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
         "",
         table,
         "",
+        *[f"Note: {n}" for n in results.get("notes", [])],
+        "",
         "## Protocol",
         "",
         protocol_paragraph(results),
@@ -204,6 +224,9 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
             f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
         )
     (output / "report.md").write_text("\n".join(md))
+    notes_html = "".join(
+        f"<p class='protocol'><b>Note:</b> {html.escape(n)}</p>" for n in results.get("notes", [])
+    )
     wall_text = f" Wall time: {wall / 60:.1f} min." if wall else ""
     head_cells = "".join(f"<th>{h}</th>" for h in (*HEADERS, *(("published",) if has_published else ())))
     body_rows = []
@@ -228,6 +251,7 @@ img {{ max-width: 100%; }} .protocol {{ font-size: 14px; line-height: 1.5; }}
 <p>{html.escape(results.get("description", ""))}</p>
 <h2>Results</h2>
 <table><thead><tr>{head_cells}</tr></thead><tbody>{"".join(body_rows)}</tbody></table>
+{notes_html}
 <h2>Protocol</h2><p class="protocol">{html.escape(protocol_paragraph(results))}</p>
 <p class="protocol">Environment: {html.escape(env_line)}.{wall_text}</p>
 <h2>Figures</h2>{"".join(html_figs)}
