@@ -604,3 +604,13 @@ def test_finite_and_batch_permutation_invariant(
     (grad_p,) = torch.autograd.grad(out_p, z_p)
     torch.testing.assert_close(out_p, out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_p, grad[idx], rtol=1e-10, atol=1e-12)
+
+
+def test_inference_logits_carry_ldams_scale_through_drw():
+    """Test-time probabilities use LDAM's trained scale s (not the margin); other losses: identity."""
+    counts = [50, 20, 5]
+    z = torch.tensor([[0.2, -0.1, 0.4]])
+    ldam = create_loss("ldam", 3, class_counts=counts, scale=30.0, drw_epoch=2)
+    torch.testing.assert_close(ldam.inference_logits(z), 30.0 * z)
+    for name in ("ce", "balanced_softmax", "logit_adjust"):
+        assert torch.equal(create_loss(name, 3, class_counts=counts).inference_logits(z), z)

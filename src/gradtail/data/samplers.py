@@ -87,8 +87,9 @@ class Sampler:
         """Expected class frequencies of one draw at ``epoch`` (float64, sums to 1)."""
         raise NotImplementedError
 
-    def _draw(self, epoch: int, gen: torch.Generator) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def _draw(self, epoch: int, gen: torch.Generator) -> torch.Tensor:
+        """One epoch's draw: a class from :meth:`class_probs`, then one of its images uniformly."""
+        return self._draw_by_class(self.class_probs(epoch), gen)
 
     def global_order(self, epoch: int) -> torch.Tensor:
         """All ``num_samples`` indices of ``epoch`` (int64, CPU), the same on every rank."""
@@ -152,9 +153,6 @@ class ClassBalancedSampler(Sampler):
         present = self._present()
         return present / present.sum()
 
-    def _draw(self, epoch: int, gen: torch.Generator) -> torch.Tensor:
-        return self._draw_by_class(self.class_probs(epoch), gen)
-
 
 @SAMPLERS.register("power")
 class PowerSampler(Sampler):
@@ -178,9 +176,6 @@ class PowerSampler(Sampler):
     def class_probs(self, epoch: int) -> torch.Tensor:
         w = self.class_counts.to(torch.float64).pow(self.power) * self._present()
         return w / w.sum()
-
-    def _draw(self, epoch: int, gen: torch.Generator) -> torch.Tensor:
-        return self._draw_by_class(self.class_probs(epoch), gen)
 
 
 @SAMPLERS.register("sqrt")
@@ -229,9 +224,6 @@ class ProgressiveSampler(Sampler):
         present = self._present()
         balanced = present / present.sum()
         return (1.0 - a) * instance + a * balanced
-
-    def _draw(self, epoch: int, gen: torch.Generator) -> torch.Tensor:
-        return self._draw_by_class(self.class_probs(epoch), gen)
 
 
 def create_sampler(

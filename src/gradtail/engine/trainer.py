@@ -310,7 +310,7 @@ class Trainer:
             with self.autocast():
                 h = self.model.features(x)
                 z = self.model.classifier(h)
-            logits.append(z.float())
+            logits.append(self.loss_fn.inference_logits(z.float()))
             targets.append(y)
             if features:
                 feats.append(h.float())

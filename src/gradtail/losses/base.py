@@ -93,6 +93,15 @@ class LongTailLoss(nn.Module):
         """Called by the trainer at the start of every epoch (0-based)."""
         self.epoch = int(epoch)
 
+    def inference_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits as the loss reads them, for prediction and calibration at test time.
+
+        The identity for most losses; a loss that applies a fixed transform inside (LDAM's scale s on
+        cosine logits) returns that transform, so test probabilities and ECE use the trained scale.
+        Never a training-time adjustment (margins, priors, statistics): test time uses raw logits.
+        """
+        return logits
+
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}"
 

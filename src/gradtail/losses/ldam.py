@@ -60,5 +60,9 @@ class LDAMLoss(PerSampleLoss):
         shifted = z - margin  # z - m_y e_y
         return F.cross_entropy(self.scale * shifted, y, reduction="none")
 
+    def inference_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """s * z: the scale (not the margin) belongs to the classifier at test time."""
+        return self.scale * logits
+
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, max_margin={self.max_margin}, scale={self.scale}"

@@ -172,6 +172,9 @@ class DeferredReweighting(LongTailLoss):
         super().set_epoch(epoch)
         self.inner.set_epoch(epoch)
 
+    def inference_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.inner.inference_logits(logits)
+
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per_sample = self.inner.per_sample_loss(logits, targets)  # checks the inputs
         if not self.active:

@@ -61,39 +61,21 @@ class TorchvisionClassifier(LongTailClassifier):
         return f"arch={self.arch}, feature_dim={self.feature_dim}"
 
 
-@register_model("resnet18")
-def resnet18(
-    num_classes: int,
-    in_channels: int = 3,
-    head: str = "linear",
-    head_scale: float = 16.0,
-    zero_init_residual: bool = False,
-) -> TorchvisionClassifier:
-    """torchvision ResNet-18, 512-d feature."""
-    return TorchvisionClassifier("resnet18", num_classes, in_channels, head, head_scale, zero_init_residual)
+def _register(arch: str, doc: str) -> None:
+    def factory(
+        num_classes: int,
+        in_channels: int = 3,
+        head: str = "linear",
+        head_scale: float = 16.0,
+        zero_init_residual: bool = False,
+    ) -> TorchvisionClassifier:
+        return TorchvisionClassifier(arch, num_classes, in_channels, head, head_scale, zero_init_residual)
+
+    factory.__name__ = factory.__qualname__ = arch
+    factory.__doc__ = doc
+    register_model(arch)(factory)
 
 
-@register_model("resnet50")
-def resnet50(
-    num_classes: int,
-    in_channels: int = 3,
-    head: str = "linear",
-    head_scale: float = 16.0,
-    zero_init_residual: bool = False,
-) -> TorchvisionClassifier:
-    """torchvision ResNet-50, 2048-d feature."""
-    return TorchvisionClassifier("resnet50", num_classes, in_channels, head, head_scale, zero_init_residual)
-
-
-@register_model("resnext50_32x4d")
-def resnext50_32x4d(
-    num_classes: int,
-    in_channels: int = 3,
-    head: str = "linear",
-    head_scale: float = 16.0,
-    zero_init_residual: bool = False,
-) -> TorchvisionClassifier:
-    """torchvision ResNeXt-50 (32 groups x 4d), 2048-d feature."""
-    return TorchvisionClassifier(
-        "resnext50_32x4d", num_classes, in_channels, head, head_scale, zero_init_residual
-    )
+_register("resnet18", "torchvision ResNet-18, 512-d feature.")
+_register("resnet50", "torchvision ResNet-50, 2048-d feature.")
+_register("resnext50_32x4d", "torchvision ResNeXt-50 (32 groups x 4d), 2048-d feature.")
