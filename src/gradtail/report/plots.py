@@ -20,7 +20,10 @@ def _png(fig: Figure) -> bytes:
 
 
 def per_class_accuracy_plot(curves: dict[str, Sequence[float | None]], counts: Sequence[int]) -> bytes:
-    """Per-class test accuracy (mean over seeds) against training count (log x), one line per method."""
+    """Per-class test accuracy (mean over seeds) against training count: one line per method (log x), or
+    a methods x classes heatmap with the values printed when there are more than six methods."""
+    if len(curves) > 6:
+        return _per_class_heatmap(curves, counts)
     fig = Figure(figsize=(7, 4))
     ax = fig.add_subplot()
     order = sorted(range(len(counts)), key=lambda j: -counts[j])
@@ -40,6 +43,24 @@ def per_class_accuracy_plot(curves: dict[str, Sequence[float | None]], counts: S
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def _per_class_heatmap(curves: dict[str, Sequence[float | None]], counts: Sequence[int]) -> bytes:
+    order = sorted(range(len(counts)), key=lambda j: -counts[j])
+    labels = list(curves)
+    matrix = [[100 * curves[m][j] if curves[m][j] is not None else math.nan for j in order] for m in labels]
+    fig = Figure(figsize=(1.0 + 0.55 * len(order), 0.8 + 0.28 * len(labels)))
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix, aspect="auto", cmap="RdYlGn", vmin=0, vmax=100, interpolation="nearest")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xticks(range(len(order)), [str(counts[j]) for j in order], fontsize=7, rotation=90)
+    ax.set_xlabel("class (training images, head → tail)", fontsize=8)
+    for r, row in enumerate(matrix):
+        for c, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(im, ax=ax, label="test accuracy (%)", shrink=0.8)
     return _png(fig)
 
 

@@ -49,6 +49,7 @@ def build_results(
         "description": suite.description,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": wall_seconds,
+        "train_seconds_total": sum(f.get("train_seconds") or 0.0 for f in finals),
         "environment": environment,
         "subset": subset,
         "recipe": {
@@ -180,6 +181,17 @@ def _figures(results: dict[str, Any], output: Path) -> dict[str, bytes]:
     return figs
 
 
+def _time_text(results: dict[str, Any]) -> str:
+    total = results.get("train_seconds_total")
+    wall = results.get("wall_seconds")
+    parts = []
+    if total:
+        parts.append(f" Training time summed over runs: {total / 60:.1f} min.")
+    if wall:
+        parts.append(f" Wall time of the last invocation (finished runs are skipped): {wall / 60:.1f} min.")
+    return "".join(parts)
+
+
 def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     """Write results.json, report.md (+ PNG files) and report.html; return their paths."""
     output.mkdir(parents=True, exist_ok=True)
@@ -192,7 +204,6 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
         f"gradtail {env.get('gradtail')} ({(env.get('git_commit') or '')[:10]}), torch {env.get('torch')}, "
         f"{env.get('device')}, {env.get('cpu_count')} CPUs"
     )
-    wall = results.get("wall_seconds")
     md = [
         f"# gradtail bench: {results['suite']}",
         "",
@@ -208,8 +219,7 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
         "",
         protocol_paragraph(results),
         "",
-        f"Environment: {env_line}."
-        + (f" Wall time of this invocation: {wall / 60:.1f} min." if wall else ""),
+        f"Environment: {env_line}." + _time_text(results),
         "",
         "## Figures",
         "",
@@ -227,7 +237,7 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     notes_html = "".join(
         f"<p class='protocol'><b>Note:</b> {html.escape(n)}</p>" for n in results.get("notes", [])
     )
-    wall_text = f" Wall time: {wall / 60:.1f} min." if wall else ""
+    wall_text = _time_text(results)
     head_cells = "".join(f"<th>{h}</th>" for h in (*HEADERS, *(("published",) if has_published else ())))
     body_rows = []
     for r in results["table"]:
