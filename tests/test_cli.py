@@ -73,3 +73,48 @@ def test_bad_override_and_missing_checkpoint(tmp_path):
     assert r.returncode == 2 and "optim.epochs" in r.stderr and "Traceback" not in r.stderr
     r = _cli("eval", str(tmp_path / "missing.pt"))
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def _write_idx(path, array):
+    """An IDX file (magic 0x0803 uint8 images / 0x0801 uint8 labels), gzip-compressed like the originals."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x0800 + array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def _fake_fashion(folder, train_labels, n_images=None):
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(train_labels) if n_images is None else n_images
+    _write_idx(folder / "train-images-idx3-ubyte.gz", np.zeros((n, 28, 28)))
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", train_labels)
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((10, 28, 28)))
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", list(range(10)))
+
+
+def test_label_out_of_range_in_data_is_one_line(tmp_path):
+    labels = [c for c in range(10) for _ in range(3)]
+    labels[4] = 12
+    _fake_fashion(tmp_path / "fm", labels)
+    cfg = dict(TINY, data={"dataset": "fashion_mnist", "data_dir": str(tmp_path / "fm"), "download": False})
+    r = _cli("train", str(_write(tmp_path, cfg)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "train-labels-idx1-ubyte.gz" in r.stderr and "12" in r.stderr
+
+
+def test_images_and_labels_of_different_length_is_one_line(tmp_path):
+    labels = [c for c in range(10) for _ in range(3)]
+    _fake_fashion(tmp_path / "fm", labels, n_images=29)
+    cfg = dict(TINY, data={"dataset": "fashion_mnist", "data_dir": str(tmp_path / "fm"), "download": False})
+    r = _cli("train", str(_write(tmp_path, cfg)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "29" in r.stderr and "30" in r.stderr
