@@ -405,3 +405,12 @@ def test_groups_must_match_the_number_of_classes() -> None:
     _, x, y, ctx = setup()
     with pytest.raises(ConfigError, match="class groups"):
         make_rule(torch.tensor([0, 1, 0]))(ctx, x, y)
+
+
+def test_spectral_grouping_without_in_memory_images_is_a_clear_error():
+    from types import SimpleNamespace
+
+    rule = GBGRule(num_groups=2, grouping="spectral")
+    view = SimpleNamespace(num_classes=3, model=torch.nn.Linear(2, 3), train_images=None)
+    with pytest.raises(ConfigError, match="in-memory"):
+        rule.compute_groups(view)

@@ -222,6 +222,11 @@ class GBGRule(UpdateRule):
         num_classes = int(view.num_classes)
         device = next(view.model.parameters()).device
         if self.grouping == "spectral":
+            if view.train_images is None:
+                raise ConfigError(
+                    "GBG's spectral grouping re-reads the un-augmented training images, which only "
+                    "in-memory datasets keep; use grouping: frequency or random for image-list datasets"
+                )
             prototypes = class_gradient_prototypes(
                 view.model,
                 getattr(view, "loss_fn", None),
