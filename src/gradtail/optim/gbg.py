@@ -308,22 +308,50 @@ class GBGRule(UpdateRule):
                 [ctx.loss_fn(zp, yp) for zp, yp in zip(z[order].split(sizes), y_parts, strict=True)]
             )
         losses = losses.to(torch.promote_types(losses.dtype, torch.float32))
+        group_grads = None
         if self.combiner == "sum":
             alpha = torch.ones_like(losses)
         elif self.combiner == "mean":
             alpha = torch.full_like(losses, 1.0 / len(sizes))
         else:
-            alpha = self._mgda_weights(ctx, h, order, sizes, y_parts)
+            alpha, group_grads = self._mgda_weights(ctx, h, order, sizes, y_parts)
         alpha = alpha.detach().to(losses.dtype)
         self.last_alpha = alpha
         total = (alpha * losses).sum()
-        if ctx.regularizer is not None and ctx.epoch >= ctx.regularizer.start_epoch:
+        regularized = ctx.regularizer is not None and ctx.epoch >= ctx.regularizer.start_epoch
+        if regularized:
             with ctx.autocast():
                 total = total + ctx.regularizer(h, z, targets, total, ctx.model)
-        ctx.backward(total)
+        if group_grads is not None and self.params == "backbone" and not regularized and not is_distributed():
+            self._backward_reusing_group_gradients(ctx, total, alpha, group_grads)
+        else:
+            ctx.backward(total)
         return StepOutput(
             loss=total.detach(), logits=z.detach(), extras={"groups_present": float(len(sizes))}
         )
+
+    def _backward_reusing_group_gradients(
+        self, ctx: StepContext, total: torch.Tensor, alpha: torch.Tensor, group_grads: torch.Tensor
+    ) -> None:
+        """The final backward without a second pass through the backbone.
+
+        The backbone gradient of sum_g alpha_g L_g is sum_g alpha_g G_g, and the G_g (raw, scaled like
+        the loss under fp16) are already computed for the Gram matrix; only the head needs a backward,
+        which autograd restricts to the classifier (and the observers' hooks on the logits fire in it).
+        Used when the shared parameters are the whole backbone and no regularizer or DDP reduction needs
+        the ordinary backward.
+        """
+        model = _unwrap(ctx.model)
+        combined = alpha.to(group_grads.dtype) @ group_grads
+        offset = 0
+        for p in self._shared(model):
+            g = combined[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+            p.grad = g if p.grad is None else p.grad + g
+        head = [p for p in model.classifier.parameters() if p.requires_grad]
+        scaled = ctx.scaler.scale(total) if ctx.scaler is not None else total
+        for p, g in zip(head, torch.autograd.grad(scaled, head), strict=True):
+            p.grad = g if p.grad is None else p.grad + g
 
     def _plain(self, ctx: StepContext, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """One group (or none yet): alpha = [1], the plain base-loss step (gbg.md §5: never crash)."""
@@ -339,8 +367,9 @@ class GBGRule(UpdateRule):
         order: torch.Tensor,
         sizes: list[int],
         y_parts: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        """alpha from the normalised Gram matrix of the group gradients (gbg.md §2.2-2.4), on the device."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha from the normalised Gram matrix of the group gradients (gbg.md §2.2-2.4), on the device,
+        and the raw group gradients (k, D) themselves, which the final backward can reuse."""
         model = _unwrap(ctx.model)
         shared: list[torch.Tensor] = [h] if self.params == "features" else self._shared(model)
         with ctx.autocast():
@@ -357,7 +386,6 @@ class GBGRule(UpdateRule):
             )
             torch.cat([g.reshape(-1).to(dtype) for g in grads], out=flat[i])
         gram = flat @ flat.T
-        del flat
         if self.normalization == "none":
             scale = torch.ones(len(sizes), device=gram.device, dtype=dtype)
         else:
@@ -366,7 +394,7 @@ class GBGRule(UpdateRule):
                 loss_values = torch.stack([lg.detach().to(dtype) for lg in group_losses])
                 scale = scale / loss_values.clamp_min(self.eps)
         gram = gram * scale[:, None] * scale[None, :]
-        return min_norm_weights(gram, max_iter=self.max_iter, tol=self.tol)
+        return min_norm_weights(gram, max_iter=self.max_iter, tol=self.tol), flat
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
