@@ -6,6 +6,8 @@ process group is initialized, so single-process code never needs a special case 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -21,6 +23,31 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def local_rank() -> int:
+    """This process's index on its machine (torchrun's LOCAL_RANK), 0 when not launched by torchrun."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_from_environment() -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1) initialise the default process group once: NCCL with one
+    GPU per local rank when CUDA is available, gloo on CPU. Returns whether the run is distributed."""
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+    return True
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

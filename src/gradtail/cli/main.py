@@ -17,7 +17,18 @@ from gradtail.errors import GradtailError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from gradtail.distributed import init_from_environment, shutdown
+
+    init_from_environment()  # under torchrun: one process per device, DDP, every statistic synced
+    try:
+        return _train(args)
+    finally:
+        shutdown()
+
+
+def _train(args: argparse.Namespace) -> int:
     from gradtail.config import load_config
+    from gradtail.distributed import is_main_process, world_size
     from gradtail.engine.trainer import Trainer
     from gradtail.report import format_table, run_rows
 
@@ -27,20 +38,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides.append("train.progress=false")
     cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, verbose=is_main_process())
+    say = print if is_main_process() else (lambda *a, **k: None)
     counts = trainer.data.class_counts
-    print(
+    say(
         f"gradtail: run {cfg.name!r} -> {trainer.out} (config {cfg.hash()}, "
-        f"subset {trainer.data.split.sha256[:12]}, {sum(counts)} train images, counts {counts})",
+        f"subset {trainer.data.sha256[:12]}, {sum(counts)} train images, {world_size()} process(es)), "
+        f"counts {counts}",
         flush=True,
     )
     final = trainer.fit(resume=args.resume or False, stop_after=args.stop_after)
     if "last_epoch" not in final:
-        print(f"gradtail: stopped after epoch {trainer.epoch}; resume with --resume")
+        say(f"gradtail: stopped after epoch {trainer.epoch}; resume with --resume")
         return 0
-    print()
-    print(format_table(run_rows(final, cfg.name)))
-    print(f"\ntraining time {final['train_seconds']:.1f}s; results in {trainer.out / 'final.json'}")
+    say()
+    say(format_table(run_rows(final, cfg.name)))
+    say(f"\ntraining time {final['train_seconds']:.1f}s; results in {trainer.out / 'final.json'}")
     return 0
 
 

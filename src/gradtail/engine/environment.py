@@ -17,7 +17,11 @@ import gradtail
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from gradtail.distributed import is_distributed, local_rank
+
+        return torch.device("cuda", local_rank()) if is_distributed() else torch.device("cuda")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         from gradtail.errors import ConfigError
