@@ -1,18 +1,22 @@
 """A small CNN for 28x28 (Fashion-MNIST) or 32x32 inputs: the CPU-scale benchmark's model (protocol.md §3).
 
 Four 3x3 conv + BN + ReLU layers (widths w, w, 2w, 2w by default w=32), max-pool after the 2nd and 4th,
-then global average pooling to a 2w-d feature.
+then global average pooling to a 2w-d feature. ``norm="none"`` replaces conv + BN by conv with bias: no
+batch statistics, so a multi-process step equals the single-process step exactly (DDP tests).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from gradtail.errors import ConfigError
 from gradtail.models.base import LongTailClassifier
 from gradtail.models.registry import register_model
 
 
-def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+def _conv_bn(cin: int, cout: int, norm: str) -> list[nn.Module]:
+    if norm == "none":  # no batch statistics: a multi-process step equals the single-process step exactly
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=True), nn.ReLU(inplace=True)]
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
@@ -24,15 +28,18 @@ class SmallCNN(LongTailClassifier):
         width: int = 32,
         head: str = "linear",
         head_scale: float = 16.0,
+        norm: str = "batch",
     ) -> None:
         super().__init__()
+        if norm not in ("batch", "none"):
+            raise ConfigError(f"small_cnn: norm must be 'batch' or 'none', got {norm!r}")
         w = width
         self.backbone = nn.Sequential(
-            *_conv_bn(in_channels, w),
-            *_conv_bn(w, w),
+            *_conv_bn(in_channels, w, norm),
+            *_conv_bn(w, w, norm),
             nn.MaxPool2d(2),
-            *_conv_bn(w, 2 * w),
-            *_conv_bn(2 * w, 2 * w),
+            *_conv_bn(w, 2 * w, norm),
+            *_conv_bn(2 * w, 2 * w, norm),
             nn.MaxPool2d(2),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
@@ -46,6 +53,11 @@ class SmallCNN(LongTailClassifier):
 
 @register_model("small_cnn")
 def small_cnn(
-    num_classes: int, in_channels: int = 1, width: int = 32, head: str = "linear", head_scale: float = 16.0
+    num_classes: int,
+    in_channels: int = 1,
+    width: int = 32,
+    head: str = "linear",
+    head_scale: float = 16.0,
+    norm: str = "batch",
 ) -> SmallCNN:
-    return SmallCNN(num_classes, in_channels, width, head, head_scale)
+    return SmallCNN(num_classes, in_channels, width, head, head_scale, norm)
