@@ -2,8 +2,9 @@
 
 The real Trainer in each process (DDP, rank slices of one global order); a model without batch
 statistics (``small_cnn`` with ``norm: none``) so that "exactly" is meaningful. After two epochs the
-parameters match to float tolerance, and the losses' statistics (Softmax-EQL, GALA, Seesaw) and the
-diagnostics observer are identical across ranks and equal to the single-process values.
+parameters match to float tolerance, and the losses' statistics (Softmax-EQL, GALA, Seesaw), the
+diagnostics observer and GBG's min-norm weights are identical across ranks and equal to the
+single-process values.
 """
 
 import copy
@@ -32,9 +33,14 @@ BASE = {
 }  # fmt: skip
 
 
-def _config(loss: str, batch_size: int):
+def _config(method: str, batch_size: int):
     cfg = copy.deepcopy(BASE)
-    cfg["loss"] = {"name": loss}
+    if method.startswith("gbg"):  # GBG over CE: 4 classes in 2 spectral groups, grouped at init
+        combiner = method.split("_")[1]
+        cfg["loss"] = {"name": "ce"}
+        cfg["update_rule"] = {"name": "gbg", "params": {"num_groups": 2, "combiner": combiner}}
+    else:
+        cfg["loss"] = {"name": method}
     cfg["optim"]["batch_size"] = batch_size
     return config_from_dict(cfg)
 
@@ -46,6 +52,7 @@ def _state(trainer: Trainer) -> dict:
             k: v.clone() for k, v in trainer.loss_fn.state_dict().items() if isinstance(v, torch.Tensor)
         },
         "diag": trainer.diagnostics.stats.pos.clone(),
+        "alpha": getattr(trainer.update_rule, "last_alpha", None),
     }
 
 
@@ -60,7 +67,7 @@ def _worker(rank: int, tmp: str, loss: str) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("loss", ["softmax_eql", "gala", "seesaw"])
+@pytest.mark.parametrize("loss", ["softmax_eql", "gala", "seesaw", "gbg_mgda", "gbg_sum"])
 def test_two_processes_equal_one_process(tmp_path, loss):
     mp.spawn(_worker, args=(str(tmp_path), loss), nprocs=2, join=True)
     one = Trainer(_config(loss, 16), output_dir=tmp_path / "one", verbose=False)
@@ -72,7 +79,12 @@ def test_two_processes_equal_one_process(tmp_path, loss):
             got[0]["params"][k], got[1]["params"][k], rtol=0, atol=0
         )  # DDP keeps ranks equal
         torch.testing.assert_close(got[0]["params"][k], v, rtol=1e-5, atol=1e-6)
-    assert want["loss"], f"{loss} keeps statistics buffers"
+    if loss.startswith("gbg"):  # the min-norm weights of the last step, over the global batch
+        assert want["alpha"] is not None and want["alpha"].numel() == 2
+        torch.testing.assert_close(got[0]["alpha"], got[1]["alpha"], rtol=0, atol=0)
+        torch.testing.assert_close(got[0]["alpha"].float(), want["alpha"].float(), rtol=1e-4, atol=1e-5)
+    else:
+        assert want["loss"], f"{loss} keeps statistics buffers"
     for k, v in want["loss"].items():
         torch.testing.assert_close(got[0]["loss"][k], got[1]["loss"][k], rtol=0, atol=0)
         torch.testing.assert_close(got[0]["loss"][k], v, rtol=1e-6, atol=1e-9)  # float32 logits

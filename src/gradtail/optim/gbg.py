@@ -48,7 +48,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gradtail.distributed import broadcast_, is_distributed
+from gradtail.distributed import all_reduce_sum_, broadcast_, is_distributed, world_size
 from gradtail.engine.interfaces import StepContext, StepOutput, UpdateRule
 from gradtail.errors import ConfigError
 from gradtail.gradstats import GradientStatistics
@@ -296,6 +296,8 @@ class GBGRule(UpdateRule):
                 raise ConfigError(f"gbg: {self.groups.numel()} class groups for a {z.shape[-1]}-class model")
             self._device_groups = self.groups.to(targets.device)
         group_of = self._device_groups[targets]
+        if is_distributed():
+            return self._distributed_step(ctx, h, z, targets, group_of)
         counts = torch.bincount(group_of, minlength=self.num_groups_used).tolist()  # the one host read
         sizes = [n for n in counts if n > 0]
         if len(sizes) <= 1:
@@ -353,6 +355,81 @@ class GBGRule(UpdateRule):
         for p, g in zip(head, torch.autograd.grad(scaled, head), strict=True):
             p.grad = g if p.grad is None else p.grad + g
 
+    def _distributed_step(
+        self,
+        ctx: StepContext,
+        h: torch.Tensor,
+        z: torch.Tensor,
+        targets: torch.Tensor,
+        group_of: torch.Tensor,
+    ) -> StepOutput:
+        """GBG over the *global* batch under DDP, so alpha is the same on every rank and equals the
+        single-process alpha for the same global batch.
+
+        Rank r holds S_rg, the sum of its base losses in group g; with N_g the global group size,
+        L_g = sum_r S_rg / N_g. Counts, the loss values and the group gradients of S_rg / N_g are
+        SUM-all-reduced (one collective each, every rank reaching them in the same order), every rank
+        solves the same min-norm problem, and each rank backpropagates world * sum_g alpha_g S_rg / N_g,
+        which DDP's gradient mean turns into the gradient of sum_g alpha_g L_g.
+        """
+        model = _unwrap(ctx.model)
+        world = world_size()
+        counts = torch.bincount(group_of, minlength=self.num_groups_used).to(torch.float64)
+        global_counts = all_reduce_sum_(counts.clone())
+        present = [g for g, n in enumerate(global_counts.tolist()) if n > 0]  # the one host read
+        if len(present) <= 1:
+            return self._plain(ctx, h, z, targets)
+
+        def local_terms(logits: torch.Tensor) -> list[torch.Tensor | None]:
+            terms: list[torch.Tensor | None] = []
+            for g in present:
+                mask = group_of == g
+                n_local = int(counts[g])
+                if n_local == 0:
+                    terms.append(None)
+                    continue
+                with ctx.autocast():
+                    mean = ctx.loss_fn(logits[mask], targets[mask])
+                terms.append(mean.float() * (n_local / float(global_counts[g])))  # S_rg / N_g
+            return terms
+
+        terms = local_terms(z)
+        values = torch.stack(
+            [t.detach() if t is not None else z.new_zeros((), dtype=torch.float32) for t in terms]
+        )
+        loss_values = all_reduce_sum_(values.to(torch.float64).clone())  # L_g, identical on every rank
+        if self.combiner == "sum":
+            alpha = torch.ones(len(present), dtype=torch.float64, device=z.device)
+        elif self.combiner == "mean":
+            alpha = torch.full((len(present),), 1.0 / len(present), dtype=torch.float64, device=z.device)
+        else:
+            shared: list[torch.Tensor] = [h] if self.params == "features" else self._shared(model)
+            dim = sum(t.numel() for t in shared)
+            flat = torch.zeros(len(present), dim, device=h.device, dtype=torch.float64)
+            # a hook-free second application of the classifier: observers see only the final backward
+            for i, term in enumerate(local_terms(model.classifier(h))):
+                if term is None:
+                    continue
+                grads = torch.autograd.grad(term, shared, retain_graph=True, allow_unused=True,
+                                            materialize_grads=True)  # fmt: skip
+                torch.cat([g.reshape(-1).to(torch.float64) for g in grads], out=flat[i])
+            all_reduce_sum_(flat)  # global group gradients G_g
+            alpha = self._solve(flat, loss_values)
+        alpha = alpha.detach()
+        self.last_alpha = alpha.to(torch.float32)
+        local = sum(
+            (float(world) * a.to(t.dtype) * t for a, t in zip(alpha, terms, strict=True) if t is not None),
+            z.new_zeros((), dtype=torch.float32),
+        )
+        if ctx.regularizer is not None and ctx.epoch >= ctx.regularizer.start_epoch:
+            with ctx.autocast():
+                local = local + ctx.regularizer(h, z, targets, local, ctx.model)
+        ctx.backward(local)
+        total = (alpha * loss_values).sum()
+        return StepOutput(
+            loss=total.detach(), logits=z.detach(), extras={"groups_present": float(len(present))}
+        )
+
     def _plain(self, ctx: StepContext, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """One group (or none yet): alpha = [1], the plain base-loss step (gbg.md §5: never crash)."""
         loss = ctx.criterion(h, z, y)
@@ -385,16 +462,20 @@ class GBGRule(UpdateRule):
                 scaled, shared, retain_graph=True, allow_unused=True, materialize_grads=True
             )
             torch.cat([g.reshape(-1).to(dtype) for g in grads], out=flat[i])
+        loss_values = torch.stack([lg.detach().to(dtype) for lg in group_losses])
+        return self._solve(flat, loss_values), flat
+
+    def _solve(self, flat: torch.Tensor, loss_values: torch.Tensor) -> torch.Tensor:
+        """Min-norm weights of the normalised group gradients (gbg.md §2.3-2.4) from their Gram matrix."""
         gram = flat @ flat.T
         if self.normalization == "none":
-            scale = torch.ones(len(sizes), device=gram.device, dtype=dtype)
+            scale = torch.ones(flat.shape[0], device=gram.device, dtype=gram.dtype)
         else:
             scale = 1.0 / torch.diagonal(gram).clamp_min(0.0).sqrt().clamp_min(self.eps)
             if self.normalization == "loss+":
-                loss_values = torch.stack([lg.detach().to(dtype) for lg in group_losses])
-                scale = scale / loss_values.clamp_min(self.eps)
+                scale = scale / loss_values.to(gram.dtype).clamp_min(self.eps)
         gram = gram * scale[:, None] * scale[None, :]
-        return min_norm_weights(gram, max_iter=self.max_iter, tol=self.tol), flat
+        return min_norm_weights(gram, max_iter=self.max_iter, tol=self.tol)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
