@@ -61,3 +61,28 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert one["last_epoch"]["top1"] > 0.6 and two["last_epoch"]["top1"] > 0.6  # chance: 0.25
     # BatchNorm sees half batches per rank, so "equal" means within noise, not to the bit
     assert abs(one["last_epoch"]["top1"] - two["last_epoch"]["top1"]) < 0.1
+
+
+@pytest.mark.distributed
+def test_resume_a_two_process_run_with_one_process(tmp_path):
+    """A checkpoint holds only global state (model, optimizer, synced statistics, history), so a run
+    started by 2 processes can be resumed by 1 (the per-process batch is the config's, so the global
+    batch changes with the world size)."""
+    import torch
+
+    cfg = dict(CONFIG, optim=dict(CONFIG["optim"], batch_size=8, epochs=3))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    common = ["-m", "gradtail", "train", str(path), "--output", str(out)]
+    r = subprocess.run([*two, *common, "--stop-after", "1"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps_after_one = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["loss"]["stats.steps"]
+    r = subprocess.run([sys.executable, *common, "--resume"], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+    final_state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert int(final_state["loss"]["stats.steps"]) > int(steps_after_one) > 0  # statistics continued
+    assert json.loads((out / "final.json").read_text())["epochs"] == 3
