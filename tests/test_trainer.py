@@ -215,3 +215,10 @@ def test_trains_on_an_image_list_dataset(tmp_path):
     assert final["last_epoch"]["num_samples"] == 6
     subset = json.loads((tmp_path / "run" / "subset.json").read_text())
     assert subset["train_images"] == 10 and len(subset["sha256"]) == 64
+
+
+def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path):
+    cfg = tiny_config(optim__epochs=1)
+    cfg.train.sync_batchnorm = True
+    with pytest.raises(ConfigError, match="sync_batchnorm needs CUDA"):
+        Trainer(cfg, output_dir=tmp_path)

@@ -115,6 +115,9 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None = leave PyTorch's default
     # Decoupled training (cRT, Kang et al. 2020): start from a stage-1 checkpoint's model, optionally
     # freeze the backbone (its BatchNorm statistics too) and re-initialise the classifier.
+    # Under torchrun on GPUs: BatchNorm statistics over the global batch (PyTorch's SyncBatchNorm is
+    # GPU-only; on CPU this setting is a configuration error).
+    sync_batchnorm: bool = False
     init_from: str | None = None
     freeze_backbone: bool = False
     reset_classifier: bool = False

@@ -95,6 +95,11 @@ class Trainer:
         ).to(self.device)
         if t.init_from:
             self._init_from_stage1(Path(t.init_from))
+        if t.sync_batchnorm:
+            if self.device.type != "cuda":
+                raise ConfigError("train.sync_batchnorm needs CUDA devices (SyncBatchNorm is GPU-only)")
+            if is_distributed():  # same Parameter objects: the optimizer built below sees them
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn = create_loss(cfg.loss.name, c, class_counts=counts, **cfg.loss.params).to(self.device)
