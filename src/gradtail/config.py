@@ -172,14 +172,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -276,6 +275,20 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def read_yaml_mapping(path: Path, what: str, where: str = "") -> dict[str, Any]:
+    """The mapping at the top of a YAML file; a missing file, invalid YAML or a non-mapping is a
+    :class:`ConfigError` naming ``what`` and the path."""
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of settings")
+    return data
+
+
 def load_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The raw mapping of a config file, with ``extends: other.yaml`` (relative to the file) resolved:
     the extended file's settings first, this file's merged on top. ``name`` defaults to the file stem."""
@@ -284,15 +297,8 @@ def load_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
         raise ConfigError(
             f"config files extend each other in a cycle: {' -> '.join(map(str, (*_seen, path)))}"
         )
-    if not path.is_file():
-        where = f" (extended by {_seen[-1]})" if _seen else ""
-        raise ConfigError(f"config file not found: {path}{where}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings")
+    where = f" (extended by {_seen[-1]})" if _seen else ""
+    data = read_yaml_mapping(path, "config file", where)
     parent = data.pop("extends", None)
     if parent is not None:
         base = load_config_dict(path.parent / str(parent), (*_seen, path))

@@ -29,9 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from gradtail.config import RunConfig, apply_overrides, config_from_dict, deep_merge, load_config_dict
+from gradtail.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    deep_merge,
+    load_config_dict,
+    read_yaml_mapping,
+)
 from gradtail.errors import ConfigError
 
 SUITE_KEYS = ("name", "description", "base", "overrides", "seeds", "methods", "published", "dataset_label")
@@ -78,14 +83,7 @@ class Suite:
 def load_suite(path: str | Path) -> Suite:
     """Load and fully validate a suite file (every run config is built and checked)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"suite file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"suite file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"suite file {path} must hold a mapping")
+    raw = read_yaml_mapping(path, "suite file")
     unknown = set(raw) - set(SUITE_KEYS)
     if unknown:
         raise ConfigError(f"unknown suite key(s) {sorted(unknown)} in {path}; valid: {', '.join(SUITE_KEYS)}")
