@@ -10,12 +10,11 @@ and the final accuracy as JSON. ``--compile`` adds ``torch.compile`` of the back
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+from bench_output import write_result
 
 from gradtail.config import load_config
 from gradtail.engine.environment import environment_info
@@ -49,10 +48,7 @@ def main() -> None:
         "top1": final["last_epoch"]["top1"],
         "environment": environment_info(trainer.device),
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=2))
+    write_result(result, args.output)
 
 
 if __name__ == "__main__":

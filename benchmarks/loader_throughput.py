@@ -9,11 +9,10 @@ the ratio: the share of a training step spent producing its batch. Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from bench_output import write_result
 
 from gradtail.config import DataConfig
 from gradtail.data.builder import build_data
@@ -106,10 +105,7 @@ def main() -> None:
         "data_share_of_step": loader_s / (loader_s + step_s),
         "environment": environment_info(device),
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=2))
+    write_result(result, args.output)
 
 
 if __name__ == "__main__":

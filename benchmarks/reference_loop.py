@@ -13,15 +13,14 @@ Fashion-MNIST subset in the same process, alternating, and the figure is the rat
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_output import write_result
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -126,10 +125,7 @@ def main() -> None:
         "note": "same model, batch, optimizer; neither side runs the gradient-ratio diagnostics",
         "environment": environment_info(trainer.device),
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "environment"}, indent=2))
+    write_result(result, args.output)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ the ratio to ``ce`` measured in the same rounds. GBG's one-off grouping is timed
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from bench_output import write_result
 
 from gradtail.bench import load_suite
 from gradtail.config import apply_overrides, config_from_dict
@@ -111,9 +111,7 @@ def main() -> None:
         "methods": rows,
         "environment": environment_info(device),
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_result(result, args.output, echo=False)
     width = max(len(n) for n in rows)
     print(f"{'method'.ljust(width)}  ms/step  x {args.baseline}  (min-max over rounds)")
     for name, r in rows.items():
