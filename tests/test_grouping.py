@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,11 @@ from torch import nn
 from gradtail.errors import InputError
 from gradtail.models.base import LongTailClassifier
 from gradtail.optim.grouping import (
+    CountSketch,
     GaussianSketch,
+    PrototypeAccumulator,
     class_gradient_prototypes,
+    create_sketch,
     frequency_groups,
     random_groups,
     spectral_groups,
@@ -131,6 +135,78 @@ def test_sketch_single_chunk_is_cached_and_linear() -> None:
         sketch(torch.randn(49))
 
 
+def count_sketch_matrix(sketch: CountSketch) -> torch.Tensor:
+    """S (k, D) materialised by sketching the identity's rows."""
+    return sketch(torch.eye(sketch.dim)).T
+
+
+@pytest.mark.parametrize("nnz", [1, 3])
+def test_count_sketch_matrix_has_nnz_signed_entries_per_column(nnz: int) -> None:
+    sketch = CountSketch(300, 20, seed=4, nnz=nnz, chunk_elems=70)  # five chunks, cached
+    s_mat = count_sketch_matrix(sketch)
+    assert s_mat.shape == (20, 300)
+    # Each column: nnz entries of +-1/sqrt(nnz) (two hashes may share a bucket: then 0 or +-2/sqrt(nnz)).
+    col_abs_sum = s_mat.abs().sum(dim=0) * np.sqrt(nnz)
+    assert torch.all(col_abs_sum <= nnz + 1e-5)
+    values = set(np.round(s_mat[s_mat != 0].abs().numpy() * np.sqrt(nnz), 5).tolist())
+    assert values <= {1.0, 2.0}
+    if nnz == 1:
+        assert torch.allclose(col_abs_sum, torch.ones(300))
+    x = torch.randn(4, 300)
+    assert torch.allclose(sketch(x), x @ s_mat.T, atol=1e-5)  # y = S x
+    uncached = CountSketch(300, 20, seed=4, nnz=nnz, chunk_elems=70, cache_elems=0)
+    assert torch.equal(uncached(x), sketch(x))  # regenerated chunks are the same map
+    assert not torch.equal(CountSketch(300, 20, seed=5, nnz=nnz, chunk_elems=70)(x), sketch(x))
+
+
+def test_count_sketch_is_unbiased_for_inner_products() -> None:
+    """E[<Sx, Sy>] = <x, y>: averaged over 400 seeds, within 4 standard errors."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200), torch.randn(200)
+    y = y + 0.5 * x
+    est = torch.tensor(
+        [float(CountSketch(200, 16, seed=s)(x) @ CountSketch(200, 16, seed=s)(y)) for s in range(400)]
+    )
+    sem = est.std() / np.sqrt(est.numel())
+    assert abs(float(est.mean()) - float(x @ y)) < 4 * float(sem)
+
+
+def test_count_sketch_preserves_cosines() -> None:
+    torch.manual_seed(0)
+    base = torch.randn(20000)
+    x = torch.stack([base + s * torch.randn(20000) for s in (0.0, 0.5, 1.0, 3.0)] + [torch.randn(20000)])
+    y = CountSketch(20000, 1024, seed=7, nnz=2, chunk_elems=6000)(x)
+    cos_x = F.cosine_similarity(x[:, None], x[None], dim=2)
+    cos_y = F.cosine_similarity(y[:, None], y[None], dim=2)
+    assert (cos_x - cos_y).abs().max() < 0.1
+    with pytest.raises(InputError):
+        create_sketch("dense", 10, 2)
+    with pytest.raises(InputError):
+        CountSketch(10, 2)(torch.randn(9))
+
+
+def test_prototype_accumulator_means_blocks_and_order_check() -> None:
+    torch.manual_seed(0)
+    grads = {c: [torch.randn(7) for _ in range(c + 1)] for c in range(5)}
+    sketch = GaussianSketch(7, 3, seed=0)
+    for proj in (None, sketch):
+        acc = PrototypeAccumulator(6, 7, proj, class_block=2)
+        for c in (0, 1, 2, 4, 3):  # class 5 never added: zero row
+            for g in grads[c]:
+                acc.add(c, [g[:3], g[3:]])  # per-parameter pieces
+            acc.end_class(c, len(grads[c]))
+        means = torch.stack([torch.stack(grads[c]).mean(0) for c in range(5)] + [torch.zeros(7)])
+        expected = means if proj is None else proj(means)
+        assert torch.allclose(acc.result(), expected, atol=1e-5)
+    acc = PrototypeAccumulator(3, 7, sketch, class_block=3)
+    acc.add(0, torch.ones(7))
+    acc.end_class(0, 1)
+    with pytest.raises(InputError, match="already finished"):
+        acc.add(0, torch.ones(7))
+    with pytest.raises(InputError, match="expected 7"):
+        acc.add(1, torch.ones(6))
+
+
 # ------------------------------------------------------------------ prototypes
 def test_prototypes_match_per_sample_reference_and_restore_state() -> None:
     torch.manual_seed(0)
@@ -154,12 +230,14 @@ def test_sketched_prototypes_equal_sketch_of_full() -> None:
     model = TinyNet(opposite=False)
     images, labels = two_direction_data(per_class=4)
     full = class_gradient_prototypes(model, None, images, labels, 6, batch_size=5, transform=to_float)
-    sk = class_gradient_prototypes(
-        model, None, images, labels, 6, batch_size=5, sketch_dim=16, seed=3, transform=to_float, class_block=4
-    )
-    assert sk.shape == (6, 16)
-    expected = GaussianSketch(full.shape[1], 16, seed=3)(full)
-    assert torch.allclose(sk, expected, atol=1e-5)
+    for kind in ("gaussian", "count"):
+        sk = class_gradient_prototypes(
+            model, None, images, labels, 6, batch_size=5, sketch_dim=16, seed=3, transform=to_float,
+            class_block=4, sketch=kind,
+        )  # fmt: skip
+        assert sk.shape == (6, 16)
+        expected = create_sketch(kind, full.shape[1], 16, seed=3)(full)
+        assert torch.allclose(sk, expected, atol=1e-5)
 
 
 def test_prototypes_use_given_loss_and_check_labels() -> None:

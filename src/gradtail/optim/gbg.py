@@ -54,6 +54,7 @@ from gradtail.errors import ConfigError
 from gradtail.gradstats import GradientStatistics
 from gradtail.optim import register_update_rule
 from gradtail.optim.grouping import (
+    SKETCHES,
     class_gradient_prototypes,
     frequency_groups,
     random_groups,
@@ -143,13 +144,17 @@ class GBGRule(UpdateRule):
         combiner: ``mgda`` (default), ``sum`` or ``mean`` (gbg.md §2, ablation combiners).
         params: ``backbone`` (default), ``last_layer`` or ``features``; see the module docstring.
         sketch_dim: random-projection dimension of the grouping prototypes (``None``: full gradients).
+        sketch: ``count`` (sparse CountSketch, O(D) per class; default) or ``gaussian`` (dense JL).
         seed: seed of the sketch and of the ``random`` grouping.
         batch_size: batch size of the grouping pass.
         max_iter, tol: bounds of the min-norm solver (gbg.md §2.4).
         eps: floor of the norms and losses in the normalisation.
     """
 
-    report_note = "GBG runs here without the BCL term of the released code (gbg.md §3)."
+    report_note = (
+        "GBG (gbg.md): the BCL term of the released code is the separate `bcl` regularizer; a run "
+        "without it balances the base loss alone."
+    )
 
     def __init__(
         self,
@@ -160,6 +165,7 @@ class GBGRule(UpdateRule):
         combiner: str = "mgda",
         params: str = "backbone",
         sketch_dim: int | None = None,
+        sketch: str = "count",
         seed: int = 0,
         batch_size: int = 256,
         max_iter: int = 250,
@@ -173,6 +179,7 @@ class GBGRule(UpdateRule):
             ("normalization", normalization, NORMALIZATIONS),
             ("combiner", combiner, COMBINERS),
             ("params", params, PARAM_MODES),
+            ("sketch", sketch, SKETCHES),
         ):
             if value not in valid:
                 raise ConfigError(f"gbg: {name} must be one of {', '.join(valid)}; got {value!r}")
@@ -188,6 +195,7 @@ class GBGRule(UpdateRule):
         self.combiner = combiner
         self.params = params
         self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
+        self.sketch = sketch
         self.seed = int(seed)
         self.batch_size = int(batch_size)
         self.max_iter = int(max_iter)
@@ -235,6 +243,7 @@ class GBGRule(UpdateRule):
                 num_classes,
                 batch_size=self.batch_size,
                 sketch_dim=self.sketch_dim,
+                sketch=self.sketch,
                 seed=self.seed,
                 device=device,
                 transform=view.normalize,
@@ -320,10 +329,10 @@ class GBGRule(UpdateRule):
         alpha = alpha.detach().to(losses.dtype)
         self.last_alpha = alpha
         total = (alpha * losses).sum()
-        regularized = ctx.regularizer is not None and ctx.epoch >= ctx.regularizer.start_epoch
-        if regularized:
-            with ctx.autocast():
-                total = total + ctx.regularizer(h, z, targets, total, ctx.model)
+        term = ctx.regularize(h, z, targets, total)
+        regularized = term is not None
+        if term is not None:
+            total = total + term
         if group_grads is not None and self.params == "backbone" and not regularized and not is_distributed():
             self._backward_reusing_group_gradients(ctx, total, alpha, group_grads)
         else:
@@ -421,9 +430,9 @@ class GBGRule(UpdateRule):
             (float(world) * a.to(t.dtype) * t for a, t in zip(alpha, terms, strict=True) if t is not None),
             z.new_zeros((), dtype=torch.float32),
         )
-        if ctx.regularizer is not None and ctx.epoch >= ctx.regularizer.start_epoch:
-            with ctx.autocast():
-                local = local + ctx.regularizer(h, z, targets, local, ctx.model)
+        term = ctx.regularize(h, z, targets, local)
+        if term is not None:
+            local = local + term
         ctx.backward(local)
         total = (alpha * loss_values).sum()
         return StepOutput(
