@@ -33,6 +33,12 @@ class AugmentConfig:
     cutout: int = 0  # Cutout hole side in pixels, after AutoAugment and before normalisation; 0 = off
     mean: list[float] | None = None  # per-channel; None = the dataset's standard statistics
     std: list[float] | None = None
+    # Extra SimCLR-style views per training image for contrastive terms (BCL, gbg.md §3); 0 = none.
+    views: int = 0
+    view_crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    view_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # b, c, s, hue
+    view_jitter_p: float = 0.8
+    view_grayscale_p: float = 0.2
 
 
 @dataclass

@@ -64,6 +64,23 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_gradients_(params: list[torch.nn.Parameter]) -> None:
+    """Average ``.grad`` of ``params`` over ranks in one collective (parameters outside the DDP model,
+    e.g. a regularizer's projection heads). A parameter without a gradient contributes zeros, so every
+    rank reaches the collective with the same tensor; a no-op without a process group."""
+    if not is_distributed() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(world_size())
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Broadcast ``tensor`` in place from rank ``src``; a no-op without a process group."""
     if is_distributed():

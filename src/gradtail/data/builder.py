@@ -132,13 +132,30 @@ class DataBundle:
         """Stored uint8 images -> model input without augmentation (GBG's grouping pass)."""
         return self.augment.normalize(x)
 
+    def view_augment(self) -> tuple[Any, int]:
+        """(view transform, views per image) for contrastive terms; (None, 0) when ``augment.views`` is 0."""
+        a = self.augment_cfg
+        if a is None or a.views == 0:
+            return None, 0
+        if a.views < 0:
+            raise ConfigError(f"data.augment.views must be >= 0, got {a.views}")
+        from gradtail.data.contrastive_views import SimCLRViews
+
+        views = SimCLRViews(
+            scale=a.view_crop_scale, jitter=a.view_jitter, jitter_p=a.view_jitter_p,
+            grayscale_p=a.view_grayscale_p, hflip=a.hflip,
+        )  # fmt: skip
+        return views, int(a.views)
+
     def train_loader(
         self, cfg: RunConfig, sampler: object, device: torch.device, rank: int, world: int
     ) -> BatchLoader:
+        views, num_views = self.view_augment()
         return BatchLoader(
             self.train.images, self.train.labels, cfg.optim.batch_size, self.augment, sampler=sampler,
             train=True, drop_last=cfg.optim.drop_last, seed=cfg.train.seed, device=device,
-            channels_last=cfg.train.channels_last, rank=rank, world_size=world,
+            channels_last=cfg.train.channels_last, rank=rank, world_size=world, views=views,
+            num_views=num_views,
         )  # fmt: skip
 
     def eval_loader(self, split: str, cfg: RunConfig, device: torch.device) -> Any:
@@ -257,6 +274,11 @@ class ImageListBundle:
     ) -> Any:
         from gradtail.data.image_list import ImageListLoader
 
+        if cfg.data.augment.views:
+            raise ConfigError(
+                "data.augment.views (contrastive views, e.g. for the BCL term) needs an in-memory dataset "
+                f"(fashion_mnist, cifar10/100, synthetic); {self.name} streams images from list files"
+            )
         return ImageListLoader(
             self.train, cfg.optim.batch_size, sampler=sampler, train=True, drop_last=cfg.optim.drop_last,
             seed=cfg.train.seed, device=device, num_workers=self.cfg.num_workers,

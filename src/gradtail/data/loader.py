@@ -97,6 +97,10 @@ class BatchLoader:
         drop_last: drop the last partial batch.
         seed: seeds the augmentation stream together with the epoch.
         rank, world_size: this process's share under multi-process training.
+        views, num_views: a uint8 -> uint8 view transform (e.g.
+            :class:`~gradtail.data.contrastive_views.SimCLRViews`) and how many extra views of each
+            training image to make from the stored (un-augmented) images; with ``num_views > 0`` a training
+            batch is ``(x, y, v)``, v the normalised views stacked view-major into (num_views * B, C, H, W).
     """
 
     def __init__(
@@ -113,6 +117,8 @@ class BatchLoader:
         channels_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        views: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
+        num_views: int = 0,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ConfigError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -132,6 +138,10 @@ class BatchLoader:
         self.channels_last = channels_last
         self.rank = rank
         self.world_size = world_size
+        if num_views < 0 or (num_views > 0 and views is None):
+            raise ConfigError(f"num_views={num_views} needs a view transform and must be >= 0")
+        self.views = views
+        self.num_views = int(num_views) if train else 0
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -155,7 +165,7 @@ class BatchLoader:
             return len(range(self.rank, n, self.world_size))
         return int(self.sampler.num_samples_per_rank(self.world_size))  # type: ignore[attr-defined]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         order = self._order()
         gen = None
         if self.train:
@@ -165,8 +175,16 @@ class BatchLoader:
         stop = n - n % self.batch_size if self.drop_last else n
         for start in range(0, stop, self.batch_size):
             idx = order[start : start + self.batch_size]
-            x = self.images.index_select(0, idx)
-            x = self.augment(x, gen) if self.train else self.augment.normalize(x)
+            raw = self.images.index_select(0, idx)
+            x = self.augment(raw, gen) if self.train else self.augment.normalize(raw)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels.index_select(0, idx)
+            y = self.labels.index_select(0, idx)
+            if self.num_views == 0:
+                yield x, y
+                continue
+            assert self.views is not None
+            v = torch.cat([self.augment.normalize(self.views(raw, gen)) for _ in range(self.num_views)])
+            if self.channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+            yield x, y, v

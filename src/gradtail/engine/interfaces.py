@@ -21,15 +21,28 @@ from torch import nn
 
 
 class Regularizer(nn.Module):
-    """A penalty computed from one forward pass, added to the loss before the single backward.
+    """A term computed from one forward pass, added to the loss before the single backward.
 
-    ``forward(features, logits, targets, loss, model) -> scalar``. ``loss`` is the base loss of this step
-    (attached to the graph), so a regularizer can take ``autograd.grad(loss, logits, create_graph=True)``
-    to get the base loss's gradient at the raw logits without calling a (possibly stateful) loss again.
-    ``start_epoch``: the trainer adds the term only from this epoch on.
+    ``forward(features, logits, targets, loss, model, view_features=None) -> scalar``. ``loss`` is the base
+    loss of this step (attached to the graph), so a regularizer can take
+    ``autograd.grad(loss, logits, create_graph=True)`` to get the base loss's gradient at the raw logits
+    without calling a (possibly stateful) loss again.
+
+    - ``start_epoch``: the trainer adds the term only from this epoch on.
+    - ``num_views``: extra augmented views of each image the term needs (contrastive terms such as BCL);
+      the data config must produce exactly that many (``data.augment.views``). Their backbone features
+      come from the same forward as the batch's (one pass over [x; views]) as ``view_features``,
+      (num_views * B, feature_dim), view-major.
+    - :meth:`setup` is called once by the trainer, before the optimizer is built, with the model: a term
+      with its own parameters (projection heads) creates them there; they are trained with the model,
+      checkpointed with the term's ``state_dict``, and averaged over processes under DDP.
     """
 
     start_epoch: int = 0
+    num_views: int = 0
+
+    def setup(self, model: nn.Module, num_classes: int) -> None:
+        return None
 
     def forward(  # pragma: no cover - interface
         self,
@@ -38,6 +51,7 @@ class Regularizer(nn.Module):
         targets: torch.Tensor,
         loss: torch.Tensor,
         model: nn.Module,
+        view_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -63,9 +77,13 @@ class StepContext:
     """Everything an update rule may use for one step; built by the trainer.
 
     ``forward(x)`` runs the model under the run's autocast setting, returns (features, logits) and lets
-    observers see the logits. ``criterion(features, logits, targets)`` is the base loss plus the
-    regularizer (if active). ``backward(loss)`` is scaler-aware (fp16) and accumulates into ``.grad``.
-    The trainer zeroes gradients before the rule and calls ``optimizer.step()`` after it.
+    observers see the logits; with ``views`` (the batch's extra views, (V * B, C, H, W)) the backbone runs
+    once over [x; views], ``forward`` still returns the batch's own (features, logits) and keeps the views'
+    features in ``view_features`` for the regularizer. ``regularize(features, logits, targets, loss)`` is
+    the active regularizer's term (``None`` when there is none or it has not started);
+    ``criterion(features, logits, targets)`` is the base loss plus that term. ``backward(loss)`` is
+    scaler-aware (fp16) and accumulates into ``.grad``. The trainer zeroes gradients before the rule and
+    calls ``optimizer.step()`` after it.
     """
 
     model: nn.Module
@@ -77,16 +95,23 @@ class StepContext:
     observers: Sequence[StepObserver] = ()
     autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
     scaler: torch.amp.GradScaler | None = None
+    views: torch.Tensor | None = None
+    view_features: torch.Tensor | None = None
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model: Any = self.model.module if hasattr(self.model, "module") else self.model
+        batch = x.shape[0]
+        inputs = x if self.views is None else torch.cat([x, self.views])
         with self.autocast():
             if self.model is not model:  # DDP: go through the wrapper so gradients are reduced
-                h, z = self.model(x, return_features=True)
+                h, z = self.model(inputs, return_features=True)
+                z = z[:batch]
             else:
-                h = model.features(x)
-                z = model.classifier(h)
-        return h, z
+                h = model.features(inputs)
+                z = model.classifier(h[:batch])
+        if self.views is not None:
+            self.view_features = h[batch:]
+        return h[:batch], z
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, z = self.features_and_logits(x)
@@ -94,12 +119,28 @@ class StepContext:
             obs.observe(z, targets)
         return h, z
 
+    @property
+    def regularizer_active(self) -> bool:
+        return self.regularizer is not None and self.epoch >= self.regularizer.start_epoch
+
+    def regularize(
+        self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The regularizer's term for this step (``loss``: the base loss it is added to), or None."""
+        if self.regularizer is None or not self.regularizer_active:
+            return None
+        with self.autocast():
+            if self.regularizer.num_views:
+                return self.regularizer(
+                    features, logits, targets, loss, self.model, view_features=self.view_features
+                )
+            return self.regularizer(features, logits, targets, loss, self.model)
+
     def criterion(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             loss = self.loss_fn(logits, targets)
-            if self.regularizer is not None and self.epoch >= self.regularizer.start_epoch:
-                loss = loss + self.regularizer(features, logits, targets, loss, self.model)
-        return loss
+        term = self.regularize(features, logits, targets, loss)
+        return loss if term is None else loss + term
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:

@@ -26,7 +26,7 @@ from torch import nn
 from gradtail.config import RunConfig, dump_config
 from gradtail.data.builder import DataBundle, build_data
 from gradtail.data.samplers import create_sampler
-from gradtail.distributed import is_distributed, is_main_process, rank, world_size
+from gradtail.distributed import average_gradients_, is_distributed, is_main_process, rank, world_size
 from gradtail.engine.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -111,10 +111,14 @@ class Trainer:
                 f"(the config has {head_kind!r})"
             )
         self.regularizer = (
-            create_regularizer(cfg.regularizer.name, **cfg.regularizer.params).to(self.device)
+            create_regularizer(cfg.regularizer.name, **cfg.regularizer.params)
             if cfg.regularizer.name
             else None
         )
+        if self.regularizer is not None:
+            self.regularizer.setup(self.model, c)  # terms with their own parameters create them here
+            self.regularizer.to(self.device)
+        self._check_views()
         self.update_rule: UpdateRule = create_update_rule(
             cfg.update_rule.name or "plain", **cfg.update_rule.params
         )
@@ -132,7 +136,7 @@ class Trainer:
 
         o = cfg.optim
         self.optimizer = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad],
+            [p for p in self.model.parameters() if p.requires_grad] + self._regularizer_parameters(),
             lr=o.lr,
             momentum=o.momentum,
             nesterov=o.nesterov,
@@ -202,8 +206,26 @@ class Trainer:
             for p in self.model.backbone_parameters():
                 p.requires_grad_(False)
 
+    def _regularizer_parameters(self) -> list[nn.Parameter]:
+        if self.regularizer is None:
+            return []
+        return [p for p in self.regularizer.parameters() if p.requires_grad]
+
+    def _check_views(self) -> None:
+        """The data's extra views (``data.augment.views``) must match what the regularizer uses."""
+        made = self.cfg.data.augment.views
+        wanted = self.regularizer.num_views if self.regularizer is not None else 0
+        if made != wanted:
+            who = f"regularizer {self.cfg.regularizer.name!r}" if self.regularizer is not None else "no term"
+            raise ConfigError(
+                f"data.augment.views is {made} but {who} uses {wanted} extra views per image; "
+                f"set data.augment.views: {wanted}"
+            )
+
     def _set_train_mode(self) -> None:
         self.model.train()
+        if self.regularizer is not None:
+            self.regularizer.train()
         if self.cfg.train.freeze_backbone:
             self.model.backbone.eval()  # a frozen backbone keeps its BatchNorm running statistics
 
@@ -240,11 +262,11 @@ class Trainer:
         extras_sum: dict[str, float] = {}
         bar = _progress(n_steps, f"epoch {epoch + 1}/{self.cfg.optim.epochs}", progress)
         start = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader):
+        for i, batch in enumerate(self.train_loader):
             lr = self.schedule.lr_at(epoch + (i + 1) / n_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            out = self.train_step(x, y, epoch)
+            out = self.train_step(batch[0], batch[1], epoch, views=batch[2] if len(batch) > 2 else None)
             # Non-finite check without a device sync per step: remember the first bad step on device.
             loss = out.loss.detach().to(torch.float64)
             bad = ~torch.isfinite(loss)
@@ -272,9 +294,12 @@ class Trainer:
         record.update({k: v / n_steps for k, v in extras_sum.items()})
         return record
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> StepOutput:
-        """One optimisation step on a ready batch: the update rule forms the gradient, then the optimizer
-        steps (the learning rate is set by the caller). Benchmarks time exactly this."""
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, epoch: int, views: torch.Tensor | None = None
+    ) -> StepOutput:
+        """One optimisation step on a ready batch (and its extra views, if the run makes them): the update
+        rule forms the gradient, then the optimizer steps (the learning rate is set by the caller).
+        Benchmarks time exactly this."""
         self.optimizer.zero_grad(set_to_none=True)
         ctx = StepContext(
             model=self.train_model,
@@ -286,8 +311,11 @@ class Trainer:
             observers=self.observers,
             autocast=self.autocast,
             scaler=self.scaler,
+            views=views,
         )
         out = self.update_rule(ctx, x, y)
+        if is_distributed() and self.regularizer is not None:
+            average_gradients_(self._regularizer_parameters())  # DDP reduces only the model's
         if not self.update_rule.owns_optimizer_step:
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)

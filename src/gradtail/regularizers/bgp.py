@@ -196,6 +196,7 @@ class BalancedGradientPenalty(Regularizer):
         targets: torch.Tensor,
         loss: torch.Tensor,
         model: nn.Module,
+        view_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """beta * R for this batch (bgp.md §2: L_total = L_base + beta R)."""
         check_logits_targets(logits, targets, logits.shape[1])
