@@ -44,11 +44,14 @@ lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
 
 # Speed benchmarks (JSON under runs/bench/): loader share of a step, gradtail vs a torchvision-DataLoader
-# reference loop, per-step cost of every method relative to CE. On a GPU: benchmarks/gpu_200_epochs.py.
+# reference loop, per-step cost of every method relative to CE (and GBG's for G = 2, 4, 8), GBG's
+# grouping memory at ImageNet scale. On a GPU: benchmarks/gpu_200_epochs.py.
 bench: venv data
 	$(PY) benchmarks/loader_throughput.py --output runs/bench/loader_throughput.json
 	$(PY) benchmarks/reference_loop.py --output runs/bench/reference_loop.json
 	$(PY) benchmarks/step_cost.py --suite suites/quick.yaml --output runs/bench/step_cost.json
+	$(PY) benchmarks/step_cost.py --suite suites/gbg_cost.yaml --output runs/bench/step_cost_gbg.json
+	$(PY) benchmarks/grouping_memory.py --output runs/bench/grouping_memory.json
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -12,6 +12,7 @@ the ratio to ``ce`` measured in the same rounds. GBG's one-off grouping is timed
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -52,41 +53,51 @@ def main() -> None:
             cfg.train.device = args.device
         configs[m.name] = config_from_dict(apply_overrides(cfg.to_dict(), args.set)) if args.set else cfg
     base_cfg = configs[args.baseline]
-    data = build_data(base_cfg.data)
+    bundles: dict[str, object] = {}  # one data bundle per distinct data config (augmentation included)
     trainers: dict[str, Trainer] = {}
     grouping_seconds: dict[str, float] = {}
     for name, cfg in configs.items():
-        t = Trainer(cfg, data=data, output_dir=tmp / name, verbose=False)
+        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+        if key not in bundles:
+            bundles[key] = build_data(cfg.data)
+        t = Trainer(cfg, data=bundles[key], output_dir=tmp / name, verbose=False)  # type: ignore[arg-type]
         start = time.perf_counter()
         t.update_rule.on_epoch_start(0, t)  # GBG groups here; a no-op for the others
         grouping_seconds[name] = time.perf_counter() - start
         t.model.train()
         t.loss_fn.train()
         trainers[name] = t
-    loader = trainers[args.baseline].train_loader
-    loader.set_epoch(0)
-    batches = []
-    for x, y in loader:
-        batches.append((x, y))
-        if len(batches) == args.batches:
-            break
+    batches: dict[str, list[tuple[torch.Tensor, ...]]] = {}
+    for name, t in trainers.items():  # the same images and labels; runs with a contrastive term add views
+        t.train_loader.set_epoch(0)
+        batches[name] = []
+        for batch in t.train_loader:
+            batches[name].append(batch)
+            if len(batches[name]) == args.batches:
+                break
     device = trainers[args.baseline].device
+
+    def step(name: str, i: int) -> dict[str, float]:
+        x, y, *views = batches[name][i % len(batches[name])]
+        return trainers[name].train_step(x, y, epoch=0, views=views[0] if views else None).extras
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for t in trainers.values():  # warm-up (allocator, first-call costs, lazy init)
-        for x, y in batches[:2]:
-            t.train_step(x, y, epoch=0)
+    for name in trainers:  # warm-up (allocator, first-call costs, lazy init)
+        for i in range(2):
+            step(name, i)
     per_round: dict[str, list[float]] = {name: [] for name in trainers}
+    groups_present: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(args.rounds):
-        for name, t in trainers.items():
+        for name in trainers:
             sync()
             start = time.perf_counter()
             for i in range(args.steps):
-                x, y = batches[i % len(batches)]
-                t.train_step(x, y, epoch=0)
+                extras = step(name, i)
+                if "groups_present" in extras:
+                    groups_present[name].append(float(extras["groups_present"]))
             sync()
             per_round[name].append((time.perf_counter() - start) / args.steps)
     base = per_round[args.baseline]
@@ -99,6 +110,7 @@ def main() -> None:
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
             "grouping_seconds": grouping_seconds[name] if grouping_seconds[name] > 0.01 else None,
+            "mean_groups_present": statistics.mean(groups_present[name]) if groups_present[name] else None,
         }
     result = {
         "benchmark": "step_cost",
@@ -116,6 +128,8 @@ def main() -> None:
     print(f"{'method'.ljust(width)}  ms/step  x {args.baseline}  (min-max over rounds)")
     for name, r in rows.items():
         extra = f"  grouping {r['grouping_seconds']:.1f}s" if r["grouping_seconds"] else ""
+        if r["mean_groups_present"] is not None:
+            extra += f"  groups/batch {r['mean_groups_present']:.2f}"
         print(
             f"{name.ljust(width)}  {r['ms_per_step']:7.1f}  {r['ratio_to_baseline']:5.2f}x "
             f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}){extra}"
