@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import colorsys
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,3 +297,35 @@ def test_gbg_mgda_with_bcl_adds_the_term_outside_the_balancing(tmp_path) -> None
         scl = reg.contrastive(reg.embed_views(hv, 16), reg.centres(t.model), y)  # type: ignore[union-attr]
     expected = 2.0 * (alpha * losses).sum() + 1.6 * scl
     assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def _ddp_worker(rank: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    try:
+        cfg = bcl_config(Path(tmp))
+        cfg["optim"]["epochs"] = 1
+        trainer = Trainer(config_from_dict(cfg), output_dir=f"{tmp}/ddp", verbose=False)
+        init = {k: v.clone() for k, v in trainer.regularizer.state_dict().items()}  # type: ignore[union-attr]
+        trainer.fit()
+        state = {k: v.clone() for k, v in trainer.regularizer.state_dict().items()}  # type: ignore[union-attr]
+        torch.save({"init": init, "final": state}, f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ddp_keeps_the_heads_equal_across_ranks(tmp_path) -> None:
+    """The projection heads live outside the DDP model: their gradients are averaged by the trainer,
+    so both ranks hold the same (trained) head parameters after an epoch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name, value in r0["final"].items():
+        if "running" in name or "num_batches" in name:
+            continue  # BatchNorm statistics are per rank (no SyncBatchNorm on CPU)
+        torch.testing.assert_close(value, r1["final"][name], rtol=0, atol=0, msg=name)
+        if value.dim() == 2:
+            assert not torch.equal(value, r0["init"][name]), name
