@@ -180,6 +180,10 @@ def test_views_are_random_reproducible_and_keep_shape() -> None:
     assert torch.all(boxes[:, :2] - boxes[:, 2:] / 2 >= -1e-6) and torch.all(
         boxes[:, :2] + boxes[:, 2:] / 2 <= 1 + 1e-6
     )
+    wide = views.crop_boxes(1000, torch.device("cpu"), torch.Generator().manual_seed(0), aspect=2.0)
+    pixel_ratio = wide[:, 2] * 2.0 / wide[:, 3]  # width / height in pixels of a 2:1 image
+    kept = (wide[:, 2] < 1) & (wide[:, 3] < 1)
+    assert pixel_ratio[kept].min() >= 3 / 4 - 1e-5 and pixel_ratio[kept].max() <= 4 / 3 + 1e-5
     gray_views = views(images(16, c=1))  # 1 channel: brightness and contrast only
     assert gray_views.shape == (16, 1, 12, 12)
     with pytest.raises(ConfigError):

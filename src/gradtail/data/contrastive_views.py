@@ -114,13 +114,18 @@ class SimCLRViews:
             f"jitter_p={self.jitter_p}, grayscale_p={self.grayscale_p}, hflip={self.hflip})"
         )
 
-    def crop_boxes(self, n: int, device: torch.device, gen: torch.Generator | None) -> torch.Tensor:
-        """(n, 4) boxes (centre x, centre y, width, height) as fractions of the image side."""
+    def crop_boxes(
+        self, n: int, device: torch.device, gen: torch.Generator | None, aspect: float = 1.0
+    ) -> torch.Tensor:
+        """(n, 4) boxes (centre x, centre y, width, height) as fractions of the image's width and height.
+
+        ``aspect``: the image's width / height, so that a box's pixel aspect ratio is the drawn ratio.
+        """
         tries = 10
         area = _uniform(n * tries, *self.scale, device, gen).view(n, tries)
         log_r = _uniform(n * tries, math.log(self.ratio[0]), math.log(self.ratio[1]), device, gen)
         r = log_r.exp().view(n, tries)
-        w, h = (area * r).sqrt(), (area / r).sqrt()
+        w, h = (area * r / aspect).sqrt(), (area * aspect / r).sqrt()
         ok = (w <= 1) & (h <= 1)
         first = torch.where(ok.any(1), ok.float().argmax(1), torch.zeros(n, dtype=torch.long, device=device))
         w = torch.where(ok.any(1), w.gather(1, first[:, None])[:, 0], torch.ones(n, device=device))
@@ -134,7 +139,7 @@ class SimCLRViews:
             raise ConfigError(f"views expect uint8 (B, C, H, W) images, got {x.dtype} {tuple(x.shape)}")
         n, c, hgt, wid = x.shape
         dev = x.device
-        box = self.crop_boxes(n, dev, generator)
+        box = self.crop_boxes(n, dev, generator, aspect=wid / hgt)
         flip = torch.ones(n, device=dev)
         if self.hflip:
             flip = torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -flip, flip)
