@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from bench_output import write_result
@@ -26,6 +27,35 @@ from gradtail.config import apply_overrides, config_from_dict
 from gradtail.data.builder import build_data
 from gradtail.engine.environment import environment_info
 from gradtail.engine.trainer import Trainer
+
+
+def forward_backward_split(trainer: Trainer, batches: list, rounds: int, sync: Any) -> dict[str, Any]:
+    """The baseline step's forward and backward times, and the cost floor of exact per-group gradients.
+
+    Whole-backbone GBG needs G backward passes after one forward (one per group present), so with F the
+    forward and B the backward time its step costs at least (F + G B) / (F + B) baseline steps, whatever
+    the implementation (the optimizer step aside). Reported for G = 2, 4, 8 from the measured F and B.
+    """
+    fwd, bwd = [], []
+    model, loss_fn = trainer.model, trainer.loss_fn
+    for _ in range(rounds):
+        for x, y, *_ in batches:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            sync()
+            start = time.perf_counter()
+            loss = loss_fn(model.classifier(model.features(x)), y)
+            sync()
+            mid = time.perf_counter()
+            loss.backward()
+            sync()
+            fwd.append(mid - start)
+            bwd.append(time.perf_counter() - mid)
+    f, b = statistics.median(fwd), statistics.median(bwd)
+    return {
+        "forward_ms": 1000 * f,
+        "backward_ms": 1000 * b,
+        "exact_backbone_floor": {str(g): (f + g * b) / (f + b) for g in (2, 4, 8)},
+    }
 
 
 def main() -> None:
@@ -101,6 +131,7 @@ def main() -> None:
             sync()
             per_round[name].append((time.perf_counter() - start) / args.steps)
     base = per_round[args.baseline]
+    split = forward_backward_split(trainers[args.baseline], batches[args.baseline], args.rounds, sync)
     rows = {}
     for name, times in per_round.items():
         ratios = [a / b for a, b in zip(times, base, strict=True)]
@@ -121,10 +152,14 @@ def main() -> None:
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "methods": rows,
+        "baseline_split": split,
         "environment": environment_info(device),
     }
     write_result(result, args.output, echo=False)
     width = max(len(n) for n in rows)
+    floor = ", ".join(f"G={g}: {v:.2f}x" for g, v in split["exact_backbone_floor"].items())
+    print(f"{args.baseline}: forward {split['forward_ms']:.1f} ms, backward {split['backward_ms']:.1f} ms; "
+          f"floor of exact whole-backbone GBG (F + G B) / (F + B): {floor}")  # fmt: skip
     print(f"{'method'.ljust(width)}  ms/step  x {args.baseline}  (min-max over rounds)")
     for name, r in rows.items():
         extra = f"  grouping {r['grouping_seconds']:.1f}s" if r["grouping_seconds"] else ""
