@@ -356,3 +356,5 @@ def test_cifar_gbg_bcl_recipe_trains_on_cifar_shaped_data(repo_root, tmp_path) -
     assert t.update_rule.num_groups_used == 4  # type: ignore[attr-defined]
     assert 0.0 <= final["last_epoch"]["top1"] <= 1.0
     assert t.history[0]["groups_present"] >= 2
+    weights = [t.history[0][f"alpha_group{g}"] for g in range(4)]  # GBG's epoch summary in the record
+    assert all(w >= 0 for w in weights) and 0.99 <= sum(weights) <= 1.01

@@ -414,3 +414,23 @@ def test_spectral_grouping_without_in_memory_images_is_a_clear_error():
     view = SimpleNamespace(num_classes=3, model=torch.nn.Linear(2, 3), train_images=None)
     with pytest.raises(ConfigError, match="in-memory"):
         rule.compute_groups(view)
+
+
+def test_epoch_summary_is_the_mean_weight_of_each_group() -> None:
+    """Three steps: all groups (mgda alpha a), groups 0 and 2 only (alpha b), group 1 only (alpha [1]);
+    the summary is the per-group mean over the steps, 0 where a group was absent, then it resets."""
+    rule = make_rule()
+    assert rule.epoch_summary() == {}
+    weights = []
+    for labels in ([0, 1, 2, 3, 4, 5, 0, 3], [0, 1, 4, 5, 0, 5], [2, 3, 3, 2]):
+        _, x, y, ctx = setup(labels)
+        rule(ctx, x, y)
+        weights.append(rule.last_alpha.double())
+    groups_in = [[0, 1, 2], [0, 2], [1]]
+    expected = torch.zeros(3, dtype=torch.float64)
+    for present, alpha in zip(groups_in, weights, strict=True):
+        expected[present] += alpha
+    summary = rule.epoch_summary()
+    assert list(summary) == ["alpha_group0", "alpha_group1", "alpha_group2"]
+    torch.testing.assert_close(torch.tensor(list(summary.values()), dtype=torch.float64), expected / 3)
+    assert rule.epoch_summary() == {}  # reset after reading

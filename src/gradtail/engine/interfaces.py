@@ -177,6 +177,11 @@ class UpdateRule:
         """Hook for rules that do work between epochs (GBG's grouping)."""
         return None
 
+    def epoch_summary(self) -> dict[str, float]:
+        """Scalars for the epoch's record (``metrics.jsonl``), read once at the end of each training epoch
+        (GBG: the mean weight of each group)."""
+        return {}
+
 
 class PosthocAdjuster:
     """Fit on validation logits (never test), then transform logits before the argmax."""

@@ -292,6 +292,7 @@ class Trainer:
             "steps": n_steps,
         }
         record.update({k: v / n_steps for k, v in extras_sum.items()})
+        record.update(self.update_rule.epoch_summary())
         return record
 
     def train_step(

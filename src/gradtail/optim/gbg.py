@@ -208,6 +208,8 @@ class GBGRule(UpdateRule):
         self._num_used = 0
         self._checked_loss: int | None = None
         self._shared_cache: tuple[int, list[torch.Tensor]] | None = None
+        self._alpha_sum: torch.Tensor | None = None  # per group id, summed over the epoch's steps (device)
+        self._alpha_steps = 0
 
     # ------------------------------------------------------------------ stage 1: grouping
     def due(self, epoch: int) -> bool:
@@ -308,8 +310,10 @@ class GBGRule(UpdateRule):
         if is_distributed():
             return self._distributed_step(ctx, h, z, targets, group_of)
         counts = torch.bincount(group_of, minlength=self.num_groups_used).tolist()  # the one host read
-        sizes = [n for n in counts if n > 0]
+        present = [g for g, n in enumerate(counts) if n > 0]
+        sizes = [counts[g] for g in present]
         if len(sizes) <= 1:
+            self._record_alpha(present, None, z.device)
             return self._plain(ctx, h, z, targets)
 
         order = torch.argsort(group_of, stable=True)
@@ -328,6 +332,7 @@ class GBGRule(UpdateRule):
             alpha, group_grads = self._mgda_weights(ctx, h, order, sizes, y_parts)
         alpha = alpha.detach().to(losses.dtype)
         self.last_alpha = alpha
+        self._record_alpha(present, alpha, z.device)
         total = (alpha * losses).sum()
         term = ctx.regularize(h, z, targets, total)
         regularized = term is not None
@@ -387,6 +392,7 @@ class GBGRule(UpdateRule):
         global_counts = all_reduce_sum_(counts.clone())
         present = [g for g, n in enumerate(global_counts.tolist()) if n > 0]  # the one host read
         if len(present) <= 1:
+            self._record_alpha(present, None, z.device)
             return self._plain(ctx, h, z, targets)
 
         def local_terms(logits: torch.Tensor) -> list[torch.Tensor | None]:
@@ -426,6 +432,7 @@ class GBGRule(UpdateRule):
             alpha = self._solve(flat, loss_values)
         alpha = alpha.detach()
         self.last_alpha = alpha.to(torch.float32)
+        self._record_alpha(present, alpha, z.device)
         local = sum(
             (float(world) * a.to(t.dtype) * t for a, t in zip(alpha, terms, strict=True) if t is not None),
             z.new_zeros((), dtype=torch.float32),
@@ -438,6 +445,28 @@ class GBGRule(UpdateRule):
         return StepOutput(
             loss=total.detach(), logits=z.detach(), extras={"groups_present": float(len(present))}
         )
+
+    def _record_alpha(self, present: list[int], alpha: torch.Tensor | None, device: torch.device) -> None:
+        """Add this step's weights to the epoch's per-group sums on the device (no host read)."""
+        if self._alpha_sum is None or self._alpha_sum.numel() != self.num_groups_used:
+            self._alpha_sum = torch.zeros(self.num_groups_used, dtype=torch.float64, device=device)
+        if present:
+            index = torch.tensor(present, device=self._alpha_sum.device)
+            weights = torch.ones(len(present), dtype=torch.float64, device=self._alpha_sum.device)
+            if alpha is not None:
+                weights = alpha.to(self._alpha_sum.device, torch.float64)
+            self._alpha_sum.index_add_(0, index, weights)
+        self._alpha_steps += 1
+
+    def epoch_summary(self) -> dict[str, float]:
+        """``alpha_group{g}``: the mean over the epoch's grouped steps of group g's weight (0 in steps where
+        g is absent; a one-group step gives its group 1), then reset. Empty before the first grouping."""
+        if self._alpha_sum is None or self._alpha_steps == 0:
+            return {}
+        means = (self._alpha_sum / self._alpha_steps).tolist()  # one host read per epoch
+        self._alpha_sum.zero_()
+        self._alpha_steps = 0
+        return {f"alpha_group{g}": float(v) for g, v in enumerate(means)}
 
     def _plain(self, ctx: StepContext, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """One group (or none yet): alpha = [1], the plain base-loss step (gbg.md §5: never crash)."""
