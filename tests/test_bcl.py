@@ -95,7 +95,7 @@ def test_balanced_contrastive_loss_known_cases_and_errors() -> None:
     assert value == pytest.approx(reference_bcl(views.numpy(), centres.numpy(), targets.numpy(), 0.1))
     # Perfectly separated classes: the loss is small but positive (it is a log of averaged terms).
     assert 0 < value < float(loss(views, centres.flip(0), targets))
-    with pytest.raises(InputError, match="targets"):
+    with pytest.raises(InputError, match=r"labels must be in \[0, 3\); found \[3\]"):
         loss(views, centres, torch.tensor([0, 1, 3, 0]))
     with pytest.raises(InputError, match="views must be"):
         loss(views[:, 0], centres, targets)

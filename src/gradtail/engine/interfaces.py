@@ -119,15 +119,11 @@ class StepContext:
             obs.observe(z, targets)
         return h, z
 
-    @property
-    def regularizer_active(self) -> bool:
-        return self.regularizer is not None and self.epoch >= self.regularizer.start_epoch
-
     def regularize(
         self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor
     ) -> torch.Tensor | None:
         """The regularizer's term for this step (``loss``: the base loss it is added to), or None."""
-        if self.regularizer is None or not self.regularizer_active:
+        if self.regularizer is None or self.epoch < self.regularizer.start_epoch:
             return None
         with self.autocast():
             if self.regularizer.num_views:

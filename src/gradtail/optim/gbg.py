@@ -208,8 +208,8 @@ class GBGRule(UpdateRule):
         self._num_used = 0
         self._checked_loss: int | None = None
         self._shared_cache: tuple[int, list[torch.Tensor]] | None = None
-        self._alpha_sum: torch.Tensor | None = None  # per group id, summed over the epoch's steps (device)
-        self._alpha_steps = 0
+        # this epoch's steps: (group ids present, their weights; None = one group, weight 1), for the summary
+        self._alpha_log: list[tuple[list[int], torch.Tensor | None]] = []
 
     # ------------------------------------------------------------------ stage 1: grouping
     def due(self, epoch: int) -> bool:
@@ -313,7 +313,7 @@ class GBGRule(UpdateRule):
         present = [g for g, n in enumerate(counts) if n > 0]
         sizes = [counts[g] for g in present]
         if len(sizes) <= 1:
-            self._record_alpha(present, None, z.device)
+            self._alpha_log.append((present, None))
             return self._plain(ctx, h, z, targets)
 
         order = torch.argsort(group_of, stable=True)
@@ -332,7 +332,7 @@ class GBGRule(UpdateRule):
             alpha, group_grads = self._mgda_weights(ctx, h, order, sizes, y_parts)
         alpha = alpha.detach().to(losses.dtype)
         self.last_alpha = alpha
-        self._record_alpha(present, alpha, z.device)
+        self._alpha_log.append((present, alpha))
         total = (alpha * losses).sum()
         term = ctx.regularize(h, z, targets, total)
         regularized = term is not None
@@ -392,7 +392,7 @@ class GBGRule(UpdateRule):
         global_counts = all_reduce_sum_(counts.clone())
         present = [g for g, n in enumerate(global_counts.tolist()) if n > 0]  # the one host read
         if len(present) <= 1:
-            self._record_alpha(present, None, z.device)
+            self._alpha_log.append((present, None))
             return self._plain(ctx, h, z, targets)
 
         def local_terms(logits: torch.Tensor) -> list[torch.Tensor | None]:
@@ -432,7 +432,7 @@ class GBGRule(UpdateRule):
             alpha = self._solve(flat, loss_values)
         alpha = alpha.detach()
         self.last_alpha = alpha.to(torch.float32)
-        self._record_alpha(present, alpha, z.device)
+        self._alpha_log.append((present, alpha))
         local = sum(
             (float(world) * a.to(t.dtype) * t for a, t in zip(alpha, terms, strict=True) if t is not None),
             z.new_zeros((), dtype=torch.float32),
@@ -446,27 +446,24 @@ class GBGRule(UpdateRule):
             loss=total.detach(), logits=z.detach(), extras={"groups_present": float(len(present))}
         )
 
-    def _record_alpha(self, present: list[int], alpha: torch.Tensor | None, device: torch.device) -> None:
-        """Add this step's weights to the epoch's per-group sums on the device (no host read)."""
-        if self._alpha_sum is None or self._alpha_sum.numel() != self.num_groups_used:
-            self._alpha_sum = torch.zeros(self.num_groups_used, dtype=torch.float64, device=device)
-        if present:
-            index = torch.tensor(present, device=self._alpha_sum.device)
-            weights = torch.ones(len(present), dtype=torch.float64, device=self._alpha_sum.device)
-            if alpha is not None:
-                weights = alpha.to(self._alpha_sum.device, torch.float64)
-            self._alpha_sum.index_add_(0, index, weights)
-        self._alpha_steps += 1
-
     def epoch_summary(self) -> dict[str, float]:
         """``alpha_group{g}``: the mean over the epoch's grouped steps of group g's weight (0 in steps where
-        g is absent; a one-group step gives its group 1), then reset. Empty before the first grouping."""
-        if self._alpha_sum is None or self._alpha_steps == 0:
+        g is absent; a one-group step gives its group 1), then reset. Empty before the first grouping.
+
+        The steps only keep references to their (detached, device) weights; they are read here, in one
+        host transfer per epoch, so the training step gains no synchronisation.
+        """
+        if not self._alpha_log:
             return {}
-        means = (self._alpha_sum / self._alpha_steps).tolist()  # one host read per epoch
-        self._alpha_sum.zero_()
-        self._alpha_steps = 0
-        return {f"alpha_group{g}": float(v) for g, v in enumerate(means)}
+        weights = [a.reshape(-1) for _, a in self._alpha_log if a is not None]
+        values = iter(torch.cat(weights).double().tolist() if weights else [])
+        sums = [0.0] * self.num_groups_used
+        for present, alpha in self._alpha_log:
+            for g in present:
+                sums[g] += 1.0 if alpha is None else next(values)
+        steps = len(self._alpha_log)
+        self._alpha_log = []
+        return {f"alpha_group{g}": v / steps for g, v in enumerate(sums)}
 
     def _plain(self, ctx: StepContext, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> StepOutput:
         """One group (or none yet): alpha = [1], the plain base-loss step (gbg.md §5: never crash)."""

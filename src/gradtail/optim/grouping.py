@@ -178,17 +178,13 @@ class PrototypeAccumulator:
         self.out = torch.zeros(num_classes, sketch.sketch_dim if sketch is not None else dim, device=device)
         block = max(1, min(int(class_block), num_classes))
         self.staging = torch.zeros(block, dim, device=device) if sketch is not None else None
-        self.staged: list[int] = []
-        self.current: int | None = None
+        self.staged: list[int] = []  # finished classes waiting in the staging buffer
+        self.finished: set[int] = set()
 
     def _row(self, c: int) -> torch.Tensor:
-        if self.staging is None:
-            return self.out[c]
-        if self.current != c:
-            if c in self.staged:
-                raise InputError(f"class {c} was already finished; classes must arrive one at a time")
-            self.current = c
-        return self.staging[len(self.staged)]
+        if c in self.finished:
+            raise InputError(f"class {c} was already finished; classes must arrive one at a time")
+        return self.out[c] if self.staging is None else self.staging[len(self.staged)]
 
     def add(self, c: int, grads: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """Add a gradient sum of class c: one flat (D,) tensor or per-parameter tensors, in order."""
@@ -205,9 +201,9 @@ class PrototypeAccumulator:
     def end_class(self, c: int, count: int) -> None:
         """Class c is complete with ``count`` samples: divide its sum (its mean gradient, gbg.md §1)."""
         self._row(c).div_(max(int(count), 1))
+        self.finished.add(c)
         if self.staging is not None:
             self.staged.append(c)
-            self.current = None
             if len(self.staged) == self.staging.shape[0]:
                 self._flush()
 

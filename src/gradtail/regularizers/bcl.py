@@ -35,6 +35,7 @@ from torch import nn
 
 from gradtail.engine.interfaces import Regularizer
 from gradtail.errors import ConfigError, InputError
+from gradtail.losses.base import check_label_range
 from gradtail.regularizers import register_regularizer
 
 
@@ -61,8 +62,7 @@ class BalancedContrastiveLoss(nn.Module):
         c = centres.shape[0]
         if targets.shape != (b,):
             raise InputError(f"bcl: targets {tuple(targets.shape)} do not match {b} samples")
-        if b and (int(targets.min()) < 0 or int(targets.max()) >= c):
-            raise InputError(f"bcl: targets must be in [0, {c})")
+        check_label_range(targets, c)  # no device sync on accelerators
         anchors = views.transpose(0, 1).reshape(v * b, -1)  # view-major, as BCL's torch.unbind(dim=1)
         candidates = torch.cat([anchors, centres.to(anchors.dtype)])
         labels = torch.cat([targets.repeat(v), torch.arange(c, device=targets.device)])
