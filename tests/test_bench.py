@@ -108,7 +108,9 @@ def test_bad_suites_fail_before_training(tmp_path, over, match):
 
 
 def test_shipped_suites_validate(repo_root):
-    for path in sorted((repo_root / "suites").glob("*.yaml")):
+    paths = sorted((repo_root / "suites").glob("*.yaml"))
+    assert len(paths) >= 9
+    for path in paths:
         suite = load_suite(path)
         assert suite.methods
 
