@@ -253,6 +253,11 @@ def test_views_and_regularizer_must_agree(tmp_path) -> None:
     no_views["data"]["augment"]["views"] = 0
     with pytest.raises(ConfigError, match=r"data\.augment\.views: 2"):
         Trainer(config_from_dict(no_views), verbose=False)
+    from gradtail.data.builder import build_data
+
+    shared = build_data(config_from_dict(no_views).data)  # a bundle built for a run without views
+    with pytest.raises(ConfigError, match=r"data\.augment\.views is 0 but regularizer 'bcl'"):
+        Trainer(config_from_dict(bcl_config(tmp_path)), data=shared, verbose=False)
     views_only = bcl_config(tmp_path, regularizer={})
     with pytest.raises(ConfigError, match=r"data\.augment\.views: 0"):
         Trainer(config_from_dict(views_only), verbose=False)

@@ -132,9 +132,9 @@ class DataBundle:
         """Stored uint8 images -> model input without augmentation (GBG's grouping pass)."""
         return self.augment.normalize(x)
 
-    def view_augment(self, a: Any) -> tuple[Any, int]:
-        """(view transform, views per image) for contrastive terms from an ``AugmentConfig`` (the run's:
-        views are a per-run choice even when runs share a bundle); (None, 0) when ``a.views`` is 0."""
+    def view_augment(self) -> tuple[Any, int]:
+        """(view transform, views per image) for contrastive terms; (None, 0) when ``augment.views`` is 0."""
+        a = self.augment_cfg
         if a is None or a.views == 0:
             return None, 0
         if a.views < 0:
@@ -150,7 +150,7 @@ class DataBundle:
     def train_loader(
         self, cfg: RunConfig, sampler: object, device: torch.device, rank: int, world: int
     ) -> BatchLoader:
-        views, num_views = self.view_augment(cfg.data.augment)
+        views, num_views = self.view_augment()
         return BatchLoader(
             self.train.images, self.train.labels, cfg.optim.batch_size, self.augment, sampler=sampler,
             train=True, drop_last=cfg.optim.drop_last, seed=cfg.train.seed, device=device,

@@ -118,7 +118,6 @@ class Trainer:
         if self.regularizer is not None:
             self.regularizer.setup(self.model, c)  # terms with their own parameters create them here
             self.regularizer.to(self.device)
-        self._check_views()
         self.update_rule: UpdateRule = create_update_rule(
             cfg.update_rule.name or "plain", **cfg.update_rule.params
         )
@@ -162,6 +161,7 @@ class Trainer:
             cfg.data.sampler, self.data.train_labels, c, seed=t.seed, **self._sampler_params()
         )
         self.train_loader = self.data.train_loader(cfg, self.sampler, self.device, rank(), world_size())
+        self._check_views()
 
         # --- state that checkpoints carry
         self.epoch = 0  # next epoch to run
@@ -212,8 +212,9 @@ class Trainer:
         return [p for p in self.regularizer.parameters() if p.requires_grad]
 
     def _check_views(self) -> None:
-        """The data's extra views (``data.augment.views``) must match what the regularizer uses."""
-        made = self.cfg.data.augment.views
+        """The extra views the training loader makes (``data.augment.views``) must match what the
+        regularizer uses (checked on the loader, which may come from a bundle built by someone else)."""
+        made = int(getattr(self.train_loader, "num_views", 0))
         wanted = self.regularizer.num_views if self.regularizer is not None else 0
         if made != wanted:
             who = f"regularizer {self.cfg.regularizer.name!r}" if self.regularizer is not None else "no term"
