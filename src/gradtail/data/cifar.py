@@ -252,7 +252,9 @@ def resolve_cifar_dir(
         archive = download_file(src.url, target / src.tarball, md5=src.md5)
     except DataError as e:
         looked_in = ", ".join(looked)
-        raise DataError(f"{src.name} not found locally (looked in {looked_in}); {e}; {hint}") from None
+        raise DataError(
+            f"{src.name} not found locally (looked in {looked_in}); {where}download failed: {e}; {hint}"
+        ) from None
     return _extracted(archive, target, src)
 
 

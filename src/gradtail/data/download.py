@@ -88,16 +88,19 @@ def download_file(
     """Download ``url`` to ``dest`` (a file path), verifying ``md5`` / ``sha256`` when given.
 
     Network failures, truncated transfers and checksum mismatches raise :class:`DataError`; the bad
-    data is deleted and ``dest`` is left untouched. ``timeout`` (seconds) applies to each socket
+    data is deleted, ``dest`` is left untouched and the folders created for it are removed again (a
+    failed download leaves nothing on disk). ``timeout`` (seconds) applies to each socket
     operation. Returns ``dest``.
     """
     if timeout <= 0:
         raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
     dest = Path(dest)
+    created = _missing_dirs(dest.parent)  # removed again unless the download succeeds
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     except OSError as e:
+        _remove_empty_dirs(created)
         reason = e.strerror or e
         raise DataError(f"could not download {dest.name}: cannot write to {dest.parent} ({reason})") from None
     tmp = Path(tmp_name)
@@ -117,15 +120,38 @@ def download_file(
         os.replace(tmp, dest)
     except DataError:
         tmp.unlink(missing_ok=True)
+        _remove_empty_dirs(created)
         raise
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        _remove_empty_dirs(created)
         reason = e.strerror or e
         raise DataError(f"could not download {dest.name}: writing {dest} failed ({reason})") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
+        _remove_empty_dirs(created)
         raise
     return dest
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and those of its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty_dirs(dirs: list[Path]) -> None:
+    """Remove the folders a failed download created (deepest first), stopping at one not empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
 
 
 def _copy_response(

@@ -121,8 +121,30 @@ def _find_file(folder: Path, gz_name: str) -> Path | None:
     return None
 
 
+def _missing_files(folder: Path) -> list[str]:
+    """The names of the files (``.gz`` spelling) that ``folder`` holds in neither form."""
+    return [name for name, _ in FILES.values() if _find_file(folder, name) is None]
+
+
 def _has_all_files(folder: Path) -> bool:
-    return all(_find_file(folder, name) is not None for name, _ in FILES.values())
+    return not _missing_files(folder)
+
+
+def _describe(folders: list[Path]) -> tuple[str, bool]:
+    """What each folder searched lacks, in one line; and whether any holds some (not all) files."""
+    parts, partial = [], False
+    for folder in folders:
+        if not folder.is_dir():
+            parts.append(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'}")
+            continue
+        missing = _missing_files(folder)
+        if len(missing) == len(FILES):
+            parts.append(f"{folder} holds none of the files")
+        else:
+            partial = True
+            present = len(FILES) - len(missing)
+            parts.append(f"{folder} lacks {', '.join(missing)} (has the other {present})")
+    return "; ".join(parts), partial
 
 
 def _candidates(data_dir: str | os.PathLike[str] | None) -> list[Path]:
@@ -174,9 +196,13 @@ def resolve_fashion_mnist_dir(data_dir: str | os.PathLike[str] | None = None, do
             return target
         except DataError as e:
             reason = f"download into {target} failed: {e}"
-    names = ", ".join(name for name, _ in FILES.values())
+    where, partial = _describe(looked)
+    if partial:  # name only what is missing, where
+        what = "Fashion-MNIST incomplete"
+    else:
+        what = f"Fashion-MNIST not found (need {', '.join(name for name, _ in FILES.values())})"
     raise DataError(
-        f"Fashion-MNIST not found (need {names}); looked in: {', '.join(map(str, looked))}; {reason}. "
+        f"{what}: {where}; {reason}. "
         f"Install Debian's package (apt-get install dataset-fashion-mnist), or set {ENV_VAR} to a "
         f"folder holding the files (or its '{SUBDIR}' sub-folder)."
     )
