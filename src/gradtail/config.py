@@ -4,7 +4,27 @@ A config file may start with ``extends: base.yaml`` (a path relative to it) and 
 
 An unknown key is a :class:`ConfigError` that names the key and lists the valid ones; a value of the
 wrong type names the key, the expected type and the value. Method hyperparameters (``loss.params``,
-``regularizer.params``, ...) are free-form dicts checked by the method's own constructor.
+``model.params``, ``regularizer.params``, ``update_rule.params``, ``eval.posthoc_params[name]``,
+``data.sampler_params``, ``data.synthetic``) are mappings whose keys are checked against the signature
+of the component they go to by :func:`gradtail.engine.components.check_component_params` (the trainer and
+``gradtail bench`` call it before any training): a misspelled key is the same kind of error, naming the
+full key (``loss.params.tua``) and listing the valid ones; their values reach the constructor as parsed,
+which checks them.
+
+Numbers. YAML files and ``--set`` values are read with :class:`ConfigLoader`, PyYAML's safe loader with
+Python's (and YAML 1.2's) float syntax: ``1e-2``, ``5E-4``, ``1e6``, ``1.5e+3``, ``.5``, ``1.``,
+``1_000.5`` (one ``_`` between digits, as Python allows) are floats everywhere, ``params`` mappings
+included (YAML 1.1, PyYAML's default, reads the exponent forms without a point as strings).
+Integers keep YAML 1.1 integer syntax (``+3``, ``1_000``), and anything else (``cifar10``, ``1e-2abc``,
+``inf``) stays a string. For typed fields:
+
+- a float field takes any finite number (an integer too); ``.inf`` / ``.nan`` are an error;
+- an integer field takes an integer, or a float with an integral value up to 2**53 (``epochs: 1e2`` is
+  100; ``epochs: 2.5`` is an error);
+- values inside ``params`` mappings are passed as parsed (``1e2`` there is the float 100.0).
+
+:func:`dump_config` writes with :class:`ConfigDumper`, which quotes strings that this loader would read
+as numbers, so a dumped config reads back equal.
 """
 
 from __future__ import annotations
@@ -13,6 +33,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -164,6 +186,53 @@ class RunConfig:
         return Path(self.train.output_dir.format(name=self.name))
 
 
+# --------------------------------------------------------------------------- YAML with Python floats
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_DIGITS = r"[0-9](?:_?[0-9])*"  # digits with single underscores between them, as Python's float() takes
+# A float: Python's float() syntax for finite numbers with a point or an exponent (a plain integer stays
+# an int), or YAML's .inf / .nan spellings. Replaces YAML 1.1's pattern, which needs a point (``1.0e-2``).
+_FLOAT_PATTERN = re.compile(
+    rf"""^[-+]?(?:{_DIGITS}\.(?:{_DIGITS})?(?:[eE][-+]?{_DIGITS})?
+            |\.{_DIGITS}(?:[eE][-+]?{_DIGITS})?
+            |{_DIGITS}[eE][-+]?{_DIGITS}
+            |\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_MAX_EXACT_INT = 2**53  # floats above this are not exact integers
+
+
+def _with_python_floats(
+    resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]],
+) -> dict[Any, list[tuple[str, re.Pattern[str]]]]:
+    """A copy of a PyYAML implicit-resolver table with the float pattern replaced (same precedence)."""
+    return {
+        first: [(tag, _FLOAT_PATTERN if tag == _FLOAT_TAG else regexp) for tag, regexp in entries]
+        for first, entries in resolvers.items()
+    }
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as Python does: ``1e-2``, ``5E-4``, ``1e6``, ``.5`` are floats
+    (plain YAML 1.1 reads exponents without a point as strings); integers and strings are unchanged."""
+
+    yaml_implicit_resolvers = _with_python_floats(yaml.SafeLoader.yaml_implicit_resolvers)
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper with :class:`ConfigLoader`'s resolvers: a string that reads as a float there
+    (``"1e-2"``) is written quoted, so dumped configs read back equal."""
+
+    yaml_implicit_resolvers = _with_python_floats(yaml.SafeDumper.yaml_implicit_resolvers)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`ConfigLoader` (safe: plain data only). Raises ``yaml.YAMLError`` or
+    ``ValueError`` (a scalar that matches a pattern but does not construct, e.g. a date 2020-13-45)."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader subclass: plain data only
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -207,17 +276,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite_float(value, key)
         raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT_INT:
+            return int(value)  # `epochs: 1e2` is 100
         raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
     return value
+
+
+def _finite_float(value: int | float, key: str) -> float:
+    """``value`` as a finite float; infinities, NaN and integers beyond the float range name ``key``."""
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigError(f"config key {key!r}: {value!r} is too large for a number") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"config key {key!r}: expected a finite number, got {value!r}")
+    return number
 
 
 def _from_dict(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
@@ -248,14 +330,15 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {item!r} must look like a.b=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as e:
+        value = parse_yaml(raw) if raw != "" else None
+    except (yaml.YAMLError, ValueError) as e:
         raise ConfigError(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
     return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    """Apply ``a.b=value`` overrides (values parsed as YAML by :class:`ConfigLoader`, so ``1e-2`` is a
+    float) to a raw config mapping."""
     for item in overrides:
         path, value = _parse_override(item)
         node = data
@@ -282,13 +365,13 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml_mapping(path: Path, what: str, where: str = "") -> dict[str, Any]:
-    """The mapping at the top of a YAML file; a missing file, invalid YAML or a non-mapping is a
-    :class:`ConfigError` naming ``what`` and the path."""
+    """The mapping at the top of a YAML file (read with :class:`ConfigLoader`); a missing file, invalid
+    YAML or a non-mapping is a :class:`ConfigError` naming ``what`` and the path."""
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}{where}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        data = parse_yaml(path.read_text()) or {}
+    except (yaml.YAMLError, ValueError) as e:
         raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a mapping of settings")
@@ -342,4 +425,5 @@ def validate_config(cfg: RunConfig) -> None:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML that :func:`load_config` reads back to an equal config."""
+    return yaml.dump(cfg.to_dict(), Dumper=ConfigDumper, sort_keys=False)

@@ -1,9 +1,11 @@
-"""A small name -> factory registry, in the spirit of timm's ``register_model``."""
+"""A small name -> factory registry, in the spirit of timm's ``register_model``, and the check of a
+config's parameter mapping against a factory's signature (:func:`check_call_params`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+import inspect
+from collections.abc import Callable, Collection, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 from gradtail.errors import ConfigError
 
@@ -51,9 +53,91 @@ class Registry(Generic[T]):
         self._load()
         return sorted(self._factories)
 
+    def parameter_names(self, name: str) -> list[str]:
+        """The keyword parameters of the factory registered as ``name``, in signature order (``[]`` when
+        its signature cannot be read)."""
+        return _keyword_parameters(self.get(name))[0]
+
+    def check_params(
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        key: str,
+        reserved: Mapping[str, str] | None = None,
+        extra: Collection[str] = (),
+    ) -> dict[str, Any]:
+        """Check the config mapping ``params`` (at config key ``key``) that goes to the factory registered
+        as ``name``; an unknown name is the :meth:`get` error. See :func:`check_call_params` for
+        ``reserved`` and ``extra`` and for what is returned (the entries the factory's ``**kwargs`` takes)."""
+        return check_call_params(
+            self.get(name), params, key, f"{self.kind} {name!r}", reserved=reserved, extra=extra
+        )
+
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._factories
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _keyword_parameters(factory: Callable[..., Any]) -> tuple[list[str], list[str], bool]:
+    """(keyword parameters, those without a default, whether it takes ``**kwargs``) of ``factory``; for a
+    class, of its ``__init__``. A signature that cannot be read gives ``([], [], True)``: anything goes."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return [], [], True
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = [p.name for p in signature.parameters.values() if p.kind in keyword]
+    required = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind in keyword and p.default is inspect.Parameter.empty
+    ]
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    return names, required, takes_kwargs
+
+
+def check_call_params(
+    factory: Callable[..., Any],
+    params: Mapping[str, Any],
+    key: str,
+    what: str,
+    reserved: Mapping[str, str] | None = None,
+    extra: Collection[str] = (),
+) -> dict[str, Any]:
+    """Check the config mapping ``params`` (config key ``key``, e.g. ``"loss.params"``) that will be passed
+    as keyword arguments to ``factory`` (``what`` names it in messages, e.g. ``"loss 'ldam'"``).
+
+    ``reserved`` maps the arguments the caller passes itself to where their value comes from (``{"head":
+    "model.head"}``); ``extra`` names keys that the caller takes out before calling the factory (listed
+    as valid). :class:`ConfigError`, one line, for: a key that is not a parameter of ``factory`` (unless
+    it takes ``**kwargs``), naming the full key and listing the valid ones; a reserved key; a parameter
+    without a default that neither ``params`` nor the caller gives.
+
+    Returns the entries of ``params`` that only the factory's ``**kwargs`` takes (it forwards them where
+    this check cannot see; a caller that knows where may check them), ``{}`` for a factory without it.
+    """
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"config key {key!r}: expected a mapping of parameters, got {params!r}")
+    reserved = reserved or {}
+    names, required, takes_kwargs = _keyword_parameters(factory)
+    valid = [n for n in names if n not in reserved] + [n for n in extra if n not in names]
+    forwarded: dict[str, Any] = {}
+    for name, value in params.items():
+        full = f"{key}.{name}"
+        if name in reserved:
+            raise ConfigError(
+                f"config key {full!r} cannot be set: {what} gets {name!r} from {reserved[name]}"
+            )
+        if name in valid:
+            continue
+        if not takes_kwargs:
+            listing = f"valid keys in {key}: {', '.join(valid)}" if valid else f"{what} takes no parameters"
+            raise ConfigError(f"unknown config key {full!r} ({what}); {listing}")
+        forwarded[name] = value
+    missing = [n for n in required if n not in params and n not in reserved]
+    if missing:
+        raise ConfigError(f"config key {key!r} lacks {', '.join(map(repr, missing))}, required by {what}")
+    return forwarded

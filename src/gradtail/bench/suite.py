@@ -18,8 +18,10 @@ published: {ce: 70.4}                         # optional "paper" column (top-1 %
 ```
 
 Everything is validated before any training: unknown suite keys, a method that does not build (unknown
-config key, unknown loss / model / regularizer / update rule / post-hoc / dataset), ``after`` naming a
-method that is not in the suite, seeds that are not a list of integers.
+config key, unknown loss / model / regularizer / update rule / post-hoc / sampler / dataset, a key of
+``loss.params``, ``model.params``, ... that the component does not take: see
+:func:`gradtail.engine.components.check_component_params`), ``after`` naming a method that is not in the
+suite, seeds that are not a list of integers.
 """
 
 from __future__ import annotations
@@ -133,14 +135,9 @@ def _mapping(value: Any, key: str, path: Path) -> dict[str, Any]:
 
 
 def validate_suite(suite: Suite) -> None:
-    """Build every run config and check every registry name, so nothing fails after hours of training."""
-    from gradtail.data.builder import DATASETS
-    from gradtail.data.samplers import SAMPLERS
-    from gradtail.losses import LOSSES
-    from gradtail.models import MODELS
-    from gradtail.optim import UPDATE_RULES
-    from gradtail.posthoc import POSTHOC
-    from gradtail.regularizers import REGULARIZERS
+    """Build every run config and check its component names and parameters, so nothing fails after hours
+    of training (the seeds change only ``train.seed``: one config per method is checked)."""
+    from gradtail.engine.components import check_component_params
 
     names = [m.name for m in suite.methods]
     for m in suite.methods:
@@ -150,15 +147,6 @@ def validate_suite(suite: Suite) -> None:
         if m.after == m.name:
             raise ConfigError(f"{where}: a method cannot start from itself")
         try:
-            cfg = suite.run_config(m, suite.seeds[0])
-            DATASETS.get(cfg.data.dataset)
-            SAMPLERS.get(cfg.data.sampler)
-            MODELS.get(cfg.model.name)
-            LOSSES.get(cfg.loss.name)
-            UPDATE_RULES.get(cfg.update_rule.name or "plain")
-            if cfg.regularizer.name:
-                REGULARIZERS.get(cfg.regularizer.name)
-            for p in cfg.eval.posthoc:
-                POSTHOC.get(p)
+            check_component_params(suite.run_config(m, suite.seeds[0]))
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None

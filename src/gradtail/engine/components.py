@@ -1,0 +1,132 @@
+"""Check a run config's component names and parameter mappings before anything is built.
+
+Every ``params``-like mapping of a :class:`~gradtail.config.RunConfig` goes to a registered factory as
+keyword arguments: ``model.params``, ``loss.params``, ``regularizer.params``, ``update_rule.params``,
+``eval.posthoc_params[name]``, ``data.sampler_params``, and ``data.synthetic`` (the synthetic dataset's
+generator). :func:`check_component_params` checks their keys against those factories' signatures, so a
+misspelled key is a one-line :class:`~gradtail.errors.ConfigError` when the config is loaded
+(``unknown config key 'loss.params.tua' (loss 'logit_adjust'); valid keys in loss.params: tau, ...``),
+not a ``TypeError`` from a constructor at training time or after the first runs of a suite.
+
+Arguments the trainer passes itself (the ``*_SET_BY_TRAINER`` tables below, which mirror
+:class:`gradtail.engine.trainer.Trainer`) cannot be set in the mappings: the error names the config key
+or the data they come from. Values are not checked here; the constructors check them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from gradtail.config import RunConfig
+from gradtail.data.builder import DATASETS
+from gradtail.data.samplers import SAMPLERS
+from gradtail.data.synthetic import make_synthetic
+from gradtail.errors import ConfigError
+from gradtail.losses import LOSSES
+from gradtail.losses.reweighting import DRW_OPTIONS
+from gradtail.models import MODELS
+from gradtail.optim import UPDATE_RULES
+from gradtail.posthoc import POSTHOC
+from gradtail.registry import check_call_params
+from gradtail.regularizers import REGULARIZERS
+
+# Arguments the trainer (or data builder) passes to each kind of factory -> where their value comes from.
+MODEL_ARGS_SET_BY_TRAINER: Mapping[str, str] = {
+    "num_classes": "the dataset",
+    "in_channels": "the dataset",
+    "head": "model.head",
+    "head_scale": "model.head_scale",
+}
+LOSS_ARGS_SET_BY_TRAINER: Mapping[str, str] = {
+    "num_classes": "the dataset",
+    "class_counts": "the training data",
+}
+SAMPLER_ARGS_SET_BY_TRAINER: Mapping[str, str] = {
+    "labels": "the training data",
+    "num_classes": "the dataset",
+    "seed": "train.seed",
+}
+# Post-hoc adjusters get these only when their factory lists them (Trainer._posthoc_args, _posthoc_inputs).
+POSTHOC_ARGS_SET_BY_TRAINER: Mapping[str, str] = {
+    "class_counts": "the training data",
+    "classifier": "the trained model",
+}
+SYNTHETIC_ARGS_SET_BY_BUILDER: Mapping[str, str] = {"train": "the split being built"}
+SYNTHETIC_EXTRA_KEYS = ("test_per_class",)  # taken out by the data builder (per_class of the test split)
+
+
+def check_component_params(cfg: RunConfig) -> None:
+    """Check every component name and parameter mapping of ``cfg`` against its registry: an unknown name
+    is the registry's :class:`ConfigError`; an unknown, reserved or missing parameter names its full config
+    key (see :func:`gradtail.registry.check_call_params`)."""
+    data = cfg.data
+    DATASETS.get(data.dataset)
+    if data.synthetic:
+        check_call_params(
+            make_synthetic,
+            data.synthetic,
+            "data.synthetic",
+            "the synthetic dataset",
+            reserved=SYNTHETIC_ARGS_SET_BY_BUILDER,
+            extra=SYNTHETIC_EXTRA_KEYS,
+        )
+    SAMPLERS.check_params(
+        data.sampler, data.sampler_params, "data.sampler_params", SAMPLER_ARGS_SET_BY_TRAINER
+    )
+    MODELS.check_params(cfg.model.name, cfg.model.params, "model.params", MODEL_ARGS_SET_BY_TRAINER)
+    _check_loss_params(cfg.loss.name, cfg.loss.params)
+    if cfg.regularizer.name:  # without a name, no regularizer is built and its params are unused
+        REGULARIZERS.check_params(cfg.regularizer.name, cfg.regularizer.params, "regularizer.params")
+    UPDATE_RULES.check_params(cfg.update_rule.name or "plain", cfg.update_rule.params, "update_rule.params")
+    _check_posthoc_params(cfg.eval.posthoc, cfg.eval.posthoc_params)
+
+
+def _check_loss_params(name: str, params: Mapping[str, Any]) -> None:
+    """Every loss also takes the deferred re-weighting options (``create_loss`` takes them out); the ``drw``
+    loss takes its own and forwards the rest to its ``base`` loss, checked against that loss."""
+    key = "loss.params"
+    if name != "drw":
+        LOSSES.check_params(name, params, key, LOSS_ARGS_SET_BY_TRAINER, extra=DRW_OPTIONS)
+        return
+    forwarded = LOSSES.check_params("drw", params, key, LOSS_ARGS_SET_BY_TRAINER)
+    drw_factory = LOSSES.get("drw")
+    base = params.get("base", inspect.signature(drw_factory).parameters["base"].default)
+    if base == "drw":
+        raise ConfigError("config key 'loss.params.base': loss 'drw' must wrap another loss, not 'drw'")
+    try:
+        base_factory = LOSSES.get(base)
+    except ConfigError as e:
+        raise ConfigError(f"config key 'loss.params.base': {e}") from None
+    own = [n for n in LOSSES.parameter_names("drw") if n not in LOSS_ARGS_SET_BY_TRAINER]
+    check_call_params(
+        base_factory,
+        forwarded,
+        key,
+        f"loss 'drw' with base {base!r}",
+        reserved=LOSS_ARGS_SET_BY_TRAINER,
+        extra=own,
+    )
+
+
+def _check_posthoc_params(names: list[str], params_by_name: Mapping[str, Any]) -> None:
+    """Each adjuster of ``eval.posthoc`` must be registered; each ``eval.posthoc_params`` entry must name a
+    registered adjuster and hold parameters of it."""
+    for name in names:
+        POSTHOC.get(name)
+    for name, params in params_by_name.items():
+        key = f"eval.posthoc_params.{name}"
+        try:
+            factory = POSTHOC.get(name)
+        except ConfigError as e:
+            raise ConfigError(f"config key {key!r}: {e}") from None
+        inputs = _posthoc_inputs(factory)
+        reserved = {arg: POSTHOC_ARGS_SET_BY_TRAINER.get(arg, "the trainer") for arg in inputs}
+        POSTHOC.check_params(name, params, key, reserved)
+
+
+def _posthoc_inputs(factory: Any) -> tuple[str, ...]:
+    """What the trainer passes a post-hoc adjuster at construction: its ``construction_inputs`` (the
+    ``wants`` attribute of older adjusters is read too)."""
+    return tuple(getattr(factory, "construction_inputs", ())) + tuple(getattr(factory, "wants", ()))
