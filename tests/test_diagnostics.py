@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gradtail.contracts import StepObserver
 from gradtail.diagnostics import GradientRatioObserver, classes_below_ratio, plot_gradient_ratios
-from gradtail.engine.interfaces import StepObserver
 from gradtail.errors import InputError, TrainingError
 from gradtail.gradstats import frozen_statistics
 from gradtail.losses.equalization import SoftmaxEQL

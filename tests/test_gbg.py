@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradtail.engine.interfaces import Regularizer, StepContext, UpdateRule
+from gradtail.contracts import Regularizer, StepContext, TrainingView, UpdateRule
 from gradtail.errors import ConfigError
 from gradtail.gradstats import GradientStatistics
 from gradtail.models.base import LongTailClassifier
@@ -70,7 +70,7 @@ def setup(labels: list[int] | None = None, seed: int = 0, lr: float = 0.1, **ctx
     y = torch.tensor(labels) if labels is not None else torch.arange(NUM_CLASSES).repeat(4)
     x = torch.randn(y.numel(), 4, dtype=torch.float64)
     kw = {"loss_fn": CE(), "regularizer": None, **ctx_kw}
-    ctx = StepContext(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=lr), epoch=0, step=0, **kw)
+    ctx = StepContext(model=net, epoch=0, **kw)
     return net, x, y, ctx
 
 
@@ -173,7 +173,7 @@ def test_one_group_step_equals_plain_step(combiner: str) -> None:
     plain_opt.step()
 
     out = make_rule(combiner=combiner)(ctx, x, y)
-    ctx.optimizer.step()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()  # the trainer's optimizer steps after the rule
     for p, q in zip(net.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p, q)
     for (name, b), c in zip(net.named_buffers(), plain.buffers(), strict=True):
@@ -358,18 +358,18 @@ class OppositeNet(LongTailClassifier):
             self.classifier.bias.zero_()
 
 
-def grouping_view(model: nn.Module) -> SimpleNamespace:
+def grouping_view(model: nn.Module) -> TrainingView:
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(NUM_CLASSES).repeat_interleave(5)
     counts = torch.bincount(labels)
     counts[0] = 50  # frequency order: class 0 first
-    return SimpleNamespace(
+    return TrainingView(
         model=model,
         train_images=torch.randint(0, 256, (labels.numel(), 1, 3, 4), generator=gen, dtype=torch.uint8),
         train_labels=labels,
         num_classes=NUM_CLASSES,
-        class_counts=counts,
-        loss_fn=None,
+        class_counts=counts.tolist(),
+        loss_fn=CE(),
         normalize=lambda x: x.float() / 255.0,
     )
 
@@ -408,10 +408,11 @@ def test_groups_must_match_the_number_of_classes() -> None:
 
 
 def test_spectral_grouping_without_in_memory_images_is_a_clear_error():
-    from types import SimpleNamespace
-
     rule = GBGRule(num_groups=2, grouping="spectral")
-    view = SimpleNamespace(num_classes=3, model=torch.nn.Linear(2, 3), train_images=None)
+    view = TrainingView(
+        model=OppositeNet(), train_images=None, train_labels=torch.arange(6), num_classes=6,
+        class_counts=[1] * 6, loss_fn=CE(), normalize=lambda x: x.float(),
+    )
     with pytest.raises(ConfigError, match="in-memory"):
         rule.compute_groups(view)
 

@@ -231,7 +231,7 @@ def test_tau_norm_fit_helps_on_skewed_head() -> None:
     head, val_h, val_y = skewed_head_and_features(2)
     _, test_h, test_y = skewed_head_and_features(3)
     adj = create_posthoc("tau_norm", classifier=head).fit(val_h, val_y)
-    assert adj.needs_features
+    assert adj.input_kind == "features"
     assert 0.0 < adj.tau <= 2.0
     with torch.no_grad():
         plain = balanced_accuracy(head(test_h), test_y, C)
@@ -259,18 +259,22 @@ def test_tau_norm_bad_input() -> None:
 
 
 def test_harness_contract() -> None:
-    """What the trainer relies on: ``wants`` on the factory, ``fitted_params()``, feature methods."""
+    """What the trainer relies on: the declared ``construction_inputs`` and ``input_kind`` of each
+    registered adjuster class, ``fitted_params()``; every registered adjuster is a PosthocAdjuster."""
+    from gradtail.contracts import PosthocAdjuster
     from gradtail.posthoc import POSTHOC
 
-    assert POSTHOC.get("posthoc_la").wants == ("class_counts",)  # type: ignore[attr-defined]
-    assert POSTHOC.get("gala_rebalance").wants == ()  # type: ignore[attr-defined]
-    assert POSTHOC.get("tau_norm").wants == ("classifier",)  # type: ignore[attr-defined]
+    for name in POSTHOC.names():
+        assert issubclass(POSTHOC.get(name), PosthocAdjuster), name  # type: ignore[arg-type]
+    assert POSTHOC.get("posthoc_la").construction_inputs == ("class_counts",)  # type: ignore[attr-defined]
+    assert POSTHOC.get("gala_rebalance").construction_inputs == ()  # type: ignore[attr-defined]
+    assert POSTHOC.get("tau_norm").construction_inputs == ("classifier",)  # type: ignore[attr-defined]
     z, y = skewed_logits(8, per_class=20)
     assert create_posthoc("gala_rebalance").fit(z, y).fitted_params().keys() == {"tau"}
     assert create_posthoc("posthoc_la", class_counts=COUNTS).fit(z, y).fitted_params().keys() == {"tau"}
     head, h, hy = skewed_head_and_features(9, per_class=20)
     adj = create_posthoc("tau_norm", classifier=head)
-    assert not getattr(create_posthoc("gala_rebalance"), "needs_features", False)
-    adj.fit_features(h, hy)
-    assert torch.equal(adj.transform_features(h), adj.transform(h))
+    assert create_posthoc("gala_rebalance").input_kind == "logits"
+    assert adj.input_kind == "features"
+    adj.fit(h, hy)
     assert adj.fitted_params()["tau"] == adj.tau

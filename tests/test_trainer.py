@@ -117,9 +117,14 @@ def test_non_finite_loss_names_the_step(tmp_path):
 
 def test_resume_with_other_subset_is_refused(tmp_path):
     Trainer(tiny_config(optim__epochs=1), output_dir=tmp_path).fit()
-    other = tiny_config(optim__epochs=2, data__subset_seed=5)
-    with pytest.raises(ConfigError, match="different training subset"):
+    other = tiny_config(optim__epochs=1, data__subset_seed=5)
+    with pytest.raises(ConfigError, match=r"data\.subset_seed: 0 -> 5"):
         Trainer(other, output_dir=tmp_path).fit(resume=True)
+    # the same config on other data (a path is resume-safe, the subset hash is not): refused by the hash
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    state["subset_sha256"] = "0" * 64
+    with pytest.raises(ConfigError, match="different training subset"):
+        Trainer(tiny_config(optim__epochs=1), output_dir=tmp_path / "other").load_state(state)
 
 
 def test_crt_stage_two_freezes_backbone_and_retrains_classifier(tmp_path):

@@ -19,3 +19,8 @@ class InputError(GradtailError, ValueError):
 
 class TrainingError(GradtailError, RuntimeError):
     """Training cannot go on (a non-finite loss, a statistics hook that never fired)."""
+
+
+class OutputError(GradtailError):
+    """An output cannot be written (read-only or full disk, a path that cannot be created), or a run
+    directory already holds a run that would be replaced (see :mod:`gradtail.rundir`)."""

@@ -1,15 +1,17 @@
 """Run a suite: every (method, seed) in order, skipping finished runs and resuming interrupted ones.
 
-Layout: ``<output>/<method>/seed<k>/`` is an ordinary run directory (see
-:class:`~gradtail.engine.trainer.Trainer`).
+Layout: ``<output>/<method>/seed<k>/`` is an ordinary run directory (:class:`gradtail.rundir.RunDirectory`).
 A run is *done* when its ``final.json`` exists with the config hash of the run it would be now; a run
 with a checkpoint but no ``final.json`` resumes from it (epoch-level, bit-identical on CPU). So killing
 ``gradtail bench`` at any point and starting it again completes the suite without redoing work.
+
+A run directory that holds a run of *another* config (the suite was edited) is never retrained over
+silently: the whole suite is checked before the first run, and such runs are an error unless
+``overwrite`` is given (``gradtail bench --overwrite``), which retrains exactly those runs.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -18,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from gradtail.bench.suite import MethodSpec, Suite
-from gradtail.config import RunConfig
-from gradtail.errors import ConfigError
+from gradtail.config import RunConfig, read_yaml_mapping
+from gradtail.errors import ConfigError, OutputError
+from gradtail.rundir import CONFIG, RunDirectory, config_changes, describe_changes, unsafe_changes
 
 
 @dataclass
@@ -30,17 +33,25 @@ class PlannedRun:
     config: RunConfig
 
     @property
-    def final_path(self) -> Path:
-        return self.directory / "final.json"
+    def run_dir(self) -> RunDirectory:
+        return RunDirectory(self.directory)
 
     def is_done(self) -> bool:
-        if not self.final_path.is_file():
-            return False
-        try:
-            final = json.loads(self.final_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return False
-        return final.get("config_hash") == self.config.hash()
+        final = self.run_dir.read_final()
+        return final is not None and final.get("config_hash") == self.config.hash()
+
+    def conflict(self) -> str | None:
+        """Why the directory cannot be resumed as this run (it holds a run of another config), or None."""
+        run = self.run_dir
+        if self.is_done() or not run.holds_run():
+            return None
+        if run.is_finished():
+            return "holds a finished run of another config"
+        saved = run.file(CONFIG)
+        if not saved.is_file():
+            return None
+        unsafe = unsafe_changes(config_changes(read_yaml_mapping(saved, "run config"), self.config.to_dict()))
+        return f"its config differs in {describe_changes(unsafe)}" if unsafe else None
 
 
 def _ordered(methods: list[MethodSpec]) -> list[MethodSpec]:
@@ -104,8 +115,13 @@ def run_suite(
     only: list[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every planned run that is not done; return the ``final.json`` of every planned run."""
+    """Run every planned run that is not done; return the ``final.json`` of every planned run.
+
+    Before the first run, every planned directory is checked: one that holds a run of another config is
+    an :class:`OutputError` naming it, unless ``overwrite`` (then that run is retrained from scratch).
+    """
     from gradtail.engine.trainer import Trainer
 
     if log is None:  # flushed per line: the progress must show when stdout is a file or a pipe
@@ -114,6 +130,14 @@ def run_suite(
             print(line, flush=True)
 
     runs = plan_runs(suite, output, only)
+    conflicts = {id(r): reason for r in runs if (reason := r.conflict()) is not None}
+    if conflicts and not overwrite:
+        first = next(r for r in runs if id(r) in conflicts)
+        raise OutputError(
+            f"{len(conflicts)} run director{'y' if len(conflicts) == 1 else 'ies'} of this suite hold runs "
+            f"of another config (first: {first.directory}: {conflicts[id(first)]}); rerun with --overwrite "
+            "to retrain them, or use another --output"
+        )
     todo = [r for r in runs if not r.is_done()]
     log(
         f"gradtail bench: suite {suite.name!r}: {len(runs)} runs ({len(runs) - len(todo)} already done) "
@@ -125,16 +149,24 @@ def run_suite(
         if run.is_done():
             log(f"{tag}: done, skipped")
             continue
-        resumed = (run.directory / "checkpoints" / "last.pt").is_file()
+        replace = id(run) in conflicts
+        resumed = not replace and run.run_dir.last_checkpoint.is_file()
         remaining = sum(1 for r in runs[i - 1 :] if not r.is_done())
         eta = f", ETA {_fmt_duration(remaining * sum(durations) / len(durations))}" if durations else ""
-        log(f"{tag}: {'resuming' if resumed else 'training'} ({run.config.optim.epochs} epochs{eta})")
+        doing = "retraining (another config)" if replace else "resuming" if resumed else "training"
+        log(f"{tag}: {doing} ({run.config.optim.epochs} epochs{eta})")
         start = time.perf_counter()
         run.config.train.progress = progress and sys.stderr.isatty()
         trainer = Trainer(run.config, output_dir=run.directory, verbose=False)
-        final = trainer.fit(resume=True)
+        final = trainer.fit(resume=not replace, overwrite=replace)
         durations.append(time.perf_counter() - start)
         last = final["last_epoch"]
         few = "N/A" if last.get("few") is None else f"{100 * last['few']:.1f}"
         log(f"{tag}: top-1 {100 * last['top1']:.1f}, few {few} ({_fmt_duration(durations[-1])})")
-    return [json.loads(r.final_path.read_text()) | {"method": r.method.name, "seed": r.seed} for r in runs]
+    finals = []
+    for r in runs:
+        final = r.run_dir.read_final()
+        if final is None:
+            raise OutputError(f"{r.run_dir.file('final.json')} is missing or unreadable after the run")
+        finals.append(final | {"method": r.method.name, "seed": r.seed})
+    return finals

@@ -1,7 +1,9 @@
 """The ``gradtail`` command: ``train``, ``eval``, ``list``.
 
-Errors gradtail raises on purpose (bad config key, missing data, wrong labels, ...) are printed as one
-line ``gradtail: error: ...`` with exit status 2, never as a traceback. ``GRADTAIL_DEBUG=1`` shows it.
+Errors gradtail raises on purpose (bad config key, missing data, wrong labels, an output that cannot be
+written, a run directory that already holds a run, ...) are printed as one line ``gradtail: error: ...``
+with exit status 2, never as a traceback; so are operating-system errors on files (the file named).
+``GRADTAIL_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gradtail.errors import GradtailError
+from gradtail.errors import ConfigError, GradtailError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -31,6 +33,10 @@ def _train(args: argparse.Namespace) -> int:
     from gradtail.distributed import is_main_process, world_size
     from gradtail.engine.trainer import Trainer
     from gradtail.report import format_table, run_rows
+    from gradtail.rundir import FINAL
+
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
 
     overrides = list(args.set or [])
     if args.output:
@@ -47,21 +53,21 @@ def _train(args: argparse.Namespace) -> int:
         f"counts {counts}",
         flush=True,
     )
-    final = trainer.fit(resume=args.resume or False, stop_after=args.stop_after)
+    final = trainer.fit(resume=args.resume or False, stop_after=args.stop_after, overwrite=args.overwrite)
     if "last_epoch" not in final:
         say(f"gradtail: stopped after epoch {trainer.epoch}; resume with --resume")
         return 0
     say()
     say(format_table(run_rows(final, cfg.name)))
-    say(f"\ntraining time {final['train_seconds']:.1f}s; results in {trainer.out / 'final.json'}")
+    say(f"\ntraining time {final['train_seconds']:.1f}s; results in {trainer.run_dir.file(FINAL)}")
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gradtail.config import config_from_dict
-    from gradtail.engine.checkpoint import load_checkpoint
     from gradtail.engine.trainer import Trainer
     from gradtail.report import format_table, run_rows
+    from gradtail.rundir import load_checkpoint
 
     path = Path(args.checkpoint)
     state = load_checkpoint(path)
@@ -94,7 +100,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         suite.seeds = list(args.seeds)
     only = args.only.split(",") if args.only else None
     start = time.perf_counter()
-    finals = run_suite(suite, output, only=only, progress=not args.no_progress)
+    finals = run_suite(suite, output, only=only, progress=not args.no_progress, overwrite=args.overwrite)
     wall = time.perf_counter() - start
     results = build_results(suite, finals, output, wall)
     paths = write_report(results, output)
@@ -143,7 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--output", help="output directory (default: train.output_dir)")
     t.add_argument(
-        "--resume", action="store_true", help="continue from <output>/checkpoints/last.pt if present"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from <output>/checkpoints/last.pt (or from CHECKPOINT); the config must be the "
+        "checkpoint's except where and how the run executes",
+    )
+    t.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in the output directory"
     )
     t.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -164,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", help="comma-separated methods to run (plus those they start from)")
     b.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="retrain runs whose directory holds a run of another config (otherwise an error)",
+    )
     b.set_defaults(func=_cmd_bench)
 
     ls = sub.add_parser("list", help="list registered datasets, models, losses, regularizers, update rules")
@@ -180,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("GRADTAIL_DEBUG"):
             raise
         print(f"gradtail: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file gradtail reads or writes outside the paths it checks itself
+        if os.environ.get("GRADTAIL_DEBUG"):
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"gradtail: error: cannot access{where}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

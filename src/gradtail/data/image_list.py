@@ -356,6 +356,7 @@ class ImageListLoader:
     """
 
     images: None = None
+    num_views = 0  # extra contrastive views are made by the in-memory loader only
     epoch = _plan_attribute("epoch")
     batch_size = _plan_attribute("batch_size")
     sampler = _plan_attribute("sampler")

@@ -121,12 +121,7 @@ def _check_posthoc_params(names: list[str], params_by_name: Mapping[str, Any]) -
             factory = POSTHOC.get(name)
         except ConfigError as e:
             raise ConfigError(f"config key {key!r}: {e}") from None
-        inputs = _posthoc_inputs(factory)
+        inputs = factory.construction_inputs  # type: ignore[attr-defined]
         reserved = {arg: POSTHOC_ARGS_SET_BY_TRAINER.get(arg, "the trainer") for arg in inputs}
         POSTHOC.check_params(name, params, key, reserved)
 
-
-def _posthoc_inputs(factory: Any) -> tuple[str, ...]:
-    """What the trainer passes a post-hoc adjuster at construction: its ``construction_inputs`` (the
-    ``wants`` attribute of older adjusters is read too)."""
-    return tuple(getattr(factory, "construction_inputs", ())) + tuple(getattr(factory, "wants", ()))

@@ -4,16 +4,14 @@ One step (design.md): batch -> ``update_rule(ctx, x, y)`` (forward through ``mod
 ``model.classifier``, loss [+ regularizer], backward) -> ``optimizer.step()``. Losses, regularizers,
 update rules, post-hoc adjusters and observers come from their registries; nothing here knows a method.
 
-Runs write into their output directory: ``config.yaml`` (resolved), ``environment.json``,
-``subset.json`` (counts and hash), ``metrics.jsonl`` (one line per epoch), ``final.json``,
-``diagnostics.json`` and ``checkpoints/last.pt`` (every ``checkpoint_every`` epochs). A run resumed
-from its last checkpoint continues bit-identically on CPU (same order, augmentation, RNG, buffers).
+Runs write into their output directory through :class:`gradtail.rundir.RunDirectory` (its layout and the
+refuse / resume / overwrite rules live there). A run resumed from its last checkpoint continues
+bit-identically on CPU (same order, augmentation, RNG, buffers).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,18 +22,21 @@ import torch
 from torch import nn
 
 from gradtail.config import RunConfig, dump_config
-from gradtail.data.builder import DataBundle, build_data
+from gradtail.contracts import (
+    LossContract,
+    RunData,
+    StepContext,
+    StepObserver,
+    StepOutput,
+    TrainingView,
+    UpdateRule,
+)
+from gradtail.data.builder import build_data
 from gradtail.data.samplers import create_sampler
 from gradtail.distributed import average_gradients_, is_distributed, is_main_process, rank, world_size
-from gradtail.engine.checkpoint import (
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-    seed_everything,
-)
+from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state, seed_everything
+from gradtail.engine.components import check_component_params
 from gradtail.engine.environment import environment_info, resolve_device
-from gradtail.engine.interfaces import StepContext, StepObserver, StepOutput, UpdateRule
 from gradtail.engine.schedule import LRSchedule
 from gradtail.errors import ConfigError, TrainingError
 from gradtail.losses import create_loss
@@ -44,6 +45,16 @@ from gradtail.models import LongTailClassifier, create_model
 from gradtail.optim import create_update_rule
 from gradtail.posthoc import POSTHOC, create_posthoc
 from gradtail.regularizers import create_regularizer
+from gradtail.rundir import (
+    CONFIG,
+    DIAGNOSTICS,
+    ENVIRONMENT,
+    FINAL,
+    SUBSET,
+    RunDirectory,
+    load_checkpoint,
+    resume_config_changes,
+)
 
 CHECKPOINT_VERSION = 1
 
@@ -67,10 +78,11 @@ class Trainer:
     def __init__(
         self,
         cfg: RunConfig,
-        data: DataBundle | None = None,
+        data: RunData | None = None,
         output_dir: str | Path | None = None,
         verbose: bool = True,
     ):
+        check_component_params(cfg)  # every params mapping against its component, before any work
         self.cfg = cfg
         self.verbose = verbose
         t = cfg.train
@@ -78,8 +90,9 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
         self.out = Path(output_dir) if output_dir is not None else cfg.output_path()
+        self.run_dir = RunDirectory(self.out, writer=is_main_process())
         seed_everything(t.seed)
-        self.data = data if data is not None else build_data(cfg.data)
+        self.data: RunData = data if data is not None else build_data(cfg.data)
         counts = self.data.class_counts
         c = self.data.num_classes
 
@@ -102,13 +115,14 @@ class Trainer:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn = create_loss(cfg.loss.name, c, class_counts=counts, **cfg.loss.params).to(self.device)
-        required = getattr(self.loss_fn, "required_head", None)
-        head_kind = getattr(self.model.classifier, "kind", None)
-        if required is not None and required != head_kind:
+        self.loss_fn: LossContract = create_loss(cfg.loss.name, c, class_counts=counts, **cfg.loss.params).to(
+            self.device
+        )
+        required = self.loss_fn.required_head
+        if required is not None and required != self.model.head_kind:
             raise ConfigError(
                 f"loss {cfg.loss.name!r} needs a {required!r} classifier head; set model.head: {required} "
-                f"(the config has {head_kind!r})"
+                f"(the config has {self.model.head_kind!r})"
             )
         self.regularizer = (
             create_regularizer(cfg.regularizer.name, **cfg.regularizer.params)
@@ -168,29 +182,26 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # val-selected epoch record
+        self.resumes: list[dict[str, Any]] = []  # each resume: the epoch and the safe config changes
 
     # ------------------------------------------------------------------ what update rules may read
-    # (``gradtail.optim.gbg.GroupingView``: the un-augmented training set and the model's input transform)
-    @property
-    def train_images(self) -> torch.Tensor | None:
-        """Stored (un-augmented) training images on the device; None for image-list datasets."""
-        return self.train_loader.images
+    def training_view(self) -> TrainingView:
+        """The read-only view of the run an update rule gets between epochs (GBG's grouping pass)."""
+        channels_last = self.cfg.train.channels_last
 
-    @property
-    def train_labels(self) -> torch.Tensor:
-        return self.train_loader.labels
+        def normalize(x: torch.Tensor) -> torch.Tensor:
+            x = self.data.normalize(x)
+            return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
-    @property
-    def num_classes(self) -> int:
-        return self.data.num_classes
-
-    @property
-    def class_counts(self) -> list[int]:
-        return self.data.class_counts
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.data.normalize(x)
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
+        return TrainingView(
+            model=self.model,
+            train_images=self.train_loader.images,
+            train_labels=self.train_loader.labels,
+            num_classes=self.data.num_classes,
+            class_counts=self.data.class_counts,
+            loss_fn=self.loss_fn,
+            normalize=normalize,
+        )
 
     # ------------------------------------------------------------------ helpers
     def _init_from_stage1(self, path: Path) -> None:
@@ -214,7 +225,7 @@ class Trainer:
     def _check_views(self) -> None:
         """The extra views the training loader makes (``data.augment.views``) must match what the
         regularizer uses (checked on the loader, which may come from a bundle built by someone else)."""
-        made = int(getattr(self.train_loader, "num_views", 0))
+        made = self.train_loader.num_views
         wanted = self.regularizer.num_views if self.regularizer is not None else 0
         if made != wanted:
             who = f"regularizer {self.cfg.regularizer.name!r}" if self.regularizer is not None else "no term"
@@ -241,17 +252,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoints" / "last.pt"
-
     # ------------------------------------------------------------------ training
     def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, float]:
         self._set_train_mode()
         self.loss_fn.train()
         self.loss_fn.set_epoch(epoch)
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
         self.train_loader.set_epoch(epoch)
         n_steps = len(self.train_loader)
         if n_steps == 0:
@@ -307,9 +312,7 @@ class Trainer:
             model=self.train_model,
             loss_fn=self.loss_fn,
             regularizer=self.regularizer,
-            optimizer=self.optimizer,
             epoch=epoch,
-            step=self.global_step,
             observers=self.observers,
             autocast=self.autocast,
             scaler=self.scaler,
@@ -318,12 +321,11 @@ class Trainer:
         out = self.update_rule(ctx, x, y)
         if is_distributed() and self.regularizer is not None:
             average_gradients_(self._regularizer_parameters())  # DDP reduces only the model's
-        if not self.update_rule.owns_optimizer_step:
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         return out
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
@@ -368,19 +370,38 @@ class Trainer:
         return self.evaluate_predictions(pred.logits, pred.targets)
 
     # ------------------------------------------------------------------ run
-    def fit(self, resume: bool | str | Path = False, stop_after: int | None = None) -> dict[str, Any]:
+    def fit(
+        self,
+        resume: bool | str | Path = False,
+        stop_after: int | None = None,
+        overwrite: bool = False,
+    ) -> dict[str, Any]:
         """Train to ``optim.epochs`` (or stop after ``stop_after`` epochs of this call) and evaluate.
 
-        ``resume``: ``True`` resumes from ``<output>/checkpoints/last.pt`` when it exists; a path resumes
-        from that file. Returns the final metrics (also written to ``final.json``) once training is done,
-        or the last epoch record when stopped early.
+        The output directory's rules (:mod:`gradtail.rundir`): without ``resume`` or ``overwrite`` a
+        directory that already holds a run is refused. ``resume=True`` continues from the directory's
+        last checkpoint when there is one (a fresh directory starts a new run); a path resumes from that
+        checkpoint file. The config must equal the checkpoint's except in the resume-safe keys, whose
+        changes are recorded in ``final.json`` (``resumes``). ``overwrite`` removes the previous run first.
+        Returns the final metrics (also written to ``final.json``) once training is done, or the last
+        epoch record when stopped early.
         """
-        if resume:
-            path = self.checkpoint_path if resume is True else Path(resume)
-            if path.is_file():
-                self.load_state(load_checkpoint(path, map_location=self.device))
-            elif resume is not True:
-                raise ConfigError(f"resume checkpoint not found: {path}")
+        if resume and overwrite:
+            raise ConfigError("resume and overwrite exclude each other")
+        if overwrite:
+            self.run_dir.start("overwrite")
+        elif resume:
+            path = None if resume is True else Path(resume)
+            state = self.run_dir.load_resume_checkpoint(path, map_location=self.device)
+            if state is None:
+                self.run_dir.start("new")
+            else:
+                changes = resume_config_changes(state["config"], self.cfg.to_dict(), path or self.out)
+                self.run_dir.start("resume")
+                self.load_state(state)
+                self.resumes.append({"at_epoch": self.epoch, "changed": changes})
+        else:
+            self.run_dir.start("new")
         self._write_run_header()
         progress = self.cfg.train.progress and is_main_process()
         epochs = self.cfg.optim.epochs
@@ -389,7 +410,7 @@ class Trainer:
             if stop_after is not None and ran >= stop_after:
                 return self.history[-1] if self.history else {}
             epoch = self.epoch
-            self.update_rule.on_epoch_start(epoch, self)
+            self.update_rule.on_epoch_start(epoch, self.training_view())
             record: dict[str, Any] = {"epoch": epoch + 1}
             record.update(self.train_epoch(epoch, progress=progress))
             last = epoch + 1 == epochs
@@ -400,12 +421,11 @@ class Trainer:
             self.history.append(record)
             self.epoch = epoch + 1
             ran += 1
-            if is_main_process():
-                self._append_jsonl(record)
-                if last or self.epoch % self.cfg.train.checkpoint_every == 0:
-                    self.save()
-                if self.verbose:
-                    print(_epoch_line(record, epochs), flush=True)
+            self.run_dir.append_metrics(record)
+            if last or self.epoch % self.cfg.train.checkpoint_every == 0:
+                self.save()
+            if self.verbose and is_main_process():
+                print(_epoch_line(record, epochs), flush=True)
         return self.finish()
 
     def _epoch_eval(self) -> dict[str, Any]:
@@ -439,15 +459,14 @@ class Trainer:
             "posthoc": self._posthoc(test_pred),
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
             "update_rule_state": _jsonable(self.update_rule.state_dict()),
+            "resumes": self.resumes,
         }
         val = self.evaluate_split("val")
         if val is not None:
             final["val_last_epoch"] = val.summary() | {"balanced_accuracy": val.balanced_accuracy}
-        if is_main_process():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "final.json").write_text(json.dumps(final, indent=2))
-            if self.diagnostics is not None:
-                (self.out / "diagnostics.json").write_text(json.dumps(self.diagnostics.to_json(), indent=1))
+        self.run_dir.write_json(FINAL, final)
+        if self.diagnostics is not None:
+            self.run_dir.write_json(DIAGNOSTICS, self.diagnostics.to_json(), indent=1)
         return final
 
     def _posthoc(self, test_pred: Predictions) -> dict[str, Any]:
@@ -460,20 +479,20 @@ class Trainer:
         for name in names:
             params = dict(self.cfg.eval.posthoc_params.get(name, {}))
             adjuster = create_posthoc(name, **self._posthoc_args(name, params))
-            if getattr(adjuster, "needs_features", False):
-                adjuster.fit_features(val_pred.features, val_pred.targets)  # type: ignore[attr-defined]
-                logits = adjuster.transform_features(test_feats.features)  # type: ignore[attr-defined]
+            if adjuster.input_kind == "features":
+                assert val_pred.features is not None and test_feats.features is not None
+                adjuster.fit(val_pred.features, val_pred.targets)
+                logits = adjuster.transform(test_feats.features)
             else:
                 adjuster.fit(val_pred.logits, val_pred.targets)
                 logits = adjuster.transform(test_pred.logits)
             res = self.evaluate_predictions(logits, test_pred.targets)
-            results[name] = {"params": adjuster.fitted_params(), **res.to_dict(include_confusion=False)}  # type: ignore[attr-defined]
+            results[name] = {"params": adjuster.fitted_params(), **res.to_dict(include_confusion=False)}
         return results
 
     def _posthoc_args(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
-        factory = POSTHOC.get(name)
+        wants = POSTHOC.get(name).construction_inputs  # type: ignore[attr-defined]
         extra: dict[str, Any] = {}
-        wants = getattr(factory, "wants", ())
         if "class_counts" in wants:
             extra["class_counts"] = self.data.class_counts
         if "classifier" in wants:
@@ -494,9 +513,9 @@ class Trainer:
             "regularizer": self.regularizer.state_dict() if self.regularizer is not None else None,
             "update_rule": self.update_rule.state_dict(),
             "diagnostics": self.diagnostics.state_dict() if self.diagnostics is not None else None,
-            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
             "history": self.history,
             "best": self.best,
+            "resumes": self.resumes,
             "rng": capture_rng_state(),
             "class_counts": self.data.class_counts,
             "subset_sha256": self.data.sha256,
@@ -515,33 +534,21 @@ class Trainer:
         self.update_rule.load_state_dict(state.get("update_rule") or {})
         if self.diagnostics is not None and state.get("diagnostics") is not None:
             self.diagnostics.load_state_dict(state["diagnostics"])
-        if state.get("sampler") is not None and hasattr(self.sampler, "load_state_dict"):
-            self.sampler.load_state_dict(state["sampler"])
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
         self.best = state.get("best")
+        self.resumes = list(state.get("resumes", []))
         restore_rng_state(state["rng"])
-        self._rewrite_jsonl()
+        self.run_dir.rewrite_metrics(self.history)
 
     def save(self) -> None:
-        save_checkpoint(self.state_dict(), self.checkpoint_path)
-        keep = self.cfg.train.keep_checkpoints
-        if keep > 0:
-            epoch_path = self.checkpoint_path.with_name(f"epoch_{self.epoch:04d}.pt")
-            save_checkpoint(self.state_dict(), epoch_path)
-            old = sorted(self.checkpoint_path.parent.glob("epoch_*.pt"))[:-keep]
-            for p in old:
-                p.unlink(missing_ok=True)
+        """``checkpoints/last.pt`` and the kept epoch checkpoints (rank 0 writes)."""
+        self.run_dir.save_checkpoint(self.state_dict(), self.epoch, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ files
     def _write_run_header(self) -> None:
-        if not is_main_process():
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(dump_config(self.cfg))
         env = environment_info(self.device) | {"world_size": world_size()}
-        (self.out / "environment.json").write_text(json.dumps(env, indent=2))
         subset = {
             "dataset": self.cfg.data.dataset,
             "imbalance_factor": self.cfg.data.imbalance_factor,
@@ -549,20 +556,9 @@ class Trainer:
             "subset_seed": self.cfg.data.subset_seed,
             **self.data.describe(),
         }
-        (self.out / "subset.json").write_text(json.dumps(subset, indent=2))
-
-    def _append_jsonl(self, record: dict[str, Any]) -> None:
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _rewrite_jsonl(self) -> None:
-        """After a resume, metrics.jsonl holds exactly the epochs the checkpoint knows (no duplicates)."""
-        if not is_main_process():
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / "metrics.jsonl").open("w") as f:
-            for record in self.history:
-                f.write(json.dumps(record) + "\n")
+        self.run_dir.write_text(CONFIG, dump_config(self.cfg))
+        self.run_dir.write_json(ENVIRONMENT, env)
+        self.run_dir.write_json(SUBSET, subset)
 
 
 def _jsonable(value: Any) -> Any:

@@ -26,6 +26,11 @@ class LongTailClassifier(nn.Module):
         self.num_classes = num_classes
         self.classifier = create_head(head, self.feature_dim, num_classes, scale=head_scale)
 
+    @property
+    def head_kind(self) -> str:
+        """``"linear"`` or ``"cosine"``: the kind of the classifier head (losses may require one)."""
+        return str(self.classifier.kind)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
@@ -41,7 +46,7 @@ class LongTailClassifier(nn.Module):
 
     def reset_classifier(self, head: str | None = None, head_scale: float | None = None) -> None:
         """Re-initialise the head (cRT); optionally switch its kind or scale."""
-        kind = head or getattr(self.classifier, "kind", "linear")
-        scale = head_scale if head_scale is not None else getattr(self.classifier, "scale", 16.0)
+        kind = head or self.head_kind
+        scale = head_scale if head_scale is not None else float(self.classifier.scale)
         device = next(self.classifier.parameters()).device
         self.classifier = create_head(kind, self.feature_dim, self.num_classes, scale=scale).to(device)

@@ -15,6 +15,7 @@ class LinearHead(nn.Linear):
     """z = W h + b."""
 
     kind = "linear"
+    scale = 1.0  # declared for a uniform head interface (``reset_classifier`` keeps it); unused
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = True) -> None:
         super().__init__(in_features, num_classes, bias=bias)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradtail.engine.interfaces import UpdateRule
+from gradtail.contracts import UpdateRule
 from gradtail.registry import Registry
 
 UPDATE_RULES: Registry[UpdateRule] = Registry("update rule", package=(__name__, __path__))

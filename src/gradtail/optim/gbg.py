@@ -23,7 +23,9 @@ One group present (or before the first grouping): the step is exactly the plain 
 Group gradients go through a second application of the (parameter-sharing) classifier to the features,
 so hooks that observers put on the logits fire only for the final backward. With a ``GradScaler`` the
 group losses are scaled before ``autograd.grad`` (alpha is invariant to a common scale of the gradients).
-Under DDP every rank solves for alpha on its own batch; the final gradient is averaged by DDP as usual.
+Under DDP the groups, their losses and gradients are those of the *global* batch (summed over ranks), so
+every rank solves the same problem and gets the single-process alpha; one code path serves both
+(:meth:`GBGRule.__call__`).
 
 ``params`` chooses the shared quantity whose gradients are balanced:
 
@@ -42,19 +44,20 @@ for the group gradients), so the statistics would be updated several times per s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from gradtail.contracts import StepContext, StepOutput, TrainingView, UpdateRule
 from gradtail.distributed import all_reduce_sum_, broadcast_, is_distributed, world_size
-from gradtail.engine.interfaces import StepContext, StepOutput, UpdateRule
 from gradtail.errors import ConfigError
 from gradtail.gradstats import GradientStatistics
 from gradtail.optim import register_update_rule
 from gradtail.optim.grouping import (
     SKETCHES,
+    backbone_parameters,
     class_gradient_prototypes,
     frequency_groups,
     random_groups,
@@ -66,24 +69,6 @@ GROUPINGS = ("spectral", "frequency", "random")
 NORMALIZATIONS = ("loss+", "l2", "none")
 COMBINERS = ("mgda", "sum", "mean")
 PARAM_MODES = ("backbone", "last_layer", "features")
-
-
-class GroupingView(Protocol):
-    """What :meth:`GBGRule.on_epoch_start` reads from the trainer (gbg.md §1).
-
-    ``train_images``: the un-augmented training images as stored (e.g. uint8, N x C x H x W, any device);
-    ``normalize`` maps a batch of them to model input; ``loss_fn``: the training loss (``None``:
-    cross-entropy); ``class_counts``: training images per class (for the ``frequency`` grouping).
-    """
-
-    model: nn.Module
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    num_classes: int
-    class_counts: Sequence[int] | torch.Tensor
-    loss_fn: nn.Module | None
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def parse_group_at(spec: str) -> tuple[str, int]:
@@ -107,27 +92,14 @@ def parse_group_at(spec: str) -> tuple[str, int]:
     raise ConfigError(f"group_at must be 'init', 'after:k' (k >= 0) or 'every:N' (N >= 1), got {spec!r}")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def _backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
-    if hasattr(model, "backbone_parameters"):
-        params = list(model.backbone_parameters())
-    else:
-        head = {id(p) for p in model.classifier.parameters()}
-        params = [p for p in model.parameters() if id(p) not in head]
-    return [p for p in params if p.requires_grad]
-
-
 def last_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The last shared layer: the last backbone module with a >= 2-D weight and the modules after it."""
-    backbone = set(map(id, _backbone_parameters(model)))
+    backbone = set(map(id, backbone_parameters(model)))
     owners = [m for m in model.modules() if any(id(p) in backbone for p in m.parameters(recurse=False))]
     start = 0
     for i, m in enumerate(owners):
-        weight = getattr(m, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+        weight = dict(m.named_parameters(recurse=False)).get("weight")
+        if weight is not None and weight.dim() >= 2:
             start = i
     return [p for m in owners[start:] for p in m.parameters(recurse=False) if id(p) in backbone]
 
@@ -221,13 +193,13 @@ class GBGRule(UpdateRule):
             return self.groups is None and epoch >= n
         return self.groups is None or (epoch % n == 0 and epoch != self.grouped_epoch)
 
-    def on_epoch_start(self, epoch: int, trainer_view: Any) -> None:
+    def on_epoch_start(self, epoch: int, view: TrainingView) -> None:
         """Group the classes when scheduled (gbg.md §1)."""
         if self.due(epoch):
-            self.set_groups(self.compute_groups(trainer_view))
+            self.set_groups(self.compute_groups(view))
             self.grouped_epoch = int(epoch)
 
-    def compute_groups(self, view: GroupingView) -> torch.Tensor:
+    def compute_groups(self, view: TrainingView) -> torch.Tensor:
         """Group ids (C,) by the configured grouping; rank 0's result is broadcast under DDP."""
         num_classes = int(view.num_classes)
         device = next(view.model.parameters()).device
@@ -239,7 +211,7 @@ class GBGRule(UpdateRule):
                 )
             prototypes = class_gradient_prototypes(
                 view.model,
-                getattr(view, "loss_fn", None),
+                view.loss_fn,
                 view.train_images,
                 view.train_labels,
                 num_classes,
@@ -249,7 +221,7 @@ class GBGRule(UpdateRule):
                 seed=self.seed,
                 device=device,
                 transform=view.normalize,
-                params=_backbone_parameters(_unwrap(view.model)),
+                params=backbone_parameters(view.model),
             )
             groups = spectral_groups(prototypes, self.num_groups, seed=self.seed)
             del prototypes
@@ -293,11 +265,21 @@ class GBGRule(UpdateRule):
             if self.params == "last_layer":
                 shared: list[torch.Tensor] = list(last_layer_parameters(model))
             else:
-                shared = list(_backbone_parameters(model))
+                shared = list(backbone_parameters(model))
             self._shared_cache = (id(model), shared)
         return self._shared_cache[1]
 
     def __call__(self, ctx: StepContext, x: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        """One GBG step over the *global* batch: the same code for one process and for DDP.
+
+        Rank r holds S_rg, the sum of its base losses in group g; with N_g the global group size,
+        L_g = sum_r S_rg / N_g (one process: S_g / N_g, the group's mean loss). The group counts, the loss
+        values and the group gradients of S_rg / N_g are SUM-all-reduced (no-ops without a process group;
+        every rank reaches them in the same order), every rank solves the same min-norm problem, and each
+        rank backpropagates W * sum_g alpha_g S_rg / N_g, which DDP's gradient mean turns into the
+        gradient of sum_g alpha_g L_g. So alpha under DDP equals the single-process alpha for the same
+        global batch (tests/test_ddp_equivalence.py).
+        """
         self._check_loss(ctx.loss_fn)
         h, z = ctx.forward(x, targets)
         if self.groups is None:
@@ -307,49 +289,65 @@ class GBGRule(UpdateRule):
                 raise ConfigError(f"gbg: {self.groups.numel()} class groups for a {z.shape[-1]}-class model")
             self._device_groups = self.groups.to(targets.device)
         group_of = self._device_groups[targets]
-        if is_distributed():
-            return self._distributed_step(ctx, h, z, targets, group_of)
-        counts = torch.bincount(group_of, minlength=self.num_groups_used).tolist()  # the one host read
-        present = [g for g, n in enumerate(counts) if n > 0]
-        sizes = [counts[g] for g in present]
-        if len(sizes) <= 1:
+        local = torch.bincount(group_of, minlength=self.num_groups_used).to(torch.float64)
+        both = torch.stack([local, all_reduce_sum_(local.clone())]).tolist()  # the one host read
+        local_counts, global_counts = both[0], both[1]
+        present = [g for g, n in enumerate(global_counts) if n > 0]
+        if len(present) <= 1:
             self._alpha_log.append((present, None))
             return self._plain(ctx, h, z, targets)
 
+        sizes = [int(local_counts[g]) for g in present]  # rows of this rank per present group
+        ratios = [local_counts[g] / global_counts[g] for g in present]  # n_rg / N_g (1 in one process)
         order = torch.argsort(group_of, stable=True)
         y_parts = targets[order].split(sizes)
-        with ctx.autocast():
-            losses = torch.stack(
-                [ctx.loss_fn(zp, yp) for zp, yp in zip(z[order].split(sizes), y_parts, strict=True)]
-            )
-        losses = losses.to(torch.promote_types(losses.dtype, torch.float32))
+
+        def group_terms(logits: torch.Tensor) -> list[torch.Tensor | None]:
+            """S_rg / N_g per present group (None where this rank has no row of the group)."""
+            terms: list[torch.Tensor | None] = []
+            with ctx.autocast():
+                for zp, yp, ratio in zip(logits[order].split(sizes), y_parts, ratios, strict=True):
+                    terms.append(None if yp.numel() == 0 else ctx.loss_fn(zp, yp) * ratio)
+            return terms
+
+        terms = group_terms(z)
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        values = torch.stack(
+            [z.new_zeros((), dtype=dtype) if t is None else t.detach().to(dtype) for t in terms]
+        )
+        loss_values = all_reduce_sum_(values)  # L_g, identical on every rank
         group_grads = None
         if self.combiner == "sum":
-            alpha = torch.ones_like(losses)
+            alpha = torch.ones_like(loss_values)
         elif self.combiner == "mean":
-            alpha = torch.full_like(losses, 1.0 / len(sizes))
+            alpha = torch.full_like(loss_values, 1.0 / len(present))
         else:
-            alpha, group_grads = self._mgda_weights(ctx, h, order, sizes, y_parts)
-        alpha = alpha.detach().to(losses.dtype)
+            group_grads = self._group_gradients(ctx, h, group_terms)
+            alpha = self._solve(group_grads, loss_values)
+        alpha = alpha.detach()
         self.last_alpha = alpha
         self._alpha_log.append((present, alpha))
-        total = (alpha * losses).sum()
-        term = ctx.regularize(h, z, targets, total)
-        regularized = term is not None
+        world = world_size()
+        local_total = sum(
+            (float(world) * a.to(t.dtype) * t for a, t in zip(alpha, terms, strict=True) if t is not None),
+            z.new_zeros((), dtype=torch.float32),
+        )
+        term = ctx.regularize(h, z, targets, local_total)
         if term is not None:
-            total = total + term
-        if group_grads is not None and self.params == "backbone" and not regularized and not is_distributed():
-            self._backward_reusing_group_gradients(ctx, total, alpha, group_grads)
+            local_total = local_total + term
+        if group_grads is not None and self.params == "backbone" and term is None and world == 1:
+            self._backward_reusing_group_gradients(ctx, local_total, alpha, group_grads)
         else:
-            ctx.backward(total)
+            ctx.backward(local_total)
+        total = (alpha * loss_values).sum() + (0.0 if term is None else term.detach())
         return StepOutput(
-            loss=total.detach(), logits=z.detach(), extras={"groups_present": float(len(sizes))}
+            loss=total.detach(), logits=z.detach(), extras={"groups_present": float(len(present))}
         )
 
     def _backward_reusing_group_gradients(
         self, ctx: StepContext, total: torch.Tensor, alpha: torch.Tensor, group_grads: torch.Tensor
     ) -> None:
-        """The final backward without a second pass through the backbone.
+        """The final backward without a second pass through the backbone (one process only).
 
         The backbone gradient of sum_g alpha_g L_g is sum_g alpha_g G_g, and the G_g (raw, scaled like
         the loss under fp16) are already computed for the Gram matrix; only the head needs a backward,
@@ -357,7 +355,7 @@ class GBGRule(UpdateRule):
         Used when the shared parameters are the whole backbone and no regularizer or DDP reduction needs
         the ordinary backward.
         """
-        model = _unwrap(ctx.model)
+        model = ctx.network
         combined = alpha.to(group_grads.dtype) @ group_grads
         offset = 0
         for p in self._shared(model):
@@ -369,82 +367,34 @@ class GBGRule(UpdateRule):
         for p, g in zip(head, torch.autograd.grad(scaled, head), strict=True):
             p.grad = g if p.grad is None else p.grad + g
 
-    def _distributed_step(
+    def _group_gradients(
         self,
         ctx: StepContext,
         h: torch.Tensor,
-        z: torch.Tensor,
-        targets: torch.Tensor,
-        group_of: torch.Tensor,
-    ) -> StepOutput:
-        """GBG over the *global* batch under DDP, so alpha is the same on every rank and equals the
-        single-process alpha for the same global batch.
+        group_terms: Callable[[torch.Tensor], list[torch.Tensor | None]],
+    ) -> torch.Tensor:
+        """G_g (k, D): the gradients of the group losses w.r.t. the shared quantity, summed over ranks.
 
-        Rank r holds S_rg, the sum of its base losses in group g; with N_g the global group size,
-        L_g = sum_r S_rg / N_g. Counts, the loss values and the group gradients of S_rg / N_g are
-        SUM-all-reduced (one collective each, every rank reaching them in the same order), every rank
-        solves the same min-norm problem, and each rank backpropagates world * sum_g alpha_g S_rg / N_g,
-        which DDP's gradient mean turns into the gradient of sum_g alpha_g L_g.
+        The group terms go through a second, hook-free application of the classifier to the features, so
+        hooks that observers put on the logits fire only for the final backward. Under fp16 the terms are
+        scaled like the loss (alpha is invariant to a common scale of the gradients).
         """
-        model = _unwrap(ctx.model)
-        world = world_size()
-        counts = torch.bincount(group_of, minlength=self.num_groups_used).to(torch.float64)
-        global_counts = all_reduce_sum_(counts.clone())
-        present = [g for g, n in enumerate(global_counts.tolist()) if n > 0]  # the one host read
-        if len(present) <= 1:
-            self._alpha_log.append((present, None))
-            return self._plain(ctx, h, z, targets)
-
-        def local_terms(logits: torch.Tensor) -> list[torch.Tensor | None]:
-            terms: list[torch.Tensor | None] = []
-            for g in present:
-                mask = group_of == g
-                n_local = int(counts[g])
-                if n_local == 0:
-                    terms.append(None)
-                    continue
-                with ctx.autocast():
-                    mean = ctx.loss_fn(logits[mask], targets[mask])
-                terms.append(mean.float() * (n_local / float(global_counts[g])))  # S_rg / N_g
-            return terms
-
-        terms = local_terms(z)
-        values = torch.stack(
-            [t.detach() if t is not None else z.new_zeros((), dtype=torch.float32) for t in terms]
-        )
-        loss_values = all_reduce_sum_(values.to(torch.float64).clone())  # L_g, identical on every rank
-        if self.combiner == "sum":
-            alpha = torch.ones(len(present), dtype=torch.float64, device=z.device)
-        elif self.combiner == "mean":
-            alpha = torch.full((len(present),), 1.0 / len(present), dtype=torch.float64, device=z.device)
-        else:
-            shared: list[torch.Tensor] = [h] if self.params == "features" else self._shared(model)
-            dim = sum(t.numel() for t in shared)
-            flat = torch.zeros(len(present), dim, device=h.device, dtype=torch.float64)
-            # a hook-free second application of the classifier: observers see only the final backward
-            for i, term in enumerate(local_terms(model.classifier(h))):
-                if term is None:
-                    continue
-                grads = torch.autograd.grad(term, shared, retain_graph=True, allow_unused=True,
-                                            materialize_grads=True)  # fmt: skip
-                torch.cat([g.reshape(-1).to(torch.float64) for g in grads], out=flat[i])
-            all_reduce_sum_(flat)  # global group gradients G_g
-            alpha = self._solve(flat, loss_values)
-        alpha = alpha.detach()
-        self.last_alpha = alpha.to(torch.float32)
-        self._alpha_log.append((present, alpha))
-        local = sum(
-            (float(world) * a.to(t.dtype) * t for a, t in zip(alpha, terms, strict=True) if t is not None),
-            z.new_zeros((), dtype=torch.float32),
-        )
-        term = ctx.regularize(h, z, targets, local)
-        if term is not None:
-            local = local + term
-        ctx.backward(local)
-        total = (alpha * loss_values).sum()
-        return StepOutput(
-            loss=total.detach(), logits=z.detach(), extras={"groups_present": float(len(present))}
-        )
+        model = ctx.network
+        shared: list[torch.Tensor] = [h] if self.params == "features" else self._shared(model)
+        with ctx.autocast():
+            terms = group_terms(model.classifier(h))
+        dim = sum(t.numel() for t in shared)
+        dtype = torch.promote_types(shared[0].dtype, torch.float32)
+        flat = torch.zeros(len(terms), dim, device=h.device, dtype=dtype)
+        for i, term in enumerate(terms):
+            if term is None:
+                continue
+            scaled = ctx.scaler.scale(term) if ctx.scaler is not None else term
+            grads = torch.autograd.grad(
+                scaled, shared, retain_graph=True, allow_unused=True, materialize_grads=True
+            )
+            torch.cat([g.reshape(-1).to(dtype) for g in grads], out=flat[i])
+        return all_reduce_sum_(flat)
 
     def epoch_summary(self) -> dict[str, float]:
         """``alpha_group{g}``: the mean over the epoch's grouped steps of group g's weight (0 in steps where
@@ -471,34 +421,6 @@ class GBGRule(UpdateRule):
         ctx.backward(loss)
         self.last_alpha = torch.ones(1, device=z.device)
         return StepOutput(loss=loss.detach(), logits=z.detach(), extras={"groups_present": 1.0})
-
-    def _mgda_weights(
-        self,
-        ctx: StepContext,
-        h: torch.Tensor,
-        order: torch.Tensor,
-        sizes: list[int],
-        y_parts: Sequence[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """alpha from the normalised Gram matrix of the group gradients (gbg.md §2.2-2.4), on the device,
-        and the raw group gradients (k, D) themselves, which the final backward can reuse."""
-        model = _unwrap(ctx.model)
-        shared: list[torch.Tensor] = [h] if self.params == "features" else self._shared(model)
-        with ctx.autocast():
-            # A second, hook-free application of the classifier: observers' hooks on z stay untouched.
-            z_parts = model.classifier(h)[order].split(sizes)
-            group_losses = [ctx.loss_fn(zp, yp) for zp, yp in zip(z_parts, y_parts, strict=True)]
-        dim = sum(t.numel() for t in shared)
-        dtype = torch.promote_types(shared[0].dtype, torch.float32)
-        flat = torch.empty(len(sizes), dim, device=h.device, dtype=dtype)
-        for i, loss_g in enumerate(group_losses):
-            scaled = ctx.scaler.scale(loss_g) if ctx.scaler is not None else loss_g
-            grads = torch.autograd.grad(
-                scaled, shared, retain_graph=True, allow_unused=True, materialize_grads=True
-            )
-            torch.cat([g.reshape(-1).to(dtype) for g in grads], out=flat[i])
-        loss_values = torch.stack([lg.detach().to(dtype) for lg in group_losses])
-        return self._solve(flat, loss_values), flat
 
     def _solve(self, flat: torch.Tensor, loss_values: torch.Tensor) -> torch.Tensor:
         """Min-norm weights of the normalised group gradients (gbg.md §2.3-2.4) from their Gram matrix."""
@@ -532,4 +454,4 @@ class GBGRule(UpdateRule):
         self.grouped_epoch = int(state.get("grouped_epoch", -1))
 
 
-__all__ = ["GBGRule", "GroupingView", "last_layer_parameters", "parse_group_at"]
+__all__ = ["GBGRule", "last_layer_parameters", "parse_group_at"]

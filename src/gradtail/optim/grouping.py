@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradtail.contracts import unwrap_model
 from gradtail.errors import InputError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -221,22 +223,11 @@ class PrototypeAccumulator:
         return self.out
 
 
-def _backbone_params(model: nn.Module) -> list[nn.Parameter]:
-    """The shared parameters (gbg.md §1): ``model.backbone_parameters()``, else all but ``classifier``."""
-    inner = model.module if hasattr(model, "module") else model
-    if hasattr(inner, "backbone_parameters"):
-        params = list(inner.backbone_parameters())
-    else:
-        head = {id(p) for p in inner.classifier.parameters()} if hasattr(inner, "classifier") else set()
-        params = [p for p in inner.parameters() if id(p) not in head]
-    return [p for p in params if p.requires_grad]
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    inner = model.module if hasattr(model, "module") else model
-    if hasattr(inner, "features") and hasattr(inner, "classifier"):
-        return inner.classifier(inner.features(x))
-    return inner(x)
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The shared parameters (gbg.md §1) that require grad: the model's ``backbone_parameters()``
+    (a :class:`~gradtail.models.LongTailClassifier`, DDP-wrapped or not; the classifier excluded)."""
+    inner: Any = unwrap_model(model)
+    return [p for p in inner.backbone_parameters() if p.requires_grad]
 
 
 def class_gradient_prototypes(
@@ -280,10 +271,11 @@ def class_gradient_prototypes(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    shared = list(params) if params is not None else _backbone_params(model)
+    shared = list(params) if params is not None else backbone_parameters(model)
     if not shared:
         raise InputError("class_gradient_prototypes: the model has no shared parameters requiring grad")
     loss = loss_fn if loss_fn is not None else F.cross_entropy
+    network: Any = unwrap_model(model)
     dim = sum(p.numel() for p in shared)
     labels_cpu = labels.detach().to("cpu", torch.long)
     if labels_cpu.numel() and (labels_cpu.min() < 0 or labels_cpu.max() >= num_classes):
@@ -310,7 +302,7 @@ def class_gradient_prototypes(
                 x = transform(x) if transform is not None else x.float()
                 y = labels_cpu[idx].to(device)
                 with torch.enable_grad():
-                    value = loss(_logits(model, x), y) * idx.numel()
+                    value = loss(network.classifier(network.features(x)), y) * idx.numel()
                     grads = torch.autograd.grad(value, shared, allow_unused=True, materialize_grads=True)
                 acc.add(c, grads)
             acc.end_class(c, n_c)

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import nn
 
-from gradtail.engine.interfaces import StepContext, StepOutput, UpdateRule
+from gradtail.contracts import StepContext, StepOutput, UpdateRule
 from gradtail.errors import ConfigError
 from gradtail.gradstats import frozen_statistics
 from gradtail.optim import register_update_rule

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradtail.engine.interfaces import PosthocAdjuster
+from gradtail.contracts import PosthocAdjuster
 from gradtail.registry import Registry
 
 POSTHOC: Registry[PosthocAdjuster] = Registry("post-hoc adjuster", package=(__name__, __path__))

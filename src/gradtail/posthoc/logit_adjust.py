@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gradtail.engine.interfaces import PosthocAdjuster
+from gradtail.contracts import PosthocAdjuster
 from gradtail.errors import ConfigError
 from gradtail.posthoc import register_posthoc
 from gradtail.posthoc.search import (
@@ -54,7 +54,7 @@ class PosthocLogitAdjuster(PosthocAdjuster):
     """
 
     name = "posthoc_la"
-    wants: tuple[str, ...] = ("class_counts",)  # what the harness passes at construction
+    construction_inputs = ("class_counts",)  # what the harness passes at construction
 
     def __init__(
         self,

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import torch
 
+from gradtail.contracts import PosthocAdjuster
 from gradtail.distributed import all_reduce_sum_
-from gradtail.engine.interfaces import PosthocAdjuster
 from gradtail.errors import ConfigError, InputError
 from gradtail.posthoc import register_posthoc
 from gradtail.posthoc.search import (
@@ -72,7 +72,6 @@ class PredictionRebalancer(PosthocAdjuster):
     """
 
     name = "gala_rebalance"
-    wants: tuple[str, ...] = ()  # needs nothing from the harness but the logits
 
     def __init__(
         self,

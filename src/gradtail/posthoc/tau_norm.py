@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradtail.engine.interfaces import PosthocAdjuster
+from gradtail.contracts import PosthocAdjuster
 from gradtail.errors import ConfigError, InputError
 from gradtail.posthoc import register_posthoc
 from gradtail.posthoc.search import DEFAULT_TAU_GRID, balanced_accuracy, check_targets, tune_scalar
@@ -83,7 +83,7 @@ def _check_bias_mode(bias_mode: str) -> None:
 
 @register_posthoc("tau_norm")
 class TauNormAdjuster(PosthocAdjuster):
-    """tau-norm as a post-hoc adjuster working on features (``needs_features = True``).
+    """tau-norm as a post-hoc adjuster working on features (``input_kind = "features"``).
 
     Args:
         weight: (C, D) classifier weights (or give ``classifier``).
@@ -96,8 +96,8 @@ class TauNormAdjuster(PosthocAdjuster):
     """
 
     name = "tau_norm"
-    needs_features = True  # fit / transform take features h, not logits
-    wants: tuple[str, ...] = ("classifier",)  # what the harness passes at construction
+    input_kind = "features"  # fit / transform take features h, not logits
+    construction_inputs = ("classifier",)  # what the harness passes at construction
 
     def __init__(
         self,
@@ -163,11 +163,11 @@ class TauNormAdjuster(PosthocAdjuster):
         dev = features.device
         return F.linear(features.to(w.dtype), w.to(dev), None if b is None else b.to(dev))
 
-    def transform(self, features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def transform(self, features: torch.Tensor) -> torch.Tensor:
         """Logits of the tau-normalised head. NOTE: the input is the *features* h (N, D), not logits."""
         return self.logits_from_features(features)
 
-    def fit(self, features: torch.Tensor, targets: torch.Tensor) -> TauNormAdjuster:  # type: ignore[override]
+    def fit(self, features: torch.Tensor, targets: torch.Tensor) -> TauNormAdjuster:
         """Pick tau on validation *features* (N, D) maximising balanced accuracy (no-op if ``tune=False``)."""
         self.logits_from_features(features[:1], 0.0)  # shape check
         check_targets(targets, features.shape[0], self.name)
@@ -179,14 +179,6 @@ class TauNormAdjuster(PosthocAdjuster):
                 self.grid,
             )
         return self
-
-    def fit_features(self, features: torch.Tensor, targets: torch.Tensor) -> TauNormAdjuster:
-        """Same as :meth:`fit` (explicit name for harnesses that check ``needs_features``)."""
-        return self.fit(features, targets)
-
-    def transform_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`transform`: logits of the tau-normalised head for features (N, D)."""
-        return self.logits_from_features(features)
 
     def fitted_params(self) -> dict[str, float | str]:
         """The parameters in use (after :meth:`fit`), for reports."""

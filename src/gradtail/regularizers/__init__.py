@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradtail.engine.interfaces import Regularizer
+from gradtail.contracts import Regularizer
 from gradtail.registry import Registry
 
 REGULARIZERS: Registry[Regularizer] = Registry("regularizer", package=(__name__, __path__))

@@ -29,13 +29,16 @@ logit-adjusted cross-entropy (``loss.name: logit_adjust``); those are the config
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradtail.engine.interfaces import Regularizer
+from gradtail.contracts import Regularizer, unwrap_model
 from gradtail.errors import ConfigError, InputError
 from gradtail.losses.base import check_label_range
+from gradtail.models.base import LongTailClassifier
 from gradtail.regularizers import register_regularizer
 
 
@@ -136,13 +139,11 @@ class BCLRegularizer(Regularizer):
 
     def setup(self, model: nn.Module, num_classes: int) -> None:
         """Create the two heads for the model's feature width (called once, before the optimizer)."""
-        feature_dim = int(getattr(model, "feature_dim", 0))
-        weight = getattr(getattr(model, "classifier", None), "weight", None)
-        if (
-            feature_dim < 1
-            or not isinstance(weight, torch.Tensor)
-            or weight.shape != (num_classes, feature_dim)
-        ):
+        if not isinstance(model, LongTailClassifier):
+            raise ConfigError(f"bcl needs a gradtail classifier model, got {type(model).__name__}")
+        feature_dim = int(model.feature_dim)
+        weight = model.classifier.weight
+        if not isinstance(weight, torch.Tensor) or weight.shape != (num_classes, feature_dim):
             raise ConfigError(
                 "bcl needs a model with feature_dim and a classifier whose weight is (num_classes, "
                 "feature_dim) (the class centres are computed from its rows)"
@@ -159,7 +160,7 @@ class BCLRegularizer(Regularizer):
     def centres(self, model: nn.Module) -> torch.Tensor:
         """(C, out_dim) L2-normalised class centres from the classifier's weight rows."""
         assert self.centre_head is not None
-        inner = model.module if hasattr(model, "module") else model
+        inner: Any = unwrap_model(model)
         return F.normalize(self.centre_head(inner.classifier.weight.float()), dim=1)
 
     def forward(

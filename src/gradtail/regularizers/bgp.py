@@ -68,7 +68,7 @@ import math
 import torch
 from torch import nn
 
-from gradtail.engine.interfaces import Regularizer
+from gradtail.contracts import Regularizer, unwrap_model
 from gradtail.errors import ConfigError, InputError
 from gradtail.losses.base import check_logits_targets
 from gradtail.models.heads import CosineHead
@@ -101,12 +101,6 @@ def head_only_gradients(g: torch.Tensor, logits: torch.Tensor, head_logits: torc
     v = (head_logits - logits.detach()).to(g.dtype)
     (hv,) = torch.autograd.grad(g, logits, grad_outputs=v, create_graph=True, allow_unused=True)
     return g.detach() if hv is None else g.detach() + hv
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model itself under a DDP-style wrapper (``.module``)."""
-    inner = getattr(model, "module", None)
-    return inner if isinstance(inner, nn.Module) else model
 
 
 def head_inputs(head: nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -211,7 +205,7 @@ class BalancedGradientPenalty(Regularizer):
         if self.variant == "exact":
             r = self._exact(g, logits, targets, model)
         else:
-            head = unwrap(model).classifier
+            head = unwrap_model(model).classifier
             h = features.detach() if self.detach_features else features
             if self.detach_features:
                 g = head_only_gradients(g, logits, head(h))

@@ -1,0 +1,373 @@
+"""The contracts between the trainer and the method families, in the bottom layer of the package.
+
+The trainer (``gradtail.engine``) knows a method only through the members declared here; every method
+family (``gradtail.losses``, ``gradtail.regularizers``, ``gradtail.optim``, ``gradtail.posthoc``) and the
+data layer implement them and import this module, never the engine. A hook the trainer reads is a
+declared member with a default, never an attribute probed with ``getattr`` / ``hasattr``.
+
+- :class:`LossContract`: ``forward(logits, targets)``, ``set_epoch``, ``inference_logits``,
+  ``required_head``, ``report_note`` (every loss derives from :class:`gradtail.losses.base.LongTailLoss`,
+  which implements it);
+- :class:`Regularizer`: ``forward(...)``, ``setup(model, num_classes)``, ``start_epoch``, ``num_views``,
+  ``report_note``;
+- :class:`UpdateRule`: ``__call__(ctx, x, y)`` with a :class:`StepContext`, ``on_epoch_start(epoch, view)``
+  with a :class:`TrainingView`, ``epoch_summary()``, ``state_dict`` / ``load_state_dict``, ``report_note``;
+- :class:`PosthocAdjuster`: ``fit`` / ``transform`` on ``input_kind`` (logits or features),
+  ``construction_inputs``, ``fitted_params()``, ``report_note``;
+- :class:`StepObserver`: ``observe(logits, targets)``;
+- :class:`TrainLoader` and :class:`RunData`: the data of a run (counts, subset hash, loaders).
+
+:func:`unwrap_model` is the one helper that takes a model out of its DistributedDataParallel wrapper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+# --------------------------------------------------------------------------- models
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model itself when it is wrapped by ``DistributedDataParallel`` / ``DataParallel``.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> unwrap_model(net) is net
+        True
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
+# --------------------------------------------------------------------------- losses
+
+
+class LossContract(nn.Module):
+    """What the trainer reads from a loss; :class:`gradtail.losses.base.LongTailLoss` implements it.
+
+    - ``forward(logits, targets) -> scalar`` (an ``nn.Module`` usable in any loop);
+    - :meth:`set_epoch` at the start of every epoch (deferred schedules such as DRW read it);
+    - :meth:`inference_logits`: the logits as the loss reads them at test time;
+    - ``required_head``: the classifier head a loss is defined on (``"cosine"`` for LDAM), None for any;
+    - ``report_note``: a sentence the benchmark report prints under its table, or None.
+    """
+
+    required_head: ClassVar[str | None] = None
+    report_note: ClassVar[str | None] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer at the start of every epoch (0-based)."""
+        return None
+
+    def inference_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits as the loss reads them, for prediction and calibration (identity here)."""
+        return logits
+
+
+# --------------------------------------------------------------------------- regularizers
+
+
+class Regularizer(nn.Module):
+    """A term computed from one forward pass, added to the loss before the single backward.
+
+    ``forward(features, logits, targets, loss, model, view_features=None) -> scalar``. ``loss`` is the base
+    loss of this step (attached to the graph), so a regularizer can take
+    ``autograd.grad(loss, logits, create_graph=True)`` to get the base loss's gradient at the raw logits
+    without calling a (possibly stateful) loss again.
+
+    - ``start_epoch``: the trainer adds the term only from this epoch on.
+    - ``num_views``: extra augmented views of each image the term needs (contrastive terms such as BCL);
+      the data config must produce exactly that many (``data.augment.views``). Their backbone features
+      come from the same forward as the batch's (one pass over [x; views]) as ``view_features``,
+      (num_views * B, feature_dim), view-major.
+    - :meth:`setup` is called once by the trainer, before the optimizer is built, with the model: a term
+      with its own parameters (projection heads) creates them there; they are trained with the model,
+      checkpointed with the term's ``state_dict``, and averaged over processes under DDP.
+    - ``report_note``: a sentence the benchmark report prints under its table, or None.
+    """
+
+    start_epoch: int = 0
+    num_views: int = 0
+    report_note: ClassVar[str | None] = None
+
+    def setup(self, model: nn.Module, num_classes: int) -> None:
+        return None
+
+    def forward(  # pragma: no cover - interface
+        self,
+        features: torch.Tensor,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        loss: torch.Tensor,
+        model: nn.Module,
+        view_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- observers
+
+
+@runtime_checkable
+class StepObserver(Protocol):
+    """Sees (logits, targets) of every training step, logits still attached (it may hook their gradient)."""
+
+    def observe(self, logits: torch.Tensor, targets: torch.Tensor) -> None: ...
+
+
+# --------------------------------------------------------------------------- update rules
+
+
+@dataclass
+class StepOutput:
+    """What an update rule returns: the step's loss and logits, detached, plus any scalars to log."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StepContext:
+    """Everything an update rule may use for one step; built by the trainer.
+
+    ``forward(x)`` runs the model under the run's autocast setting, returns (features, logits) and lets
+    observers see the logits; with ``views`` (the batch's extra views, (V * B, C, H, W)) the backbone runs
+    once over [x; views], ``forward`` still returns the batch's own (features, logits) and keeps the views'
+    features in ``view_features`` for the regularizer. ``regularize(features, logits, targets, loss)`` is
+    the active regularizer's term (``None`` when there is none or it has not started);
+    ``criterion(features, logits, targets)`` is the base loss plus that term. ``backward(loss)`` is
+    scaler-aware (fp16) and accumulates into ``.grad``. The trainer zeroes gradients before the rule and
+    calls ``optimizer.step()`` after it.
+
+    ``model`` is what the step runs (the DDP wrapper under ``torchrun``); :attr:`network` is the model
+    itself (``features``, ``classifier``, ``backbone_parameters``).
+    """
+
+    model: nn.Module
+    loss_fn: nn.Module
+    regularizer: Regularizer | None
+    epoch: int
+    observers: Sequence[StepObserver] = ()
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext
+    scaler: torch.amp.GradScaler | None = None
+    views: torch.Tensor | None = None
+    view_features: torch.Tensor | None = None
+
+    @property
+    def network(self) -> Any:
+        """The model without its DDP wrapper (a :class:`gradtail.models.LongTailClassifier`)."""
+        return unwrap_model(self.model)
+
+    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.network
+        batch = x.shape[0]
+        inputs = x if self.views is None else torch.cat([x, self.views])
+        with self.autocast():
+            if self.model is not model:  # DDP: go through the wrapper so gradients are reduced
+                h, z = self.model(inputs, return_features=True)
+                z = z[:batch]
+            else:
+                h = model.features(inputs)
+                z = model.classifier(h[:batch])
+        if self.views is not None:
+            self.view_features = h[batch:]
+        return h[:batch], z
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, z = self.features_and_logits(x)
+        for obs in self.observers:
+            obs.observe(z, targets)
+        return h, z
+
+    def regularize(
+        self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The regularizer's term for this step (``loss``: the base loss it is added to), or None."""
+        if self.regularizer is None or self.epoch < self.regularizer.start_epoch:
+            return None
+        with self.autocast():
+            if self.regularizer.num_views:
+                return self.regularizer(
+                    features, logits, targets, loss, self.model, view_features=self.view_features
+                )
+            return self.regularizer(features, logits, targets, loss, self.model)
+
+    def criterion(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            loss = self.loss_fn(logits, targets)
+        term = self.regularize(features, logits, targets, loss)
+        return loss if term is None else loss + term
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.model.parameters() if p.requires_grad)
+
+
+@dataclass(frozen=True)
+class TrainingView:
+    """The read-only view of a run that :meth:`UpdateRule.on_epoch_start` gets (GBG's grouping pass).
+
+    ``model``: the model itself (unwrapped); ``train_images``: the un-augmented training images as stored
+    (uint8, N x C x H x W, on the device), ``None`` for datasets that do not hold them in memory;
+    ``train_labels``: their labels; ``normalize`` maps a batch of stored images to model input;
+    ``loss_fn``: the training loss; ``class_counts``: training images per class.
+    """
+
+    model: nn.Module
+    train_images: torch.Tensor | None
+    train_labels: torch.Tensor
+    num_classes: int
+    class_counts: Sequence[int]
+    loss_fn: nn.Module
+    normalize: Callable[[torch.Tensor], torch.Tensor]
+
+
+class UpdateRule:
+    """Owns how a step's gradient is formed. The default is one forward, one backward.
+
+    Subclasses (SAM, GBG) override :meth:`__call__`; they leave the final gradient in ``.grad`` of the
+    parameters and never call ``optimizer.step()`` (the trainer does).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from gradtail.models import create_model
+        >>> model = create_model("small_cnn", num_classes=3)
+        >>> ctx = StepContext(model=model, loss_fn=nn.CrossEntropyLoss(), regularizer=None, epoch=0)
+        >>> out = UpdateRule()(ctx, torch.zeros(4, 1, 28, 28), torch.tensor([0, 1, 2, 0]))
+        >>> tuple(out.logits.shape), model.classifier.weight.grad is not None
+        ((4, 3), True)
+    """
+
+    report_note: ClassVar[str | None] = None
+
+    def __call__(self, ctx: StepContext, x: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        h, z = ctx.forward(x, targets)
+        loss = ctx.criterion(h, z, targets)
+        ctx.backward(loss)
+        return StepOutput(loss=loss.detach(), logits=z.detach())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def on_epoch_start(self, epoch: int, view: TrainingView) -> None:
+        """Work between epochs (GBG's grouping); called before every training epoch."""
+        return None
+
+    def epoch_summary(self) -> dict[str, float]:
+        """Scalars for the epoch's record (``metrics.jsonl``), read once at the end of each training epoch
+        (GBG: the mean weight of each group)."""
+        return {}
+
+
+# --------------------------------------------------------------------------- post-hoc adjusters
+
+
+class PosthocAdjuster:
+    """Fit on validation outputs (never test), then transform test outputs before the argmax.
+
+    - ``input_kind``: ``"logits"`` (default) or ``"features"`` (tau-norm re-weights the head, so it fits
+      and transforms backbone features); :meth:`fit` and :meth:`transform` take that kind of input and
+      :meth:`transform` returns logits.
+    - ``construction_inputs``: what the harness passes at construction besides the config's parameters:
+      ``"class_counts"`` (training images per class) and / or ``"classifier"`` (the model's head).
+    - :meth:`fitted_params`: the parameters in use after :meth:`fit` (reports print them).
+    """
+
+    name: ClassVar[str] = "posthoc"
+    input_kind: ClassVar[Literal["logits", "features"]] = "logits"
+    construction_inputs: ClassVar[tuple[str, ...]] = ()
+    report_note: ClassVar[str | None] = None
+
+    def fit(self, inputs: torch.Tensor, targets: torch.Tensor) -> PosthocAdjuster:  # pragma: no cover
+        raise NotImplementedError
+
+    def transform(self, inputs: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def fitted_params(self) -> dict[str, Any]:
+        return {}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """The training loader of a run: batches ``(x, y)`` or ``(x, y, views)`` with ``num_views > 0``."""
+
+    num_views: int
+    images: torch.Tensor | None  # un-augmented stored images on the device; None when not in memory
+    labels: torch.Tensor
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]: ...
+
+
+@runtime_checkable
+class RunData(Protocol):
+    """The data of a run as the trainer uses it, whatever the storage (in memory or image files)."""
+
+    @property
+    def class_counts(self) -> list[int]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def train_labels(self) -> torch.Tensor: ...
+
+    def has_split(self, split: str) -> bool: ...
+
+    def train_loader(
+        self, cfg: Any, sampler: Any, device: torch.device, rank: int, world: int
+    ) -> TrainLoader: ...
+
+    def eval_loader(
+        self, split: str, cfg: Any, device: torch.device
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+__all__ = [
+    "LossContract",
+    "PosthocAdjuster",
+    "Regularizer",
+    "RunData",
+    "StepContext",
+    "StepObserver",
+    "StepOutput",
+    "TrainLoader",
+    "TrainingView",
+    "UpdateRule",
+    "unwrap_model",
+]

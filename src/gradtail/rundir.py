@@ -1,0 +1,416 @@
+"""The run directory: one owner of its layout, of how its files are written, and of the rules for
+starting, resuming and overwriting a run. The trainer, the benchmark runner, the report and the CLI all
+go through :class:`RunDirectory`.
+
+Layout of ``<run>/``:
+
+=========================  ==========================================================================
+``config.yaml``            the resolved config (written when the run starts, before training)
+``environment.json``       versions, device, git commit, world size, resolved precision
+``subset.json``            the training subset: class counts and the SHA-256 of the kept indices
+``metrics.jsonl``          one JSON record per finished epoch
+``final.json``             last-epoch test metrics, the validation-selected epoch, post-hoc results,
+                           the resumes and the config changes they made
+``diagnostics.json``       per-class gradient ratios per epoch
+``checkpoints/last.pt``    the newest checkpoint; ``checkpoints/epoch_NNNN.pt`` the kept epoch ones
+``extras/<name>/``         files a method or a tool adds (per-method extras)
+=========================  ==========================================================================
+
+Rules (:meth:`RunDirectory.start`):
+
+- ``new``: refused when the directory already holds a run (any of ``metrics.jsonl``, ``final.json``,
+  a checkpoint): the error names ``--resume`` and ``--overwrite``. Nothing is ever replaced silently.
+- ``resume``: continue from the newest checkpoint; the config must equal the checkpoint's except in
+  :data:`RESUME_SAFE_KEYS` (keys that change neither the trained weights nor the reported numbers);
+  changes there are recorded in the run record (:func:`resume_config_changes`).
+- ``overwrite``: remove the run's files (the layout above, nothing else) and start again.
+
+Every write is atomic (a temporary file renamed over the target) and every failure to write (read-only
+directory, full disk, a path that cannot be created) is an :class:`~gradtail.errors.OutputError` that
+names the file, with no ``*.tmp`` left behind and the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import torch
+
+from gradtail.errors import ConfigError, DataError, OutputError
+
+StartMode = Literal["new", "resume", "overwrite"]
+
+CONFIG = "config.yaml"
+ENVIRONMENT = "environment.json"
+SUBSET = "subset.json"
+METRICS = "metrics.jsonl"
+FINAL = "final.json"
+DIAGNOSTICS = "diagnostics.json"
+CHECKPOINTS = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+EXTRAS = "extras"
+RUN_FILES = (CONFIG, ENVIRONMENT, SUBSET, METRICS, FINAL, DIAGNOSTICS)
+
+# Config keys a resumed run may change: where and how the run executes and reports progress, never what
+# it trains or measures (docs/runs.md). Everything else must equal the checkpoint's config.
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "train.output_dir",
+        "train.progress",
+        "train.device",
+        "train.threads",
+        "train.compile",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "eval.batch_size",
+        "data.data_dir",
+        "data.image_root",
+        "data.list_dir",
+        "data.download",
+        "data.num_workers",
+        "data.check_files",
+    }
+)
+
+
+# --------------------------------------------------------------------------- writing files
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"{error.__class__.__name__}: {error}".split("\n")[0]
+
+
+def make_directory(path: Path) -> None:
+    """``mkdir -p`` with an :class:`OutputError` naming the path when it cannot be created."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {path}: {_reason(e)}") from None
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "file") -> None:
+    """Write ``path`` through ``write(file)`` into ``path.tmp``, then rename it over ``path``.
+
+    A failure (full disk, read-only directory, ...) removes the temporary file, leaves the previous
+    ``path`` intact and raises :class:`OutputError` naming the file.
+    """
+    make_directory(path.parent)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {what} {path}: {_reason(e)}; the previous file is intact") from None
+
+
+def write_text(path: Path, text: str, what: str = "file") -> None:
+    """Atomically write ``text`` (UTF-8) to ``path``."""
+    atomic_write(path, lambda f: f.write(text.encode()), what)
+
+
+def write_json(path: Path, obj: Any, what: str = "file", indent: int | None = 2) -> None:
+    """Atomically write ``obj`` as JSON to ``path``."""
+    write_text(path, json.dumps(obj, indent=indent), what)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically (temp file + rename), so a kill or a full disk never leaves
+    half a file, and the previous checkpoint stays intact when the write fails."""
+    atomic_write(path, lambda f: torch.save(state, f), "checkpoint")
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a gradtail checkpoint; a missing, corrupt or foreign file is a one-line :class:`DataError`."""
+    if not path.is_file():
+        raise DataError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        raise DataError(
+            f"checkpoint {path} is corrupt or not a gradtail checkpoint ({e.__class__.__name__})"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise DataError(f"checkpoint {path} is not a gradtail checkpoint (missing model/config entries)")
+    return state
+
+
+# --------------------------------------------------------------------------- config changes on resume
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in d.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value and key not in ("params", "posthoc_params", "synthetic"):
+            yield from _flatten(value, full)
+        else:
+            yield full, value
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{dotted.key: [saved, current]}`` for every key whose value differs between two config mappings
+    (``params`` mappings compare whole)."""
+    old, new = dict(_flatten(saved)), dict(_flatten(current))
+    keys = sorted(old.keys() | new.keys())
+    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
+
+
+def unsafe_changes(changes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """The changes outside :data:`RESUME_SAFE_KEYS` (those that would make a resumed run's record false)."""
+    return {k: v for k, v in changes.items() if k not in RESUME_SAFE_KEYS}
+
+
+def describe_changes(changes: dict[str, list[Any]], limit: int = 4) -> str:
+    """``key: old -> new; ...`` for the first ``limit`` changes."""
+    shown = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in list(changes.items())[:limit])
+    return shown + (f" (and {len(changes) - limit} more)" if len(changes) > limit else "")
+
+
+def resume_config_changes(
+    saved: dict[str, Any], current: dict[str, Any], where: Path
+) -> dict[str, list[Any]]:
+    """The safe changes ``{key: [saved, current]}`` between a checkpoint's config and the config now.
+
+    Raises :class:`ConfigError` naming the keys that differ outside :data:`RESUME_SAFE_KEYS` (a resumed
+    run continues the weights trained under the saved config; a different learning rate, number of
+    epochs or method would make its record false).
+    """
+    changes = config_changes(saved, current)
+    unsafe = unsafe_changes(changes)
+    if unsafe:
+        raise ConfigError(
+            f"cannot resume {where}: the config differs from the checkpoint's in {describe_changes(unsafe)}; "
+            "a resume may change only where and how the run executes (docs/runs.md); train under another "
+            "--output or start again with --overwrite"
+        )
+    return changes
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+class RunDirectory:
+    """The files of one run (module docstring: layout and rules).
+
+    Args:
+        path: the run's directory.
+        writer: whether this process writes (rank 0 under DDP); other ranks read only.
+
+    Example:
+        >>> import tempfile
+        >>> run = RunDirectory(Path(tempfile.mkdtemp()) / "run")
+        >>> run.start("new")
+        >>> run.append_metrics({"epoch": 1, "train_loss": 0.5})
+        >>> run.holds_run(), run.read_metrics()
+        (True, [{'epoch': 1, 'train_loss': 0.5}])
+        >>> run.start("new")
+        Traceback (most recent call last):
+        ...
+        gradtail.errors.OutputError: ...already holds an unfinished run (1 epoch recorded)...
+    """
+
+    def __init__(self, path: str | Path, writer: bool = True) -> None:
+        self.path = Path(path)
+        self.writer = writer
+
+    def __repr__(self) -> str:
+        return f"RunDirectory({str(self.path)!r})"
+
+    # ------------------------------------------------------------------ layout
+    def file(self, name: str) -> Path:
+        """The path of one of the run's files (:data:`RUN_FILES`)."""
+        return self.path / name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoint_dir / LAST_CHECKPOINT
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        return self.checkpoint_dir / f"epoch_{epoch:04d}.pt"
+
+    def epoch_checkpoints(self) -> list[Path]:
+        """The kept epoch checkpoints, newest first."""
+        return sorted(self.checkpoint_dir.glob("epoch_*.pt"), reverse=True)
+
+    def extras_dir(self, name: str) -> Path:
+        """A folder for files that a method or tool adds to the run (created on first use)."""
+        path = self.path / EXTRAS / name
+        if self.writer:
+            make_directory(path)
+        return path
+
+    # ------------------------------------------------------------------ state
+    def holds_run(self) -> bool:
+        """Whether a run has written here (epoch records, a final record or a checkpoint)."""
+        return (
+            self.file(METRICS).is_file()
+            or self.file(FINAL).is_file()
+            or self.last_checkpoint.is_file()
+            or bool(self.epoch_checkpoints())
+        )
+
+    def is_finished(self) -> bool:
+        return self.file(FINAL).is_file()
+
+    def read_final(self) -> dict[str, Any] | None:
+        """``final.json`` as a mapping, or None when missing or unreadable (an interrupted write)."""
+        try:
+            return json.loads(self.file(FINAL).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        path = self.file(METRICS)
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def describe(self) -> str:
+        """A few words on what the directory holds, for messages."""
+        if self.is_finished():
+            final = self.read_final() or {}
+            epochs = final.get("epochs")
+            return "a finished run" + (f" ({epochs} epochs)" if epochs is not None else "")
+        epochs = len(self.read_metrics())
+        return f"an unfinished run ({epochs} epoch{'' if epochs == 1 else 's'} recorded)"
+
+    def start(self, mode: StartMode) -> None:
+        """Apply the start rules (module docstring) and make sure the directory can be written.
+
+        ``new`` refuses a directory that holds a run; ``overwrite`` removes the run's files first;
+        ``resume`` leaves them. The directory is created and probed with a write, so an unwritable
+        output fails here, before any training, with an :class:`OutputError`.
+        """
+        if mode not in ("new", "resume", "overwrite"):
+            raise ValueError(f"unknown start mode {mode!r}")
+        if mode == "new" and self.holds_run():
+            raise OutputError(
+                f"{self.path} already holds {self.describe()}; continue it with --resume, replace it "
+                "with --overwrite, or choose another --output"
+            )
+        if not self.writer:
+            return
+        if mode == "overwrite":
+            self.clear()
+        make_directory(self.path)
+        probe = self.path / ".write_probe"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise OutputError(f"cannot write into output directory {self.path}: {_reason(e)}") from None
+
+    def clear(self) -> None:
+        """Remove the run's files (the layout's, nothing else in the directory)."""
+        try:
+            for name in RUN_FILES:
+                self.file(name).unlink(missing_ok=True)
+            for folder in (self.checkpoint_dir, self.path / EXTRAS):
+                if folder.is_dir():
+                    shutil.rmtree(folder)
+        except OSError as e:
+            raise OutputError(f"cannot remove the previous run in {self.path}: {_reason(e)}") from None
+
+    # ------------------------------------------------------------------ writing
+    def write_text(self, name: str, text: str) -> None:
+        if self.writer:
+            write_text(self.file(name), text, name)
+
+    def write_json(self, name: str, obj: Any, indent: int | None = 2) -> None:
+        if self.writer:
+            write_json(self.file(name), obj, name, indent)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Append one epoch's record to ``metrics.jsonl``."""
+        if not self.writer:
+            return
+        path = self.file(METRICS)
+        try:
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {_reason(e)}") from None
+
+    def rewrite_metrics(self, records: list[dict[str, Any]]) -> None:
+        """``metrics.jsonl`` holding exactly ``records`` (after a resume: the checkpoint's epochs)."""
+        if self.writer:
+            write_text(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in records), METRICS)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, state: dict[str, Any], epoch: int, keep: int) -> None:
+        """``last.pt`` and, with ``keep > 0``, ``epoch_NNNN.pt`` (the ``keep`` newest kept)."""
+        if not self.writer:
+            return
+        save_checkpoint(state, self.last_checkpoint)
+        if keep > 0:
+            save_checkpoint(state, self.epoch_checkpoint(epoch))
+            for old in self.epoch_checkpoints()[keep:]:
+                old.unlink(missing_ok=True)
+
+    def load_resume_checkpoint(
+        self, path: Path | None = None, map_location: str | torch.device = "cpu"
+    ) -> dict[str, Any] | None:
+        """The checkpoint to resume from: ``path``, or ``last.pt`` (None when the run has none).
+
+        A corrupt ``last.pt`` is a :class:`DataError` that names the newest intact epoch checkpoint to
+        resume from instead (``--resume PATH``), or says that none is intact.
+        """
+        if path is not None:
+            return load_checkpoint(path, map_location)
+        if not self.last_checkpoint.is_file():
+            older = self.epoch_checkpoints()
+            if older:
+                raise DataError(
+                    f"{self.last_checkpoint} is missing; resume from {older[0]} with --resume {older[0]}"
+                )
+            return None
+        try:
+            return load_checkpoint(self.last_checkpoint, map_location)
+        except DataError as e:
+            for candidate in self.epoch_checkpoints():
+                try:
+                    state = load_checkpoint(candidate, "cpu")
+                except DataError:
+                    continue
+                raise DataError(
+                    f"{e}; {candidate} (epoch {state.get('epoch')}) is intact: resume from it with "
+                    f"--resume {candidate}"
+                ) from None
+            raise DataError(
+                f"{e}; no intact epoch checkpoint is kept: start again with --overwrite"
+            ) from None
+
+
+__all__ = [
+    "RESUME_SAFE_KEYS",
+    "RUN_FILES",
+    "RunDirectory",
+    "StartMode",
+    "atomic_write",
+    "config_changes",
+    "describe_changes",
+    "load_checkpoint",
+    "make_directory",
+    "resume_config_changes",
+    "save_checkpoint",
+    "unsafe_changes",
+    "write_json",
+    "write_text",
+]
