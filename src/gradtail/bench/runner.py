@@ -43,12 +43,8 @@ class PlannedRun:
     def conflict(self) -> str | None:
         """Why the directory cannot be resumed as this run (it holds a run of another config), or None."""
         run = self.run_dir
-        if self.is_done() or not run.holds_run():
-            return None
-        if run.is_finished():
-            return "holds a finished run of another config"
         saved = run.file(CONFIG)
-        if not saved.is_file():
+        if self.is_done() or not run.holds_run() or not saved.is_file():
             return None
         unsafe = unsafe_changes(config_changes(read_yaml_mapping(saved, "run config"), self.config.to_dict()))
         return f"its config differs in {describe_changes(unsafe)}" if unsafe else None
@@ -133,10 +129,15 @@ def run_suite(
     conflicts = {id(r): reason for r in runs if (reason := r.conflict()) is not None}
     if conflicts and not overwrite:
         first = next(r for r in runs if id(r) in conflicts)
+        n = len(conflicts)
+        what = (
+            "1 run directory of this suite holds a run"
+            if n == 1
+            else f"{n} run directories of this suite hold runs"
+        )
         raise OutputError(
-            f"{len(conflicts)} run director{'y' if len(conflicts) == 1 else 'ies'} of this suite hold runs "
-            f"of another config (first: {first.directory}: {conflicts[id(first)]}); rerun with --overwrite "
-            "to retrain them, or use another --output"
+            f"{what} of another config (first: {first.directory}: {conflicts[id(first)]}); "
+            "rerun with --overwrite to retrain them, or use another --output"
         )
     todo = [r for r in runs if not r.is_done()]
     log(
