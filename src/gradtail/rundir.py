@@ -305,10 +305,15 @@ class RunDirectory:
                 f"{self.path} already holds {self.describe()}; continue it with --resume, replace it "
                 "with --overwrite, or choose another --output"
             )
+        if mode == "overwrite" and self.writer:
+            self.clear()
+        self.ensure_writable()
+
+    def ensure_writable(self) -> None:
+        """Create the directory and probe it with a write: an :class:`OutputError` when it cannot be
+        created or written (read-only, a path through a file), before any work is done."""
         if not self.writer:
             return
-        if mode == "overwrite":
-            self.clear()
         make_directory(self.path)
         probe = self.path / ".write_probe"
         try:

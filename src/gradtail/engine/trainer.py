@@ -91,6 +91,7 @@ class Trainer:
         self.device = resolve_device(t.device)
         self.out = Path(output_dir) if output_dir is not None else cfg.output_path()
         self.run_dir = RunDirectory(self.out, writer=is_main_process())
+        self.run_dir.ensure_writable()  # an unwritable output fails before the data is loaded
         seed_everything(t.seed)
         self.data: RunData = data if data is not None else build_data(cfg.data)
         counts = self.data.class_counts
