@@ -10,11 +10,12 @@ import base64
 import datetime as _dt
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from gradtail.report import plots
-from gradtail.report.aggregate import METRICS, aggregate, format_mean_std
+from gradtail.report.aggregate import METRICS, aggregate, display_label, format_mean_std, format_params
 
 HEADERS = ("method", "overall", "many", "medium", "few", "ECE")
 
@@ -107,11 +108,20 @@ def _table_markdown(rows: list[dict[str, Any]], published: bool) -> str:
     headers = [*HEADERS, "published"] if published else list(HEADERS)
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for r in rows:
-        cells = [r["label"], *(format_mean_std(r[m]) for m in METRICS)]
+        cells = [display_label(r), *(format_mean_std(r[m]) for m in METRICS)]
         if published:
             cells.append(f"{r['published']:.1f}" if r.get("published") is not None else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def plural(count: float, noun: str, plural_form: str | None = None) -> str:
+    """``1 epoch``, ``2 epochs``, ``0.5 epochs`` (singular only for exactly one)."""
+    return f"{count:g} {noun if count == 1 else plural_form or noun + 's'}"
+
+
+def _model_text(model: str, params: dict[str, Any] | None) -> str:
+    return f"{model} ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else model
 
 
 def protocol_paragraph(results: dict[str, Any]) -> str:
@@ -119,29 +129,64 @@ def protocol_paragraph(results: dict[str, Any]) -> str:
     seeds = results["seeds"]
     aug = r["augment"]
     crop = f"random crop with {aug['crop_padding']}-pixel padding" if aug.get("crop_padding") else "no crop"
+    warmup = "no warm-up and "
+    if r["warmup_epochs"]:
+        warmup = f"{plural(r['warmup_epochs'], 'warm-up epoch')} and "
+    spread = (
+        f"mean ± sample std over {plural(len(seeds), 'seed')} {seeds}"
+        if len(seeds) > 1
+        else f"{plural(len(seeds), 'seed')} {seeds} (no std with one seed)"
+    )
+    decay = "no decay (constant lr)" if r["schedule"] == "constant" else f"{r['schedule']} decay"
+    posthoc = ""
+    if any(row.get("kind") == "posthoc" for row in results.get("table", [])):
+        per_seed = "the selected value"
+        if len(seeds) > 1:
+            per_seed = "mean ± std over seeds, each seed's value in brackets"
+        posthoc = (
+            "Post-hoc rows (method + adjuster) show in parentheses the adjuster's parameters fitted on "
+            f"validation (τ: {per_seed}). "
+        )
     return (
         f"Training set: {s['dataset']} long-tailed with imbalance factor {s['imbalance_factor']:g} "
-        f"({s['profile']} profile, LDAM rule, subset seed {s['subset_seed']}): {s['train_images']} images, "
+        f"({s['profile']} profile, LDAM rule, subset seed {s['subset_seed']}): "
+        f"{plural(s['train_images'], 'image')}, "
         f"counts {s['counts']} (SHA-256 of the kept indices {s['sha256'][:16]}…). "
-        f"Validation: {sum(s['val_counts'])} held-out images ({s['val_counts'][0]} per class), "
-        "carved from the "
+        f"Validation: {plural(sum(s['val_counts']), 'held-out image')} "
+        f"({plural(s['val_counts'][0] if s['val_counts'] else 0, 'image')} per class), carved from the "
         f"training split before subsampling; used only for model selection and post-hoc tuning. "
-        f"Test: the untouched balanced test split ({s['test_images']} images). "
-        f"Recipe: {r['model']} {r['model_params'] or ''}, {r['epochs']} epochs, "
+        f"Test: the untouched balanced test split ({plural(s['test_images'], 'image')}). "
+        f"Recipe: {_model_text(r['model'], r['model_params'])}, {plural(r['epochs'], 'epoch')}, "
         f"batch {r['batch_size']}, SGD lr "
-        f"{r['lr']:g} with {r['warmup_epochs']:g} warm-up epochs and {r['schedule']} decay, weight decay "
+        f"{r['lr']:g} with {warmup}{decay}, weight decay "
         f"{r['weight_decay']:g}, {crop}{' + horizontal flip' if aug.get('hflip') else ''}. "
-        f"Numbers are top-1 test accuracy (%) at the last epoch, mean ± sample std over {len(seeds)} seed(s) "
-        f"{seeds}; rows marked (val-selected) pick the epoch with the best balanced validation accuracy. "
+        f"Numbers are top-1 test accuracy (%) at the last epoch, {spread}; "
+        "rows marked (val-selected) pick the epoch with the best balanced validation accuracy. "
+        f"{posthoc}"
         f"Many / Medium / Few: classes with > {r['many_threshold']}, "
         f"{r['few_threshold']}–{r['many_threshold']}, "
-        f"< {r['few_threshold']} training images (N/A: empty group). ECE with {r['ece_bins']} bins."
+        f"< {r['few_threshold']} training images (N/A: empty group). ECE with {plural(r['ece_bins'], 'bin')}."
     )
 
 
-def _figures(results: dict[str, Any], output: Path) -> dict[str, bytes]:
+GRADIENT_RATIO_CAPTION = (
+    "g_j = P_j / N_j for each class j: the accumulated positive / negative gradient ratio of the "
+    "Equalization Losses paper (Tan et al., TPAMI; docs/methods/eql.md §1). P_j sums the magnitude of the "
+    "loss gradient at class j's logit over the training samples of class j (positive), N_j over the "
+    "samples of every other class (negative), both accumulated from the first training step (snapshot at "
+    "the end of each epoch). Dashed reference lines: g = 1, balanced (as much positive as negative "
+    "gradient; well-trained head classes sit around or above it); g = 0.5, the level below which the "
+    "diagnostics count a class as starved, i.e. under-compensated (its negative gradient is more than "
+    "twice its positive one). One line per class, coloured by its training images (log scale); one panel "
+    "per method."
+)
+
+
+def _figures(results: dict[str, Any], output: Path) -> dict[str, tuple[bytes, str]]:
+    """Figure title -> (PNG bytes, caption)."""
     counts = results["subset"]["counts"]
-    figs: dict[str, bytes] = {}
+    seed = results["seeds"][0]
+    figs: dict[str, tuple[bytes, str]] = {}
     per_class: dict[str, list[float | None]] = {}
     for row in results["table"]:
         if row["kind"] != "last_epoch":
@@ -154,7 +199,11 @@ def _figures(results: dict[str, Any], output: Path) -> dict[str, bytes]:
             else None
             for j in range(len(counts))
         ]
-    figs["Per-class test accuracy vs training count"] = plots.per_class_accuracy_plot(per_class, counts)
+    figs["Per-class test accuracy vs training count"] = (
+        plots.per_class_accuracy_plot(per_class, counts),
+        "Each class's test accuracy at the last epoch (mean over seeds) against its number of training "
+        "images, head classes first.",
+    )
     histories, bins, groups = {}, {}, {}
     for run in results["runs"]:
         if run["seed"] != results["seeds"][0]:
@@ -171,13 +220,21 @@ def _figures(results: dict[str, Any], output: Path) -> dict[str, bytes]:
         if state.get("groups") is not None:
             groups[run["method"]] = state["groups"]
     if histories:
-        figs[
-            "Gradient ratio g = P/N per class over training (diagnostics observer, seed "
-            f"{results['seeds'][0]})"
-        ] = plots.gradient_ratio_plot(histories, counts)
+        figs[f"Gradient ratio g = P/N per class over training (diagnostics observer, seed {seed})"] = (
+            plots.gradient_ratio_plot(histories, counts),
+            GRADIENT_RATIO_CAPTION,
+        )
     if groups:
-        figs["GBG class groups"] = plots.group_map_plot(groups, counts)
-    figs[f"Reliability diagrams (seed {results['seeds'][0]})"] = plots.reliability_plot(bins)
+        figs["GBG class groups"] = (
+            plots.group_map_plot(groups, counts),
+            f"The group GBG put each class in (update-rule state at the end of training, seed {seed}), "
+            "classes ordered head → tail; one row per run.",
+        )
+    figs[f"Reliability diagrams (seed {seed})"] = (
+        plots.reliability_plot(bins),
+        "Test accuracy against confidence at the last epoch, in equal-width confidence bins (bars); the "
+        "dashed diagonal is perfect calibration.",
+    )
     return figs
 
 
@@ -186,10 +243,20 @@ def _time_text(results: dict[str, Any]) -> str:
     wall = results.get("wall_seconds")
     parts = []
     if total:
-        parts.append(f" Training time summed over runs: {total / 60:.1f} min.")
+        parts.append(f" Training time summed over runs: {_duration(total)}.")
     if wall:
-        parts.append(f" Wall time of the last invocation (finished runs are skipped): {wall / 60:.1f} min.")
+        parts.append(f" Wall time of the last invocation (finished runs are skipped): {_duration(wall)}.")
     return "".join(parts)
+
+
+def _code_spans(escaped: str) -> str:
+    """Markdown code spans in already-escaped text as <code> (notes are written for both formats)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+
+
+def _duration(seconds: float) -> str:
+    """``42 s`` under a minute, else ``3.5 min`` (a short run no longer reads ``0.0 min``)."""
+    return f"{seconds:.0f} s" if seconds < 59.5 else f"{seconds / 60:.1f} min"
 
 
 def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
@@ -225,23 +292,29 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
         "",
     ]
     html_figs = []
-    for k, (title, png) in enumerate(figs.items()):
+    for k, (title, (png, caption)) in enumerate(figs.items()):
         name = f"figure_{k + 1}.png"
         (output / name).write_bytes(png)
-        md += [f"### {title}", "", f"![{title}]({name})", ""]
+        md += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
         b64 = base64.b64encode(png).decode()
         html_figs.append(
-            f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
+            f"<h3>{html.escape(title)}</h3><figure><img alt='{html.escape(title)}' "
+            f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(caption)}</figcaption></figure>"
         )
     (output / "report.md").write_text("\n".join(md))
     notes_html = "".join(
-        f"<p class='protocol'><b>Note:</b> {html.escape(n)}</p>" for n in results.get("notes", [])
+        f"<p class='protocol'><b>Note:</b> {_code_spans(html.escape(n))}</p>"
+        for n in results.get("notes", [])
     )
     wall_text = _time_text(results)
     head_cells = "".join(f"<th>{h}</th>" for h in (*HEADERS, *(("published",) if has_published else ())))
     body_rows = []
     for r in results["table"]:
-        cells = [html.escape(r["label"]), *(format_mean_std(r[m]) for m in METRICS)]
+        params = format_params(r.get("params"))
+        label = html.escape(r["label"])
+        if params:
+            label += f" <span class='params'>({html.escape(params)})</span>"
+        cells = [label, *(format_mean_std(r[m]) for m in METRICS)]
         if has_published:
             cells.append(f"{r['published']:.1f}" if r.get("published") is not None else "")
         cls = f" class='{r['kind']}'"
@@ -256,6 +329,9 @@ td:first-child, th:first-child {{ text-align: left; }}
 tr.posthoc td {{ color: #345; background: #f5f8fb; }}
 tr.val_selected td {{ color: #666; font-style: italic; }}
 img {{ max-width: 100%; }} .protocol {{ font-size: 14px; line-height: 1.5; }}
+figure {{ margin: 0 0 1.5em 0; }}
+figcaption {{ font-size: 13px; line-height: 1.45; color: #444; max-width: 900px; }}
+span.params {{ font-size: 12px; color: #567; }}
 </style></head><body>
 <h1>gradtail bench: {html.escape(results["suite"])}</h1>
 <p>{html.escape(results.get("description", ""))}</p>
