@@ -104,10 +104,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     results = build_results(suite, finals, output, wall)
     paths = write_report(results, output)
-    from gradtail.report.aggregate import format_mean_std
+    from gradtail.report.aggregate import display_label, format_mean_std
 
     rows = [
-        [r["label"], *(format_mean_std(r[m]) for m in ("top1", "many", "medium", "few", "ece"))]
+        [display_label(r), *(format_mean_std(r[m]) for m in ("top1", "many", "medium", "few", "ece"))]
         for r in results["table"]
     ]
     from gradtail.report import format_table

@@ -98,7 +98,9 @@ def method_notes(suite: Any) -> list[str]:
         cfg = suite.run_config(m, suite.seeds[0])
         for registry, name in ((LOSSES, cfg.loss.name), (REGULARIZERS, cfg.regularizer.name),
                                (UPDATE_RULES, cfg.update_rule.name)):  # fmt: skip
-            note = getattr(registry.get(name), "report_note", None) if name else None
+            factory = registry.get(name) if name else None
+            # classes declare ``report_note`` (gradtail.contracts); factory functions (``drw``) have none
+            note = factory.report_note if isinstance(factory, type) else None  # type: ignore[attr-defined]
             if note and note not in notes:
                 notes.append(note)
     return notes
