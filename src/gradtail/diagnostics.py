@@ -59,6 +59,22 @@ class GradientRatioObserver(nn.Module):
     Statistics are those of the loss being trained (the gradient at the raw logits) under the scale
     convention of :mod:`gradtail.gradstats` (divided by the world size). The buffers (``stats.*``) and
     the snapshot history are both in ``state_dict()``, so a resumed run loses nothing.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from gradtail.diagnostics import GradientRatioObserver, classes_below_ratio
+        >>> _ = torch.manual_seed(0)
+        >>> observer = GradientRatioObserver(num_classes=3)
+        >>> logits = torch.randn(8, 3, requires_grad=True)
+        >>> targets = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])  # class 0 is the head
+        >>> observer.observe(logits, targets)  # hooks the gradient of the coming backward
+        >>> F.cross_entropy(logits, targets).backward()
+        >>> snap = observer.end_epoch(1)
+        >>> snap["epoch"], snap["steps"], [round(g, 2) for g in snap["g"]]
+        (1, 1, [2.81, 0.67, 0.34])
+        >>> classes_below_ratio(observer.to_json(), threshold=0.5)
+        [2]
     """
 
     def __init__(self, num_classes: int, grad_scaler: torch.amp.GradScaler | None = None) -> None:

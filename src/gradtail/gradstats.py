@@ -100,6 +100,34 @@ class GradientStatistics(nn.Module):
     """
 
     pos: torch.Tensor
+
+    Example:
+        Closed form: a loss passes |dL/dz| of its samples and their labels.
+
+        >>> import torch
+        >>> from gradtail.gradstats import GradientStatistics
+        >>> stats = GradientStatistics(num_classes=3)
+        >>> grad = torch.tensor([[0.5, 0.25, 0.25], [0.125, 0.75, 0.125]])  # |dL/dz|, labels 0 and 1
+        >>> stats.update_from_softmax_grad(grad, torch.tensor([0, 1]))
+        >>> stats.pos.tolist(), stats.neg.tolist()
+        ([0.5, 0.75, 0.0], [0.125, 0.25, 0.375])
+        >>> stats.ratio().round(decimals=3).tolist(), int(stats.steps)
+        ([4.0, 3.0, 0.0], 1)
+        >>> sorted(stats.state_dict())  # float64 buffers, checkpointed
+        ['neg', 'pos', 'steps']
+
+        Autograd hook: the statistics of any loss, filled by the coming backward.
+
+        >>> _ = torch.manual_seed(0)
+        >>> hooked = GradientStatistics(num_classes=3)
+        >>> logits = torch.randn(4, 3, requires_grad=True)
+        >>> targets = torch.tensor([0, 1, 2, 0])
+        >>> hooked.attach_hook(logits, targets)
+        >>> torch.nn.functional.cross_entropy(logits, targets).backward()
+        >>> int(hooked.steps), hooked.hook_pending
+        (1, False)
+        >>> torch.isclose(hooked.pos.sum(), hooked.neg.sum()).item()  # softmax CE: sum P == sum N
+        True
     neg: torch.Tensor
     steps: torch.Tensor
 

@@ -37,6 +37,13 @@ def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float, profi
 
     ``exp``: ``int(n_max * IF ** (-i / (C - 1)))`` (truncation); ``step``: the first ``C // 2`` classes
     keep ``n_max``, the rest get ``int(n_max / IF)``. ``IF = 1`` gives ``[n_max] * C``.
+
+    Example:
+        >>> from gradtail.data.longtail import longtail_counts
+        >>> longtail_counts(6000, 10, 100)  # Fashion-MNIST-LT IF100
+        [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
+        >>> longtail_counts(500, 4, 10, profile="step")
+        [500, 500, 50, 50]
     """
     n_max = _check_int("n_max", n_max, 1)
     num_classes = _check_int("num_classes", num_classes, 1)
@@ -192,6 +199,17 @@ def build_longtail_split(
        ``np.random.shuffle`` and keep the first ``counts[label]``. The global NumPy RNG state is saved
        and restored, so callers are unaffected. With no validation and no class order this is exactly
        the subset of the LDAM code (and of the papers that reuse it).
+
+    Example:
+        >>> import numpy as np
+        >>> from gradtail.data.longtail import build_longtail_split
+        >>> labels = np.repeat(np.arange(3), 100)  # a balanced training set, 100 images per class
+        >>> split = build_longtail_split(labels, num_classes=3, imbalance_factor=10, seed=0)
+        >>> split.counts, int(split.train_indices.size), len(split.sha256)
+        ([100, 31, 10], 141, 64)
+        >>> carved = build_longtail_split(labels, 3, 10, val_per_class=5)  # validation carved first
+        >>> carved.counts, carved.val_counts
+        ([95, 31, 10], [5, 5, 5])
     """
     num_classes = _check_int("num_classes", num_classes, 1)
     seed = _check_int("seed", seed, 0)

@@ -237,6 +237,20 @@ def create_sampler(
 
     ``kwargs``: ``num_samples`` (all), ``power`` (power), ``total_epochs`` (progressive, required).
     Unknown names or arguments raise :class:`ConfigError`.
+
+    Example:
+        >>> from gradtail.data.samplers import create_sampler
+        >>> labels = [0] * 90 + [1] * 9 + [2] * 1
+        >>> sampler = create_sampler("class_balanced", labels, num_classes=3, seed=0)
+        >>> len(sampler), [round(p, 3) for p in sampler.class_probs(epoch=0).tolist()]
+        (100, [0.333, 0.333, 0.333])
+        >>> rank0 = sampler.indices(epoch=0, rank=0, world_size=2)  # disjoint halves of one global order
+        >>> rank1 = sampler.indices(epoch=0, rank=1, world_size=2)
+        >>> len(rank0), len(rank1), rank0.tolist() == sampler.indices(0, 0, 2).tolist()
+        (50, 50, True)
+        >>> sqrt = create_sampler("sqrt", labels, num_classes=3)
+        >>> [round(p, 3) for p in sqrt.class_probs(epoch=0).tolist()]
+        [0.703, 0.222, 0.074]
     """
     factory = SAMPLERS.get(name)
     try:

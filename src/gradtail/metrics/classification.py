@@ -31,13 +31,30 @@ def _check(logits: torch.Tensor, targets: torch.Tensor, num_classes: int | None 
 
 
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """C x C int64 matrix; row = true class, column = predicted class."""
+    """C x C int64 matrix; row = true class, column = predicted class.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.metrics import confusion_matrix
+        >>> confusion_matrix(torch.tensor([0, 1, 0, 2]), torch.tensor([0, 1, 2, 2]), num_classes=3).tolist()
+        [[1, 0, 0], [0, 1, 0], [1, 0, 1]]
+    """
     idx = targets.long() * num_classes + predictions.long()
     return torch.bincount(idx.cpu(), minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
 def per_class_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> list[float | None]:
-    """Accuracy of each class over its test samples (None for a class absent from the set)."""
+    """Accuracy of each class over its test samples (None for a class absent from the set).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.metrics import per_class_accuracy
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+        >>> per_class_accuracy(logits, torch.tensor([0, 1, 2, 2]))
+        [1.0, 1.0, 0.5]
+        >>> per_class_accuracy(logits[:2], torch.tensor([0, 1]))  # class 2 absent from the set
+        [1.0, 1.0, None]
+    """
     c = _check(logits, targets)
     cm = confusion_matrix(logits.argmax(dim=1), targets, c)
     support = cm.sum(dim=1)
@@ -47,7 +64,13 @@ def per_class_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> list[floa
 def shot_groups(
     train_counts: Sequence[int], many_threshold: int = 100, few_threshold: int = 20
 ) -> dict[str, list[int]]:
-    """Many: > many_threshold training images; Medium: few..many inclusive; Few: < few_threshold."""
+    """Many: > many_threshold training images; Medium: few..many inclusive; Few: < few_threshold.
+
+    Example:
+        >>> from gradtail.metrics import shot_groups
+        >>> shot_groups([500, 100, 50, 20, 5])
+        {'many': [0], 'medium': [1, 2, 3], 'few': [4]}
+    """
     if few_threshold > many_threshold:
         raise InputError(f"few_threshold {few_threshold} must be <= many_threshold {many_threshold}")
     groups: dict[str, list[int]] = {"many": [], "medium": [], "few": []}
@@ -62,6 +85,14 @@ def calibration_errors(logits: torch.Tensor, targets: torch.Tensor, num_bins: in
 
     ECE = sum_b (|B_b| / n) |acc(B_b) - conf(B_b)|;  MCE = max_b |acc(B_b) - conf(B_b)| over non-empty bins.
     A confidence of exactly 0 falls into the first bin; bins are (lo, hi].
+
+    Example:
+        >>> import torch
+        >>> from gradtail.metrics import calibration_errors
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+        >>> calib = calibration_errors(logits, torch.tensor([0, 1, 2, 2]))
+        >>> round(calib["ece"], 4), round(calib["mce"], 4), calib["bins"]["count"][11]
+        (0.037, 0.037, 4)
     """
     _check(logits, targets)
     probs = torch.softmax(logits.double(), dim=1)
@@ -138,7 +169,22 @@ def evaluate_logits(
     few_threshold: int = 20,
     num_bins: int = 15,
 ) -> EvalResult:
-    """All protocol.md §4 metrics from logits. Many/Medium/Few average per-class accuracy; empty = None."""
+    """All protocol.md §4 metrics from logits. Many/Medium/Few average per-class accuracy; empty = None.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.metrics import evaluate_logits
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+        >>> result = evaluate_logits(logits, torch.tensor([0, 1, 2, 2]), train_counts=[500, 50, 5])
+        >>> result.top1, result.per_class
+        (0.75, [1.0, 1.0, 0.5])
+        >>> result.many, result.medium, result.few
+        (1.0, 1.0, 0.5)
+        >>> round(result.ece, 4), result.num_samples
+        (0.037, 4)
+        >>> evaluate_logits(logits, torch.tensor([0, 1, 2, 2]), [500, 50, 50]).few is None  # empty group
+        True
+    """
     c = _check(logits, targets)
     if len(train_counts) != c:
         raise InputError(f"train_counts has {len(train_counts)} entries, logits have {c} classes")
@@ -171,7 +217,13 @@ def evaluate_logits(
 
 
 def format_percent(value: float | None) -> str:
-    """'N/A' for an empty group, else a percentage with one decimal."""
+    """'N/A' for an empty group, else a percentage with one decimal.
+
+    Example:
+        >>> from gradtail.metrics import format_percent
+        >>> format_percent(0.8), format_percent(None)
+        ('80.0', 'N/A')
+    """
     return (
         "N/A" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
     )

@@ -12,6 +12,23 @@ from gradtail.models.registry import MODELS, register_model
 
 
 def create_model(name: str, num_classes: int, **kwargs: Any) -> LongTailClassifier:
+    """Build the registered model ``name`` (see :func:`model_names`) with a ``num_classes``-way head.
+
+    ``kwargs`` go to the model: e.g. ``in_channels``, ``head`` (``"linear"`` or ``"cosine"``),
+    ``head_scale``, and the model's own settings (``width`` for ``small_cnn``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.models import create_model
+        >>> _ = torch.manual_seed(0)
+        >>> model = create_model("small_cnn", num_classes=10, width=8)
+        >>> h = model.features(torch.randn(2, 1, 28, 28))
+        >>> tuple(h.shape), tuple(model.classifier(h).shape), model.classifier.kind
+        ((2, 16), (2, 10), 'linear')
+        >>> resnet = create_model("resnet32", num_classes=100, in_channels=3, head="cosine", head_scale=30.0)
+        >>> resnet.feature_dim, tuple(resnet(torch.randn(2, 3, 32, 32)).shape), resnet.classifier.kind
+        (64, (2, 100), 'cosine')
+    """
     return MODELS.get(name)(num_classes=num_classes, **kwargs)
 
 

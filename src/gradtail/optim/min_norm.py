@@ -126,6 +126,17 @@ def min_norm_weights(
         max_iter: bound on the projected-gradient iterations (k >= 3).
         tol: stop once the L1 change of alpha in one iteration is below this.
         check_every: iterations between host reads of the convergence flag (one scalar each).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.optim.min_norm import gram_matrix, min_norm_weights
+        >>> min_norm_weights(gram_matrix(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))).tolist()  # orthogonal
+        [0.5, 0.5]
+        >>> min_norm_weights(gram_matrix(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))).tolist()  # clipped
+        [1.0, 0.0]
+        >>> triangle = torch.tensor([[1.0, 0.0], [-0.5, 0.866], [-0.5, -0.866]])  # interior optimum
+        >>> [round(a, 3) for a in min_norm_weights(gram_matrix(triangle)).tolist()]
+        [0.333, 0.333, 0.333]
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
         raise InputError(f"gram must be a non-empty square matrix, got shape {tuple(gram.shape)}")
