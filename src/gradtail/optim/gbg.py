@@ -121,6 +121,19 @@ class GBGRule(UpdateRule):
         batch_size: batch size of the grouping pass.
         max_iter, tol: bounds of the min-norm solver (gbg.md §2.4).
         eps: floor of the norms and losses in the normalisation.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.contracts import StepContext
+        >>> from gradtail.models import create_model
+        >>> from gradtail.optim import create_update_rule
+        >>> _ = torch.manual_seed(0)
+        >>> model, gbg = create_model("small_cnn", num_classes=3, width=8), create_update_rule("gbg")
+        >>> gbg.set_groups(torch.tensor([0, 1, 1]))  # class 0 alone, classes 1 and 2 together
+        >>> ctx = StepContext(model=model, loss_fn=torch.nn.CrossEntropyLoss(), regularizer=None, epoch=0)
+        >>> out = gbg(ctx, torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 0]))  # alpha_g from MGDA
+        >>> out.extras, tuple(gbg.last_alpha.shape), round(float(gbg.last_alpha.sum()), 4)
+        ({'groups_present': 2.0}, (2,), 1.0)
     """
 
     report_note = (

@@ -57,6 +57,19 @@ class SAM(UpdateRule):
     Args:
         rho: radius of the ascent step (default 0.05, baselines.md).
         eps: added to ||g|| before dividing (a zero gradient gives a zero ascent).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.contracts import StepContext
+        >>> from gradtail.models import create_model
+        >>> from gradtail.optim import create_update_rule
+        >>> _ = torch.manual_seed(0)
+        >>> model, sam = create_model("small_cnn", num_classes=3, width=8), create_update_rule("sam")
+        >>> ctx = StepContext(model=model, loss_fn=torch.nn.CrossEntropyLoss(), regularizer=None, epoch=0)
+        >>> w = model.classifier.weight; w0 = w.detach().clone()
+        >>> out = sam(ctx, torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 0]))  # g(theta + e) in .grad
+        >>> tuple(out.logits.shape), w.grad is not None, torch.equal(w, w0)  # theta is restored
+        ((4, 3), True, True)
     """
 
     def __init__(self, rho: float = 0.05, eps: float = 1e-12) -> None:

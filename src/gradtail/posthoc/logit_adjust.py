@@ -51,6 +51,16 @@ class PosthocLogitAdjuster(PosthocAdjuster):
         tune: if True, :meth:`fit` picks tau on ``grid``; if False, :meth:`fit` keeps ``tau``.
         grid: candidate taus (default 0, 0.1, ..., 2); ties go to the smallest |tau|.
         num_classes: optional, checked against ``class_counts``.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.posthoc import create_posthoc
+        >>> _ = torch.manual_seed(0)
+        >>> y = torch.arange(3).repeat(20)  # balanced validation labels; logits biased to the head class
+        >>> val = torch.randn(60, 3) + 3.0 * torch.eye(3)[y] + torch.tensor([2.0, 0.0, -2.0])
+        >>> la = create_posthoc("posthoc_la", class_counts=[100, 10, 1]).fit(val, y)
+        >>> la.fitted_params(), la.transform(torch.zeros(1, 3)).argmax(dim=1).tolist()
+        ({'tau': 0.8}, [2])
     """
 
     name = "posthoc_la"

@@ -69,6 +69,16 @@ class PredictionRebalancer(PosthocAdjuster):
     :meth:`fit` computes q from the validation logits themselves, exactly as :meth:`transform` will do
     on the evaluation set. Give :meth:`transform` the whole evaluation set (or a large part of it); use
     :meth:`streaming` when it arrives in batches.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.posthoc import create_posthoc
+        >>> _ = torch.manual_seed(0)
+        >>> y = torch.arange(3).repeat(20)  # balanced validation labels; logits biased to the head class
+        >>> val = torch.randn(60, 3) + 3.0 * torch.eye(3)[y] + torch.tensor([2.0, 0.0, -2.0])
+        >>> rb = create_posthoc("gala_rebalance").fit(val, y)  # tau tuned; q comes from each set transformed
+        >>> rb.fitted_params(), tuple(rb.transform(torch.randn(5, 3)).shape)
+        ({'tau': 1.6}, (5, 3))
     """
 
     name = "gala_rebalance"

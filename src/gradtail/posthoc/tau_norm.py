@@ -93,6 +93,15 @@ class TauNormAdjuster(PosthocAdjuster):
         tau: used by :meth:`transform` until :meth:`fit` tunes it.
         tune: if True, :meth:`fit` picks tau on ``grid`` (default 0, 0.1, ..., 2) by balanced accuracy.
         bias_mode: ``"scale"`` (default), ``"keep"`` or ``"drop"`` (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.posthoc import create_posthoc
+        >>> _ = torch.manual_seed(0)
+        >>> tn = create_posthoc("tau_norm", classifier=torch.nn.Linear(4, 3))  # the model's linear head
+        >>> tn = tn.fit(torch.randn(30, 4), torch.arange(3).repeat(10))  # validation *features*, labels
+        >>> tn.fitted_params(), tuple(tn.transform(torch.randn(5, 4)).shape)  # features in, logits out
+        ({'tau': 0.7, 'bias_mode': 'scale'}, (5, 3))
     """
 
     name = "tau_norm"

@@ -47,6 +47,16 @@ class BalancedContrastiveLoss(nn.Module):
 
     ``forward(views, centres, targets)``: ``views`` (B, V, d) L2-normalised embeddings of V >= 1 views of
     each of B samples, ``centres`` (C, d) L2-normalised class centres, ``targets`` (B,) in [0, C).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> _ = torch.manual_seed(0)
+        >>> views = F.normalize(torch.randn(4, 2, 8), dim=2)  # B=4 samples, V=2 views, d=8
+        >>> centres = F.normalize(torch.randn(3, 8), dim=1)  # C=3 class centres
+        >>> loss = BalancedContrastiveLoss(temperature=0.1)(views, centres, torch.tensor([0, 1, 2, 0]))
+        >>> loss.dim(), round(float(loss), 4)
+        (0, 5.3295)
     """
 
     def __init__(self, temperature: float = 0.1) -> None:
@@ -105,6 +115,20 @@ class BCLRegularizer(Regularizer):
         hidden_dim, out_dim: the heads' widths (512, 128).
         num_views: extra views per image (2); ``data.augment.views`` must match.
         start_epoch: first epoch the term is added.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.models import create_model
+        >>> from gradtail.regularizers import create_regularizer
+        >>> _ = torch.manual_seed(0)
+        >>> model, reg = create_model("small_cnn", num_classes=3, width=8), create_regularizer("bcl")
+        >>> reg.setup(model, num_classes=3)  # creates the two projection heads (the trainer calls it)
+        >>> x, views, y = torch.randn(4, 1, 28, 28), torch.randn(8, 1, 28, 28), torch.tensor([0, 1, 2, 0])
+        >>> h = model.features(torch.cat([x, views])); logits = model.classifier(h[:4])  # views follow x
+        >>> loss = torch.nn.functional.cross_entropy(logits, y)
+        >>> term = reg(h[:4], logits, y, loss, model, view_features=h[4:])  # (ce_w - 1) loss + scl_w L_BCL
+        >>> reg.num_views, term.dim(), bool(torch.isfinite(term))
+        (2, 0, True)
     """
 
     report_note = (

@@ -148,6 +148,18 @@ class BalancedGradientPenalty(Regularizer):
         squared: penalise squared norms instead of norms.
         start_epoch: first epoch (0-based) at which the trainer adds the term.
         detach_features: the penalty sends no gradient to the features (regularises the head only).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.models import create_model
+        >>> from gradtail.regularizers import create_regularizer
+        >>> _ = torch.manual_seed(0)
+        >>> model, reg = create_model("small_cnn", num_classes=3, width=8), create_regularizer("bgp")
+        >>> x, y = torch.randn(6, 1, 28, 28), torch.tensor([0, 0, 0, 1, 1, 2])
+        >>> h = model.features(x); logits = model.classifier(h)
+        >>> term = reg(h, logits, y, torch.nn.functional.cross_entropy(logits, y), model)  # beta * R
+        >>> term.dim(), bool(term >= 0), term.requires_grad
+        (0, True, True)
     """
 
     report_note = (
