@@ -1,7 +1,7 @@
 """GBG grouping memory at ImageNet scale: 1000 classes, a ResNet-50-sized shared-parameter vector.
 
-gbg.md §1: full-dimensional prototypes are C x |theta_s| floats (about 94 GB for ResNet-50 on 1000
-classes). gradtail accumulates per-class gradients in place and sketches them to k dimensions
+docs/methods/gbg.md §1: full-dimensional prototypes are C x |theta_s| floats (about 94 GB for ResNet-50 on
+1000 classes). gradtail accumulates per-class gradients in place and sketches them to k dimensions
 (:class:`gradtail.optim.grouping.PrototypeAccumulator` + :class:`CountSketch`), then clusters.
 
 This benchmark feeds that exact accumulator synthetic per-class gradients of ResNet-50's backbone size

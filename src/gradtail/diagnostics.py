@@ -1,12 +1,12 @@
-"""Gradient-ratio diagnostics for any loss (eql.md §6, protocol.md §4).
+"""Gradient-ratio diagnostics for any loss (docs/methods/eql.md §6, docs/methods/protocol.md §4).
 
-:class:`GradientRatioObserver` is a :class:`gradtail.engine.interfaces.StepObserver`: the trainer hands
+:class:`GradientRatioObserver` is a :class:`gradtail.contracts.StepObserver`: the trainer hands
 it the logits of every training step, still attached, and it records per-class P_j, N_j and
-g_j = P_j / N_j (eql.md §1) of whatever loss is being trained, through an autograd hook on the logits
-(:meth:`gradtail.gradstats.GradientStatistics.attach_hook`). Overhead per step: one hook, a few (n, C)
+g_j = P_j / N_j (docs/methods/eql.md §1) of whatever loss is being trained, through an autograd hook on the
+logits (:meth:`gradtail.gradstats.GradientStatistics.attach_hook`). Overhead per step: one hook, a few (n, C)
 element-wise ops and one all-reduce of 2C + 1 numbers. Snapshots per epoch (:meth:`end_epoch`) make the
-"seesaw" visible: :func:`plot_gradient_ratios` draws g_j over epochs, one line per class, coloured by
-training count; :func:`classes_below_ratio` lists the under-compensated classes.
+"seesaw" visible: :func:`plot_gradient_ratios` draws g_j over epochs, one line per class, coloured by training
+count; :func:`classes_below_ratio` lists the under-compensated classes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ History = Sequence[Mapping[str, Any]] | Mapping[str, Any]
 
 
 def _scale_getter(scaler: torch.amp.GradScaler | None) -> Callable[[], float | torch.Tensor] | None:
-    """The current fp16 loss scale, read without a device sync where torch allows it (eql.md §1 rule 5)."""
+    """The current fp16 loss scale, read without a device sync where torch allows it
+    (docs/methods/eql.md §1 rule 5)."""
     if scaler is None or not scaler.is_enabled():
         return None
 
@@ -41,13 +42,14 @@ def _scale_getter(scaler: torch.amp.GradScaler | None) -> Callable[[], float | t
 
 
 class GradientRatioObserver(nn.Module):
-    """Per-class positive / negative gradient at the logits of any loss, snapshotted per epoch (eql.md §6).
+    """Per-class positive / negative gradient at the logits of any loss, snapshotted per epoch
+    (docs/methods/eql.md §6).
 
     Args:
         num_classes: C (logit channels).
         grad_scaler: the fp16 ``GradScaler`` of the run, if any (also settable later with
             :meth:`set_grad_scaler`): hooked gradients are divided by its current scale and overflowed
-            steps are skipped (eql.md §1 rule 5). bf16 and fp32 need none.
+            steps are skipped (docs/methods/eql.md §1 rule 5). bf16 and fp32 need none.
 
     ``observe(logits, targets)`` accepts (n, C) logits with (n,) labels, or (N, C, d1, ...) with
     (N, d1, ...) (every position a sample). Labels outside [0, C) (ignore indices, a detection background
@@ -140,7 +142,8 @@ class GradientRatioObserver(nn.Module):
 
     # ------------------------------------------------------------------ checkpointing
     def get_extra_state(self) -> dict[str, Any]:
-        """The snapshot history travels in ``state_dict()`` next to the buffers (eql.md §1 rule 4)."""
+        """The snapshot history travels in ``state_dict()`` next to the buffers
+        (docs/methods/eql.md §1 rule 4)."""
         return {"history": [dict(s) for s in self.history]}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -162,7 +165,8 @@ def _snapshots(history: History) -> list[Mapping[str, Any]]:
 
 
 def classes_below_ratio(history: History, threshold: float = 0.5) -> list[int]:
-    """Classes whose final g_j is below ``threshold`` (0.5: under-compensated / starved, eql.md §1)."""
+    """Classes whose final g_j is below ``threshold`` (0.5: under-compensated / starved,
+    docs/methods/eql.md §1)."""
     final = _snapshots(history)[-1]["g"]
     return [j for j, g in enumerate(final) if g < threshold]
 
@@ -174,7 +178,8 @@ def plot_gradient_ratios(
     title: str | None = None,
     cmap: str = "viridis",
 ) -> Path:
-    """Plot g_j against epoch, one line per class coloured by training count (eql.md §6); save a PNG.
+    """Plot g_j against epoch, one line per class coloured by training count (docs/methods/eql.md §6);
+    save a PNG.
 
     Colours follow a log-scaled colormap of ``class_counts`` with a colorbar; dashed lines mark
     g = 0.5 and g = 1. Uses matplotlib's Agg canvas directly (no pyplot, no global backend change).

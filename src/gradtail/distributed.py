@@ -1,7 +1,8 @@
 """The one place that talks to ``torch.distributed``.
 
 Every collective in gradtail goes through these helpers. Each does nothing (returns its input) when no
-process group is initialized, so single-process code never needs a special case (eql.md §1 rule 3).
+process group is initialized, so single-process code never needs a special case
+(docs/methods/eql.md §1 rule 3).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Data: long-tailed subsets (protocol.md §1), dataset readers (§2), samplers, the in-memory batch loader."""
+"""Data: long-tailed subsets (docs/methods/protocol.md §1), dataset readers (§2), samplers,
+the in-memory batch loader."""
 
 from gradtail.data.base import ImageArrays
 from gradtail.data.builder import DATASETS, DataBundle, build_data

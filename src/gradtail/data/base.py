@@ -1,4 +1,5 @@
-"""In-memory image datasets: uint8 images plus int64 labels (design.md, "Pieces and their interfaces").
+"""In-memory image datasets: uint8 images plus int64 labels (docs/methods/design.md, "Pieces and their
+interfaces").
 
 Every reader (Fashion-MNIST, CIFAR) returns an :class:`ImageArrays`; long-tailed subsets are made with
 :meth:`ImageArrays.subset` from the indices of :func:`gradtail.data.longtail.build_longtail_split`.
@@ -21,7 +22,8 @@ class ImageArrays:
 
     ``images``: uint8 ``(N, C, H, W)``, made contiguous; ``labels``: int64 ``(N,)`` in
     ``[0, num_classes)``; ``class_names``: one name per class; ``name``: e.g. ``"cifar10-train"``.
-    Invalid contents raise :class:`DataError` (labels are checked where data enters, baselines.md).
+    Invalid contents raise :class:`DataError` (labels are checked where data enters,
+    docs/methods/baselines.md).
     """
 
     images: torch.Tensor

@@ -2,7 +2,7 @@
 small surface (counts, subset hash, loaders), whatever the storage.
 
 - In-memory datasets (Fashion-MNIST, CIFAR, synthetic): the training set is the long-tailed subset of the
-  training split (protocol.md §1, LDAM rule); validation is carved from the training split before
+  training split (docs/methods/protocol.md §1, LDAM rule); validation is carved from the training split before
   subsampling (balanced, disjoint); the test set is the untouched balanced test split. Batches come from
   :class:`~gradtail.data.loader.BatchLoader` (whole-batch augmentation on the device).
 - Image-list datasets (ImageNet-LT, Places-LT, iNaturalist 2018): the community's split files are already
@@ -168,7 +168,8 @@ class DataBundle:
         )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
-        """What ``subset.json`` records (protocol.md §1: counts and hash make the subset auditable)."""
+        """What ``subset.json`` records (docs/methods/protocol.md §1: counts and hash make the subset
+        auditable)."""
         return {
             "counts": self.class_counts,
             "train_images": int(sum(self.class_counts)),

@@ -1,4 +1,4 @@
-"""CIFAR-10 / CIFAR-100 from the official "python version" pickles (protocol.md §2).
+"""CIFAR-10 / CIFAR-100 from the official "python version" pickles (docs/methods/protocol.md §2).
 
 Resolution order for the extracted folder (``cifar-10-batches-py`` / ``cifar-100-python``): an
 explicit ``data_dir`` is the only root looked in (a mistyped path is an error, not a silent fallback);
@@ -34,7 +34,7 @@ _ROW = 3 * 32 * 32
 
 @dataclass(frozen=True)
 class CifarSource:
-    """Where one CIFAR variant comes from and how its files are laid out (protocol.md §2)."""
+    """Where one CIFAR variant comes from and how its files are laid out (docs/methods/protocol.md §2)."""
 
     name: str
     folder: str

@@ -1,4 +1,4 @@
-"""Extra augmented views for contrastive terms (BCL, gbg.md §3), made for a whole batch at once.
+"""Extra augmented views for contrastive terms (BCL, docs/methods/gbg.md §3), made for a whole batch at once.
 
 :class:`SimCLRViews` maps a uint8 batch (B, C, H, W) to one SimCLR-style view per image, uint8, same
 size: random resized crop (area scale 0.2-1, aspect 3/4-4/3, bilinear), horizontal flip (p 0.5), colour
@@ -74,7 +74,7 @@ class SimCLRViews:
     """One SimCLR-style view of every image of a uint8 batch (see the module docstring).
 
     Args:
-        scale: range of the crop's area as a fraction of the image (default 0.2-1, gbg.md §3).
+        scale: range of the crop's area as a fraction of the image (default 0.2-1, docs/methods/gbg.md §3).
         ratio: range of the crop's aspect ratio (width / height).
         jitter: (brightness, contrast, saturation, hue) strengths; factors drawn in [1 - s, 1 + s]
             (hue: a shift in [-s, s] of a turn).

@@ -1,8 +1,8 @@
-"""Downloads with checksums and safe archive extraction (protocol.md §2).
+"""Downloads with checksums and safe archive extraction (docs/methods/protocol.md §2).
 
 A download streams into a temporary file next to its destination, is verified, and only then renamed
 into place, so a partial or corrupt file never sits under the final name. A checksum mismatch is
-always an error (protocol.md §2: "a checksum mismatch never passes silently").
+always an error (docs/methods/protocol.md §2: "a checksum mismatch never passes silently").
 """
 
 from __future__ import annotations

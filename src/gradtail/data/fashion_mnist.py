@@ -1,4 +1,4 @@
-"""Fashion-MNIST from its IDX files (protocol.md §2).
+"""Fashion-MNIST from its IDX files (docs/methods/protocol.md §2).
 
 Where the files are looked for: an explicit ``data_dir`` (and its ``fashion-mnist`` sub-folder) and
 nowhere else, so a mistyped path is an error rather than a silent fallback; without one, in order:
@@ -183,7 +183,8 @@ def _download_all(target: Path) -> None:
 
 
 def resolve_fashion_mnist_dir(data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
-    """The folder holding all four Fashion-MNIST IDX files (protocol.md §2; order in the module doc)."""
+    """The folder holding all four Fashion-MNIST IDX files (docs/methods/protocol.md §2; order in the module
+    doc)."""
     looked = _candidates(data_dir)
     for folder in looked:
         if _has_all_files(folder):

@@ -1,9 +1,10 @@
 """Image-list datasets for the large-scale benchmarks: ImageNet-LT, Places-LT, iNaturalist 2018.
 
-A split is an image root plus a list file with one ``relative/path label`` per line (protocol.md §2;
-the community's list files). Images are decoded with PIL and transformed per sample with torchvision;
-:class:`ImageListLoader` batches them with worker processes and has the surface of the in-memory
-:class:`~gradtail.data.loader.BatchLoader` (``set_epoch``, ``len``, iteration of (x, y) on the device).
+A split is an image root plus a list file with one ``relative/path label`` per line
+(docs/methods/protocol.md §2; the community's list files). Images are decoded with PIL and transformed per
+sample with torchvision; :class:`ImageListLoader` batches them with worker processes and has the surface of
+the in-memory :class:`~gradtail.data.loader.BatchLoader` (``set_epoch``, ``len``, iteration of (x, y) on the
+device).
 
 Reproducibility: every training sample's augmentation draws from the RNGs reseeded with a hash of
 ``(seed, epoch, global position in the epoch)``, so an epoch replays identically whatever the number of
@@ -504,7 +505,7 @@ _SPECS: dict[str, ImageListSpec] = {
 
 
 def known_splits() -> dict[str, ImageListSpec]:
-    """The image-list benchmarks gradtail knows (protocol.md §2), by name."""
+    """The image-list benchmarks gradtail knows (docs/methods/protocol.md §2), by name."""
     return dict(_SPECS)
 
 

@@ -1,8 +1,8 @@
-"""Long-tailed subsets of a balanced training set (protocol.md §1).
+"""Long-tailed subsets of a balanced training set (docs/methods/protocol.md §1).
 
 :func:`longtail_counts` gives the per-class counts; :func:`build_longtail_split` chooses which images
 by the "LDAM rule", optionally after carving a balanced held-out validation split, and records a
-SHA-256 of the kept indices so every run's subset is auditable (protocol.md §5).
+SHA-256 of the kept indices so every run's subset is auditable (docs/methods/protocol.md §5).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float, profile: str = "exp") -> list[int]:
-    """Per-class counts, head (index 0) to tail (protocol.md §1).
+    """Per-class counts, head (index 0) to tail (docs/methods/protocol.md §1).
 
     ``exp``: ``int(n_max * IF ** (-i / (C - 1)))`` (truncation); ``step``: the first ``C // 2`` classes
     keep ``n_max``, the rest get ``int(n_max / IF)``. ``IF = 1`` gives ``[n_max] * C``.
@@ -71,14 +71,14 @@ def longtail_counts(n_max: int, num_classes: int, imbalance_factor: float, profi
 
 
 def split_hash(indices: np.ndarray | Sequence[int]) -> str:
-    """SHA-256 (hex) of the sorted indices as little-endian int64 bytes (protocol.md §1)."""
+    """SHA-256 (hex) of the sorted indices as little-endian int64 bytes (docs/methods/protocol.md §1)."""
     arr = np.sort(np.asarray(indices, dtype=np.int64))
     return hashlib.sha256(arr.astype("<i8").tobytes()).hexdigest()
 
 
 @dataclass
 class LongTailSplit:
-    """Which training images a long-tailed run uses (protocol.md §1).
+    """Which training images a long-tailed run uses (docs/methods/protocol.md §1).
 
     ``train_indices`` and ``val_indices`` are sorted ascending (np.int64), indices into the full
     training set. ``counts`` / ``val_counts`` are indexed by *label* (``counts[j]`` images of class
@@ -135,7 +135,8 @@ def _check_class_order(class_order: Sequence[int] | None, num_classes: int) -> l
 def _carve_validation(
     pools: list[np.ndarray], val_per_class: int, seed: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Split each class pool into (training pool, validation) (protocol.md §1, held-out validation).
+    """Split each class pool into (training pool, validation) (docs/methods/protocol.md §1, held-out
+    validation).
 
     A private generator seeded with ``(seed, "val")`` permutes each class's indices; the *last*
     ``val_per_class`` of the permutation are validation, the rest stay in dataset order as the pool.
@@ -156,7 +157,8 @@ def _carve_validation(
 
 
 def _ldam_select(pools: list[np.ndarray], counts: list[int], seed: int) -> list[np.ndarray]:
-    """The LDAM rule (protocol.md §1) on the legacy global generator, whose state is restored after."""
+    """The LDAM rule (docs/methods/protocol.md §1) on the legacy global generator, whose state is restored
+    after."""
     saved = np.random.get_state()
     try:
         np.random.seed(seed)
@@ -180,7 +182,8 @@ def build_longtail_split(
     n_max: int | None = None,
     class_order: Sequence[int] | None = None,
 ) -> LongTailSplit:
-    """Choose a long-tailed training subset and an optional balanced validation split (protocol.md §1).
+    """Choose a long-tailed training subset and an optional balanced validation split
+    (docs/methods/protocol.md §1).
 
     1. Each class's pool is its indices in dataset order. If ``val_per_class > 0``, a separate seeded
        generator first carves ``val_per_class`` per class out of the pool (see :func:`_carve_validation`);
@@ -188,7 +191,7 @@ def build_longtail_split(
     2. ``n_max`` defaults to the largest class in the dataset (before the carve); counts come from
        :func:`longtail_counts`; ``class_order[i]`` is the label that gets the i-th count (head first).
        When validation was carved and ``n_max`` was not given, a head class (count ``n_max``) keeps
-       its whole remaining pool (choice recorded here because protocol.md §1 is ambiguous: its
+       its whole remaining pool (choice recorded here because docs/methods/protocol.md §1 is ambiguous: its
        reference counts and its carve-before-subsampling rule cannot both hold for the head class).
        For Fashion-MNIST-LT IF100
        with 20 validation images per class this gives ``5980 3596 2156 1292 774 464 278 166 100 60``:

@@ -1,9 +1,10 @@
-"""Training-set samplers: instance, class-balanced, square-root, progressively balanced (baselines.md).
+"""Training-set samplers: instance, class-balanced, square-root, progressively balanced
+(docs/methods/baselines.md).
 
-A sampler is a pure function ``(seed, epoch, rank, world) -> indices`` (design.md): every rank builds
-the same *global order* for an epoch from a private ``torch.Generator`` seeded with a hash of
-``(seed, epoch)`` (the global RNGs are never touched), then keeps its own disjoint part of it. So
-multi-process training needs no communication, and a resumed run redraws exactly the same order.
+A sampler is a pure function ``(seed, epoch, rank, world) -> indices`` (docs/methods/design.md): every rank
+builds the same *global order* for an epoch from a private ``torch.Generator`` seeded with a hash of ``(seed,
+epoch)`` (the global RNGs are never touched), then keeps its own disjoint part of it. So multi-process
+training needs no communication, and a resumed run redraws exactly the same order.
 
 Rank split: the global order is truncated to a multiple of ``world_size`` and rank ``r`` takes the
 strided slice ``order[r::world_size]``; every rank gets the same number of samples and, together,

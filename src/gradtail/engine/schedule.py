@@ -1,4 +1,4 @@
-"""Learning-rate schedules (protocol.md §3): linear warm-up, then step decay or cosine.
+"""Learning-rate schedules (docs/methods/protocol.md §3): linear warm-up, then step decay or cosine.
 
 The schedule is a pure function of training progress measured in epochs (fractional within an epoch),
 so it carries no state of its own: resuming at a global step restores it exactly.

@@ -1,4 +1,4 @@
-"""Metrics: top-1, per-class, Many/Medium/Few, calibration, confusion (protocol.md §4)."""
+"""Metrics: top-1, per-class, Many/Medium/Few, calibration, confusion (docs/methods/protocol.md §4)."""
 
 from gradtail.metrics.classification import (
     EvalResult,

@@ -1,4 +1,5 @@
-"""Evaluation metrics (protocol.md §4): top-1, per-class accuracy, Many/Medium/Few, ECE/MCE, confusion.
+"""Evaluation metrics (docs/methods/protocol.md §4): top-1, per-class accuracy, Many/Medium/Few,
+ECE/MCE, confusion.
 
 All functions take logits (n, C) and integer targets (n,) as tensors on any device and return plain
 Python numbers / lists, so results serialise straight to JSON.
@@ -169,7 +170,8 @@ def evaluate_logits(
     few_threshold: int = 20,
     num_bins: int = 15,
 ) -> EvalResult:
-    """All protocol.md §4 metrics from logits. Many/Medium/Few average per-class accuracy; empty = None.
+    """All docs/methods/protocol.md §4 metrics from logits. Many/Medium/Few average per-class accuracy;
+    empty = None.
 
     Example:
         >>> import torch

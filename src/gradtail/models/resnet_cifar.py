@@ -1,4 +1,4 @@
-"""ResNet-32 for CIFAR exactly as protocol.md §3 (the LDAM recipe's backbone).
+"""ResNet-32 for CIFAR exactly as docs/methods/protocol.md §3 (the LDAM recipe's backbone).
 
 3 stages x 5 basic blocks, widths 16/32/64, option-A shortcuts (stride-2 subsampling + zero-padding of
 the new channels, no parameters), Kaiming-normal init of conv and linear weights, global average

@@ -1,4 +1,5 @@
-"""A small CNN for 28x28 (Fashion-MNIST) or 32x32 inputs: the CPU-scale benchmark's model (protocol.md §3).
+"""A small CNN for 28x28 (Fashion-MNIST) or 32x32 inputs: the CPU-scale benchmark's model
+(docs/methods/protocol.md §3).
 
 Four 3x3 conv + BN + ReLU layers (widths w, w, 2w, 2w by default w=32), max-pool after the 2nd and 4th,
 then global average pooling to a 2w-d feature. ``norm="none"`` replaces conv + BN by conv with bias: no

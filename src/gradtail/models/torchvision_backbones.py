@@ -2,8 +2,8 @@
 
 The backbone is the torchvision model with its ``fc`` replaced by an identity, so it maps
 (n, 3, H, W) images to the pooled (n, feature_dim) feature; the classifier is gradtail's linear or
-cosine head (the large-scale recipes of protocol.md §3, e.g. Softmax-EQL's ResNet-50 + cosine head).
-Weights are randomly initialised (``weights=None``): gradtail never downloads checkpoints.
+cosine head (the large-scale recipes of docs/methods/protocol.md §3, e.g. Softmax-EQL's ResNet-50 + cosine
+head). Weights are randomly initialised (``weights=None``): gradtail never downloads checkpoints.
 """
 
 from __future__ import annotations

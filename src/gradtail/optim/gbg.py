@@ -1,9 +1,10 @@
-"""GBG: gradient-balancing grouping, long-tailed learning as multi-objective optimisation (gbg.md).
+"""GBG: gradient-balancing grouping, long-tailed learning as multi-objective optimisation
+(docs/methods/gbg.md).
 
-Stage 1 (:meth:`GBGRule.on_epoch_start`, gbg.md §1): classes are grouped (spectral clustering of per-class
-backbone-gradient prototypes, or the ``frequency`` / ``random`` ablations) at the scheduled epochs.
+Stage 1 (:meth:`GBGRule.on_epoch_start`, docs/methods/gbg.md §1): classes are grouped (spectral clustering of
+per-class backbone-gradient prototypes, or the ``frequency`` / ``random`` ablations) at the scheduled epochs.
 
-Stage 2 (:meth:`GBGRule.__call__`, gbg.md §2), per step:
+Stage 2 (:meth:`GBGRule.__call__`, docs/methods/gbg.md §2), per step:
 
 1. one forward through ``ctx.forward`` (observers see the logits once);
 2. for each group g present in the batch, L_g = ``ctx.loss_fn`` on the batch rows whose label is in g
@@ -14,8 +15,8 @@ Stage 2 (:meth:`GBGRule.__call__`, gbg.md §2), per step:
    ``l2``: G_g / ||G_g||, ``none``), alpha = :func:`~gradtail.optim.min_norm.min_norm_weights` (M).
    ``sum``: alpha_g = 1 and ``mean``: alpha_g = 1 / G' need no group gradients at all;
 4. loss = sum_g alpha_g L_g (alpha detached, raw losses), plus the regularizer when active (e.g. the BCL
-   term, gbg.md §2.5): it is computed on the whole batch, added outside the balancing (weight 1), and
-   receives the combined GBG loss as its ``loss`` argument; then one ``ctx.backward``.
+   term, docs/methods/gbg.md §2.5): it is computed on the whole batch, added outside the balancing (weight 1),
+   and receives the combined GBG loss as its ``loss`` argument; then one ``ctx.backward``.
 
 One group present (or before the first grouping): the step is exactly the plain step,
 ``ctx.criterion(h, z, y)`` and one backward (alpha = [1], no solver, no group gradients).
@@ -106,20 +107,20 @@ def last_layer_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @register_update_rule("gbg")
 class GBGRule(UpdateRule):
-    """The GBG update rule (gbg.md §1-2); see the module docstring for the step.
+    """The GBG update rule (docs/methods/gbg.md §1-2); see the module docstring for the step.
 
     Args:
         num_groups: G, the number of class groups (default 4).
         grouping: ``spectral`` (gradient directions, faithful), ``frequency`` or ``random`` (ablations).
         group_at: when to group; see :func:`parse_group_at`.
-        normalization: ``loss+`` (default), ``l2`` or ``none`` (gbg.md §2.3).
-        combiner: ``mgda`` (default), ``sum`` or ``mean`` (gbg.md §2, ablation combiners).
+        normalization: ``loss+`` (default), ``l2`` or ``none`` (docs/methods/gbg.md §2.3).
+        combiner: ``mgda`` (default), ``sum`` or ``mean`` (docs/methods/gbg.md §2, ablation combiners).
         params: ``backbone`` (default), ``last_layer`` or ``features``; see the module docstring.
         sketch_dim: random-projection dimension of the grouping prototypes (``None``: full gradients).
         sketch: ``count`` (sparse CountSketch, O(D) per class; default) or ``gaussian`` (dense JL).
         seed: seed of the sketch and of the ``random`` grouping.
         batch_size: batch size of the grouping pass.
-        max_iter, tol: bounds of the min-norm solver (gbg.md §2.4).
+        max_iter, tol: bounds of the min-norm solver (docs/methods/gbg.md §2.4).
         eps: floor of the norms and losses in the normalisation.
 
     Example:
@@ -137,8 +138,8 @@ class GBGRule(UpdateRule):
     """
 
     report_note = (
-        "GBG (gbg.md): the BCL term of the released code is the separate `bcl` regularizer; a run "
-        "without it balances the base loss alone."
+        "GBG (docs/methods/gbg.md): the BCL term of the released code is the separate `bcl` regularizer; "
+        "a run without it balances the base loss alone."
     )
 
     def __init__(
@@ -207,7 +208,7 @@ class GBGRule(UpdateRule):
         return self.groups is None or (epoch % n == 0 and epoch != self.grouped_epoch)
 
     def on_epoch_start(self, epoch: int, view: TrainingView) -> None:
-        """Group the classes when scheduled (gbg.md §1)."""
+        """Group the classes when scheduled (docs/methods/gbg.md §1)."""
         if self.due(epoch):
             self.set_groups(self.compute_groups(view))
             self.grouped_epoch = int(epoch)
@@ -429,14 +430,16 @@ class GBGRule(UpdateRule):
         return {f"alpha_group{g}": v / steps for g, v in enumerate(sums)}
 
     def _plain(self, ctx: StepContext, h: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> StepOutput:
-        """One group (or none yet): alpha = [1], the plain base-loss step (gbg.md §5: never crash)."""
+        """One group (or none yet): alpha = [1], the plain base-loss step (docs/methods/gbg.md §5: never
+        crash)."""
         loss = ctx.criterion(h, z, y)
         ctx.backward(loss)
         self.last_alpha = torch.ones(1, device=z.device)
         return StepOutput(loss=loss.detach(), logits=z.detach(), extras={"groups_present": 1.0})
 
     def _solve(self, flat: torch.Tensor, loss_values: torch.Tensor) -> torch.Tensor:
-        """Min-norm weights of the normalised group gradients (gbg.md §2.3-2.4) from their Gram matrix."""
+        """Min-norm weights of the normalised group gradients (docs/methods/gbg.md §2.3-2.4) from their Gram
+        matrix."""
         gram = flat @ flat.T
         if self.normalization == "none":
             scale = torch.ones(flat.shape[0], device=gram.device, dtype=gram.dtype)

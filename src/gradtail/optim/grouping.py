@@ -1,4 +1,4 @@
-"""GBG stage 1: group classes whose training gradients point the same way (gbg.md §1).
+"""GBG stage 1: group classes whose training gradients point the same way (docs/methods/gbg.md §1).
 
 - :func:`class_gradient_prototypes`: per-class mean gradient of the training loss w.r.t. the shared
   (backbone) parameters, over the un-augmented training set, model in eval mode; optionally sketched to
@@ -28,7 +28,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class GaussianSketch:
-    """x -> x R / sqrt(k) with R a (D, k) matrix of iid N(0, 1), never held whole (gbg.md §1, "Cost").
+    """x -> x R / sqrt(k) with R a (D, k) matrix of iid N(0, 1), never held whole (docs/methods/gbg.md §1,
+    "Cost").
 
     R is regenerated row-chunk by row-chunk from a generator re-seeded with ``seed`` at every call, so
     memory is O(k * chunk_rows) (``chunk_rows = max(1, chunk_elems // k)``) whatever D is, and the map is
@@ -159,7 +160,8 @@ def create_sketch(
 
 
 class PrototypeAccumulator:
-    """Per-class mean gradients, accumulated in place and optionally sketched (gbg.md §1, "Cost").
+    """Per-class mean gradients, accumulated in place and optionally sketched (docs/methods/gbg.md §1,
+    "Cost").
 
     Classes arrive one at a time (``add`` any number of gradient sums of class c, then ``end_class(c, n)``);
     each is accumulated into one row of a (class_block, D) staging buffer, divided by its sample count,
@@ -201,7 +203,8 @@ class PrototypeAccumulator:
             raise InputError(f"gradients of class {c} have {pos} entries, expected {self.dim}")
 
     def end_class(self, c: int, count: int) -> None:
-        """Class c is complete with ``count`` samples: divide its sum (its mean gradient, gbg.md §1)."""
+        """Class c is complete with ``count`` samples: divide its sum (its mean gradient,
+        docs/methods/gbg.md §1)."""
         self._row(c).div_(max(int(count), 1))
         self.finished.add(c)
         if self.staging is not None:
@@ -224,7 +227,7 @@ class PrototypeAccumulator:
 
 
 def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The shared parameters (gbg.md §1) that require grad: the model's ``backbone_parameters()``
+    """The shared parameters (docs/methods/gbg.md §1) that require grad: the model's ``backbone_parameters()``
     (a :class:`~gradtail.models.LongTailClassifier`, DDP-wrapped or not; the classifier excluded)."""
     inner: Any = unwrap_model(model)
     return [p for p in inner.backbone_parameters() if p.requires_grad]
@@ -245,7 +248,7 @@ def class_gradient_prototypes(
     class_block: int = 8,
     sketch: str = "count",
 ) -> torch.Tensor:
-    """Per-class mean gradient of the training loss w.r.t. the shared parameters (gbg.md §1).
+    """Per-class mean gradient of the training loss w.r.t. the shared parameters (docs/methods/gbg.md §1).
 
     The data are visited class by class (batches never mix classes), so each backward yields one class's
     gradient sum: ``torch.autograd.grad`` of ``n * loss_fn(logits, labels)`` (``loss_fn`` reduces by the
@@ -343,7 +346,7 @@ def _cluster_qr(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def spectral_groups(prototypes: torch.Tensor, num_groups: int, seed: int = 0) -> torch.Tensor:
-    """Spectral clustering of classes by gradient direction (gbg.md §1).
+    """Spectral clustering of classes by gradient direction (docs/methods/gbg.md §1).
 
     Affinity A_cd = cos(g_c, g_d) + 1 (self-affinities dropped, as scipy's normalised Laplacian does);
     embedding: the G leading eigenvectors of D^-1/2 A D^-1/2 (``torch.linalg.eigh``, float64), divided by
@@ -375,7 +378,7 @@ def frequency_groups(class_counts: Sequence[int] | torch.Tensor, num_groups: int
     """Sort classes by training count (descending; ties by class index) and cut into G equal blocks.
 
     Group 0 holds the most frequent classes; block sizes differ by at most one (the first ones larger),
-    as ``torch.tensor_split``. G >= C gives one class per group (gbg.md §1, ablation).
+    as ``torch.tensor_split``. G >= C gives one class per group (docs/methods/gbg.md §1, ablation).
     """
     counts = torch.as_tensor(class_counts).flatten().cpu()
     if num_groups < 1:
@@ -385,7 +388,8 @@ def frequency_groups(class_counts: Sequence[int] | torch.Tensor, num_groups: int
 
 
 def random_groups(num_classes: int, num_groups: int, seed: int = 0) -> torch.Tensor:
-    """A seeded random permutation of the classes cut into G equal blocks (gbg.md §1, ablation)."""
+    """A seeded random permutation of the classes cut into G equal blocks (docs/methods/gbg.md §1,
+    ablation)."""
     if num_groups < 1:
         raise InputError(f"num_groups must be >= 1, got {num_groups}")
     gen = torch.Generator().manual_seed(int(seed))

@@ -1,4 +1,4 @@
-"""The min-norm element of the convex hull of k vectors, from their Gram matrix (gbg.md §2.4).
+"""The min-norm element of the convex hull of k vectors, from their Gram matrix (docs/methods/gbg.md §2.4).
 
 ``min_norm_weights(M)`` returns alpha on the simplex minimising ||sum_g alpha_g v_g||^2 = alpha^T M alpha,
 where M = [<v_a, v_b>] is the Gram matrix (the MGDA sub-problem; Sener & Koltun, NeurIPS 2018).
@@ -40,7 +40,8 @@ _RIDGE = 1e-12
 def gram_matrix(grads: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     """M[a, b] = <g_a, g_b> for k vectors given as a (k, D) tensor or a list of k tensors of any shape.
 
-    Computed on the vectors' device by one matrix product (gbg.md §2.4: no host copies per tensor).
+    Computed on the vectors' device by one matrix product (docs/methods/gbg.md §2.4: no host copies per
+    tensor).
     """
     if isinstance(grads, torch.Tensor):
         if grads.dim() != 2:
@@ -56,7 +57,8 @@ def gram_matrix(grads: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
 
 
 def _pair_gamma(m11: torch.Tensor, m12: torch.Tensor, m22: torch.Tensor) -> torch.Tensor:
-    """Weight on the first of two vectors minimising the norm of their convex combination (gbg.md §2.4).
+    """Weight on the first of two vectors minimising the norm of their convex combination
+    (docs/methods/gbg.md §2.4).
 
     Works elementwise on tensors of any shape; a zero denominator (identical vectors) gives 1/2.
     """
@@ -80,7 +82,8 @@ def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
 
 
 def _best_pair(m: torch.Tensor) -> torch.Tensor:
-    """The simplex point supported on the best pair (i, j), each pair solved in closed form (gbg.md §2.4)."""
+    """The simplex point supported on the best pair (i, j), each pair solved in closed form
+    (docs/methods/gbg.md §2.4)."""
     k = m.shape[0]
     diag = torch.diagonal(m)
     mii = diag[:, None].expand(k, k)
@@ -119,7 +122,7 @@ def _face_newton_point(m: torch.Tensor, sol: torch.Tensor, ridge: torch.Tensor) 
 def min_norm_weights(
     gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-5, check_every: int = 4
 ) -> torch.Tensor:
-    """alpha on the simplex minimising alpha^T M alpha (gbg.md §2.4); see the module docstring.
+    """alpha on the simplex minimising alpha^T M alpha (docs/methods/gbg.md §2.4); see the module docstring.
 
     Args:
         gram: the (k, k) Gram matrix of the (normalised) objective gradients, on any device.

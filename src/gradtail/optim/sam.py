@@ -1,4 +1,5 @@
-"""SAM: sharpness-aware minimisation as an update rule (baselines.md row ``sam``; bgp.md §4's comparison).
+"""SAM: sharpness-aware minimisation as an update rule (docs/methods/baselines.md row ``sam``;
+docs/methods/bgp.md §4's comparison).
 
 One step, with g(theta) the gradient of the step's criterion (base loss + regularizer, if any):
 
@@ -52,10 +53,11 @@ def batchnorm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor
 
 @register_update_rule("sam")
 class SAM(UpdateRule):
-    """Sharpness-aware minimisation (baselines.md ``sam``): gradient at theta + rho g/||g||, used at theta.
+    """Sharpness-aware minimisation (docs/methods/baselines.md ``sam``): gradient at theta + rho g/||g||,
+    used at theta.
 
     Args:
-        rho: radius of the ascent step (default 0.05, baselines.md).
+        rho: radius of the ascent step (default 0.05, docs/methods/baselines.md).
         eps: added to ||g|| before dividing (a zero gradient gives a zero ascent).
 
     Example:

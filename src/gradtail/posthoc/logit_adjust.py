@@ -1,4 +1,4 @@
-"""Post-hoc logit adjustment (baselines.md row ``posthoc_la``; Menon et al., ICLR 2021).
+"""Post-hoc logit adjustment (docs/methods/baselines.md row ``posthoc_la``; Menon et al., ICLR 2021).
 
 Predict argmax_j (z_j - tau log pi_j), pi the training class prior (counts / total). tau = 1 by default;
 :meth:`PosthocLogitAdjuster.fit` picks tau on the validation split to maximise balanced accuracy.
@@ -43,7 +43,7 @@ def class_log_prior(
 
 @register_posthoc("posthoc_la")
 class PosthocLogitAdjuster(PosthocAdjuster):
-    """z - tau log pi (baselines.md ``posthoc_la``).
+    """z - tau log pi (docs/methods/baselines.md ``posthoc_la``).
 
     Args:
         class_counts: training images per class (required).

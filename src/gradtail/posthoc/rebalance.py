@@ -1,4 +1,4 @@
-"""GALA's post-hoc prediction re-balancing (gala.md §3), transductive by definition.
+"""GALA's post-hoc prediction re-balancing (docs/methods/gala.md §3), transductive by definition.
 
 On an evaluation set with raw logits z (N x C): p = softmax(z), q_j = sum_i p_ij, and the prediction is
 argmax_j p_j / q_j^tau = argmax_j (z_j - tau log q_j). q is computed from the very set being scored
@@ -37,12 +37,14 @@ _TINY = torch.finfo(torch.float64).tiny
 
 
 def class_mass(logits: torch.Tensor) -> torch.Tensor:
-    """q_j = sum_i softmax(z_i)_j over the rows of ``logits`` (gala.md §3), float64, shape (C,)."""
+    """q_j = sum_i softmax(z_i)_j over the rows of ``logits`` (docs/methods/gala.md §3),
+    float64, shape (C,)."""
     return torch.softmax(logits.detach().to(torch.float64), dim=1).sum(dim=0)
 
 
 def rebalance_logits(logits: torch.Tensor, q: torch.Tensor, tau: float) -> torch.Tensor:
-    """z_j - tau log q_j (gala.md §3), in the logits' dtype (at least float32); tau = 0 returns z."""
+    """z_j - tau log q_j (docs/methods/gala.md §3), in the logits' dtype (at least float32);
+    tau = 0 returns z."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     offset = tau * torch.log(q.to(torch.float64).clamp_min(_TINY))
     return logits.to(dtype) - offset.to(device=logits.device, dtype=dtype)
@@ -58,7 +60,7 @@ def _check_tau(tau: float) -> float:
 
 @register_posthoc("gala_rebalance")
 class PredictionRebalancer(PosthocAdjuster):
-    """Batch form of prediction re-balancing: q from the logits being transformed (gala.md §3).
+    """Batch form of prediction re-balancing: q from the logits being transformed (docs/methods/gala.md §3).
 
     Args:
         tau: strength (1 on CIFAR; 1.7 ImageNet-LT, 1.5 iNaturalist, 1.4 Places-LT in the paper).
@@ -151,7 +153,7 @@ class StreamingRebalancer:
         self._final = False
 
     def accumulate(self, logits: torch.Tensor) -> None:
-        """Pass 1: q += sum over this batch of softmax(z) (gala.md §3)."""
+        """Pass 1: q += sum over this batch of softmax(z) (docs/methods/gala.md §3)."""
         if self._final:
             raise InputError(
                 "StreamingRebalancer: accumulate() after rescore()/finalize(); call reset() first"

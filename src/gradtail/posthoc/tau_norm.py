@@ -1,4 +1,5 @@
-"""tau-normalised classifier (baselines.md row ``tau_norm``; Kang et al., "Decoupling", ICLR 2020).
+"""tau-normalised classifier (docs/methods/baselines.md row ``tau_norm``; Kang et al.,
+"Decoupling", ICLR 2020).
 
 Each classifier weight vector is divided by its norm to the power tau: w~_j = w_j / ||w_j||^tau, so
 ||w~_j|| = ||w_j||^(1 - tau) (tau = 0: unchanged; tau = 1: unit norms). It changes the head, so it works

@@ -1,4 +1,5 @@
-"""BCL: balanced supervised contrastive learning with class centres (gbg.md §3), as a regularizer.
+"""BCL: balanced supervised contrastive learning with class centres (docs/methods/gbg.md §3), as a
+regularizer.
 
 Zhu et al., "Balanced Contrastive Learning for Long-Tailed Visual Recognition" (CVPR 2022), the term that
 GBG's released code trains with. Two pieces:
@@ -18,8 +19,8 @@ GBG's released code trains with. Two pieces:
   backbone features (feature_dim -> 512 -> BN -> ReLU -> 128, L2-normalised) and a second head of the
   same shape mapping the classifier's weight rows (C, feature_dim) to the class centres. It returns
   ``(ce_weight - 1) * loss + scl_weight * L_BCL``, so the step's total is
-  ``ce_weight * loss + scl_weight * L_BCL`` (gbg.md §3: lambda_ce 2.0, lambda_scl 1.6 on CIFAR); under GBG
-  ``loss`` is the balanced sum_g alpha_g L_g (gbg.md §2.5).
+  ``ce_weight * loss + scl_weight * L_BCL`` (docs/methods/gbg.md §3: lambda_ce 2.0, lambda_scl 1.6 on CIFAR);
+  under GBG ``loss`` is the balanced sum_g alpha_g L_g (docs/methods/gbg.md §2.5).
 
 The views (``num_views``, default 2; SimCLR-style, ``gradtail.data.contrastive_views``) are made by the
 data loader (``data.augment.views: 2``) and their features come from the same forward as the batch.
@@ -106,7 +107,8 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
 
 @register_regularizer("bcl")
 class BCLRegularizer(Regularizer):
-    """BCL's contrastive term with its two projection heads (gbg.md §3); see the module docstring.
+    """BCL's contrastive term with its two projection heads (docs/methods/gbg.md §3); see the module
+    docstring.
 
     Args:
         ce_weight: lambda_ce, the weight of the classification loss in the total (default 2.0).
@@ -132,8 +134,8 @@ class BCLRegularizer(Regularizer):
     """
 
     report_note = (
-        "BCL (gbg.md §3): balanced contrastive term with class centres on two SimCLR-style views; the "
-        "views are drawn by gradtail's batched augmentation (fixed colour-jitter order)."
+        "BCL (docs/methods/gbg.md §3): balanced contrastive term with class centres on two SimCLR-style "
+        "views; the views are drawn by gradtail's batched augmentation (fixed colour-jitter order)."
     )
 
     def __init__(

@@ -1,21 +1,22 @@
-"""BGP: balanced gradient penalty (bgp.md), a regularizer added to any base loss.
+"""BGP: balanced gradient penalty (docs/methods/bgp.md), a regularizer added to any base loss.
 
 **This is a documented reconstruction, not the paper's formula.** The paper (Wang et al., "Balanced
 Gradient Penalty Improves Deep Long-Tailed Learning", ACM MM 2022) is available to us only as its
 abstract. What the abstract fixes -- a regularization loss, added to any base loss, that penalises
 sharpness without a second pass and without class priors -- is implemented as the readings of
-bgp.md §2-3, selected by ``variant``. Reports built on it must say that the formula is reconstructed.
+docs/methods/bgp.md §2-3, selected by ``variant``. Reports built on it must say that the formula is
+reconstructed.
 
-Notation (bgp.md §1-2). B samples, features h_i, raw logits z_i, labels y_i. For each class c present in
-the batch, S_c are its samples and n_c = |S_c|. g_i is the base loss's gradient at the raw logits of
-sample i, taken as
+Notation (docs/methods/bgp.md §1-2). B samples, features h_i, raw logits z_i, labels y_i. For each class c
+present in the batch, S_c are its samples and n_c = |S_c|. g_i is the base loss's gradient at the raw logits
+of sample i, taken as
 
     g_i = B * dL/dz_i,   L the base loss of the step
 
 which is exactly the per-sample loss gradient when L is the *mean* over samples of per-sample losses
 (every gradtail classification loss is). For losses that adjust logits (logit adjustment, margins,
-GALA / EQL offsets) this is the gradient at the raw logits, as bgp.md §2 asks, and the loss is never
-called a second time (stateful losses update their statistics once). Only the loss head is
+GALA / EQL offsets) this is the gradient at the raw logits, as docs/methods/bgp.md §2 asks, and the loss is
+never called a second time (stateful losses update their statistics once). Only the loss head is
 differentiated to get g (``create_graph=True``), not the network.
 
 Variants (``squared=True`` drops every square root, i.e. penalises squared norms; ``variant="squared"``
@@ -40,8 +41,8 @@ and M = s * W^ (W^ the row-normalised weight): then Gamma_c is exactly the class
 respect to the normalised weight W^, and f_i the gradient at the normalised feature h^_i. The ``logit``
 and ``exact`` variants work with any head; the others need one of these two.
 
-The penalty is L_total = L_base + beta * R (bgp.md §2). beta defaults to 0.1, inside bgp.md §3's sweep
-range 0.01-1 for norms; retune it (0.1-2) with ``squared=True``.
+The penalty is L_total = L_base + beta * R (docs/methods/bgp.md §2). beta defaults to 0.1, inside
+docs/methods/bgp.md §3's sweep range 0.01-1 for norms; retune it (0.1-2) with ``squared=True``.
 
 Settings and conventions:
 
@@ -79,7 +80,8 @@ VARIANTS = ("head", "logit", "feature", "unbalanced", "exact")
 
 
 def logit_gradients(loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """g = B * dL/dz (bgp.md §1-2): per-sample gradients at the raw logits of a mean-reduced loss."""
+    """g = B * dL/dz (docs/methods/bgp.md §1-2): per-sample gradients at the raw logits of a mean-reduced
+    loss."""
     if loss.dim() != 0:
         raise InputError(f"bgp needs the scalar base loss, got shape {tuple(loss.shape)}")
     if not (loss.requires_grad and logits.requires_grad):
@@ -124,13 +126,14 @@ def class_counts(targets: torch.Tensor, num_classes: int, dtype: torch.dtype) ->
 
 
 def mean_over_present(per_class: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(1/|C_B|) sum over present classes c of per_class[c] (bgp.md §1, "balanced")."""
+    """(1/|C_B|) sum over present classes c of per_class[c] (docs/methods/bgp.md §1, "balanced")."""
     present = (counts > 0).to(per_class.dtype)
     return (per_class * present).sum() / present.sum().clamp_min(1.0)
 
 
 def class_gram_sq_norms(gram: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """||(1/n_c) sum_{i in S_c} u_i||^2 = (1/n_c^2) sum_{i,i' in S_c} gram[i, i'] per class (bgp.md §2)."""
+    """||(1/n_c) sum_{i in S_c} u_i||^2 = (1/n_c^2) sum_{i,i' in S_c} gram[i, i'] per class
+    (docs/methods/bgp.md §2)."""
     same = (targets[:, None] == targets[None, :]).to(gram.dtype)
     row = (gram * same).sum(dim=1)
     sums = torch.zeros_like(counts).index_add_(0, targets, row)
@@ -164,7 +167,7 @@ class BalancedGradientPenalty(Regularizer):
 
     report_note = (
         "BGP is a documented reconstruction: the paper's full text is unavailable, so the penalty is "
-        "built from its abstract (bgp.md; gradtail.regularizers.bgp)."
+        "built from its abstract (docs/methods/bgp.md; gradtail.regularizers.bgp)."
     )
 
     def __init__(
@@ -204,7 +207,7 @@ class BalancedGradientPenalty(Regularizer):
         model: nn.Module,
         view_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """beta * R for this batch (bgp.md §2: L_total = L_base + beta R)."""
+        """beta * R for this batch (docs/methods/bgp.md §2: L_total = L_base + beta R)."""
         check_logits_targets(logits, targets, logits.shape[1])
         if features.dim() != 2 or features.shape[0] != logits.shape[0]:
             raise InputError(
@@ -226,7 +229,8 @@ class BalancedGradientPenalty(Regularizer):
         return self.beta * r
 
     def _norm(self, sq: torch.Tensor) -> torch.Tensor:
-        """sqrt(sq + 1e-12) (bgp.md §2), or sq itself for squared norms (bgp.md §3)."""
+        """sqrt(sq + 1e-12) (docs/methods/bgp.md §2), or sq itself for squared norms
+        (docs/methods/bgp.md §3)."""
         return sq if self.squared else torch.sqrt(sq.clamp_min(0.0) + NORM_EPS)
 
     def _closed_form(

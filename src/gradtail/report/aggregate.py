@@ -1,9 +1,9 @@
 """Aggregate the ``final.json`` of a suite's runs into table rows: mean ± std over seeds.
 
-Rows: each method's last epoch (the reported number, protocol.md §5), its validation-selected epoch
-(reported separately, labelled), and each post-hoc adjuster fit on validation (its fitted parameters,
-e.g. the selected tau, under ``params``: :func:`posthoc_params`, shown by :func:`display_label`). Std is
-the sample standard deviation (ddof = 1); with one seed it is reported as None.
+Rows: each method's last epoch (the reported number, docs/methods/protocol.md §5), its validation-selected
+epoch (reported separately, labelled), and each post-hoc adjuster fit on validation (its fitted parameters,
+e.g. the selected tau, under ``params``: :func:`posthoc_params`, shown by :func:`display_label`). Std is the
+sample standard deviation (ddof = 1); with one seed it is reported as None.
 """
 
 from __future__ import annotations
