@@ -224,15 +224,19 @@ def det_labels(n: int, seed: int) -> torch.Tensor:
     return labels(n, C + 1, seed)  # label C: background
 
 
+# label C (background) and -1 / -100 (ignored) are opt-in conventions (losses/base.py, convention L)
+BG = {"background_label": True}
+DET = {"background_label": True, "ignore_index": -1}
+SEG = {"ignore_index": -100}
 CASES = {
-    "sigmoid_eql": ("sigmoid_eql", {}, C, det_labels, _sig_targets),
-    "sigmoid_eql_obj": ("sigmoid_eql", {"objectness": True}, C + 1, det_labels, _sig_targets),
-    "efl": ("efl", {}, C, efl_labels, _efl_targets),
-    "efl_no_alpha": ("efl", {"alpha": None}, C, efl_labels, _efl_targets),
-    "eqfl": ("eqfl", {}, C, efl_labels, _efl_targets),
-    "softmax_eql": ("softmax_eql", {}, C, sm_labels, _sm_targets),
-    "softmax_eql_neg": ("softmax_eql", {"indicator": "neg", "tau": 0.7}, C, sm_labels, _sm_targets),
-    "softmax_eql_both": ("softmax_eql", {"indicator": "pos_and_neg"}, C, sm_labels, _sm_targets),
+    "sigmoid_eql": ("sigmoid_eql", BG, C, det_labels, _sig_targets),
+    "sigmoid_eql_obj": ("sigmoid_eql", {"objectness": True, **BG}, C + 1, det_labels, _sig_targets),
+    "efl": ("efl", DET, C, efl_labels, _efl_targets),
+    "efl_no_alpha": ("efl", {"alpha": None, **DET}, C, efl_labels, _efl_targets),
+    "eqfl": ("eqfl", DET, C, efl_labels, _efl_targets),
+    "softmax_eql": ("softmax_eql", SEG, C, sm_labels, _sm_targets),
+    "softmax_eql_neg": ("softmax_eql", {"indicator": "neg", "tau": 0.7, **SEG}, C, sm_labels, _sm_targets),
+    "softmax_eql_both": ("softmax_eql", {"indicator": "pos_and_neg", **SEG}, C, sm_labels, _sm_targets),
 }
 
 
@@ -282,20 +286,20 @@ def test_initial_state_equals_base_losses() -> None:
     y = labels(16, C + 1, seed=1)
     t = F.one_hot(y, C + 1).float()
     base_bce = F.binary_cross_entropy_with_logits(z[:, :C], t[:, :C], reduction="sum") / 16
-    assert torch.equal(create_loss("sigmoid_eql", C)(z[:, :C], y), base_bce)
+    assert torch.equal(create_loss("sigmoid_eql", C, **BG)(z[:, :C], y), base_bce)
     base_obj = F.binary_cross_entropy_with_logits(z, t, reduction="sum") / 16
-    assert torch.equal(create_loss("sigmoid_eql", C, objectness=True)(z, y), base_obj)
+    assert torch.equal(create_loss("sigmoid_eql", C, objectness=True, **BG)(z, y), base_obj)
 
     ye = efl_labels(16, seed=2)
     te = _efl_targets(ye).float()
     tv_ops = pytest.importorskip("torchvision.ops")
     focal = tv_ops.sigmoid_focal_loss(z[:, :C], te, alpha=0.25, gamma=2.0, reduction="none")
     focal = (focal * (ye != -1).view(-1, 1)).sum() / int(((ye >= 0) & (ye < C)).sum())
-    torch.testing.assert_close(create_loss("efl", C)(z[:, :C], ye), focal, rtol=1e-6, atol=0)
+    torch.testing.assert_close(create_loss("efl", C, **DET)(z[:, :C], ye), focal, rtol=1e-6, atol=0)
 
     q = torch.rand(16, generator=torch.Generator().manual_seed(5))
     qfl = ref_eqfl(z[:, :C].double().numpy(), ye.numpy(), q.double().numpy(), np.zeros(C), np.zeros(C), 0)
-    assert create_loss("eqfl", C)(z[:, :C], ye, q).item() == pytest.approx(qfl, rel=1e-6)
+    assert create_loss("eqfl", C, **DET)(z[:, :C], ye, q).item() == pytest.approx(qfl, rel=1e-6)
 
     ys = labels(16, C, seed=3)
     assert torch.equal(create_loss("softmax_eql", C)(z[:, :C], ys), F.cross_entropy(z[:, :C], ys))
@@ -303,7 +307,7 @@ def test_initial_state_equals_base_losses() -> None:
     yseg = torch.randint(0, C, (2, 3, 4))
     yseg[0, 0] = -100
     expected_seg = F.cross_entropy(zseg, yseg, ignore_index=-100)
-    assert torch.equal(create_loss("softmax_eql", C)(zseg, yseg), expected_seg)
+    assert torch.equal(create_loss("softmax_eql", C, **SEG)(zseg, yseg), expected_seg)
 
 
 # ------------------------------------------------------------------ value and gradient vs NumPy
@@ -333,7 +337,7 @@ def test_eqlv2_weights_check_values() -> None:
     r, q = loss.class_weights()
     assert r[0].item() == pytest.approx(0.5, abs=1e-8) and q[0].item() == pytest.approx(3.0, abs=1e-8)
     assert r[1].item() == pytest.approx(6.8e-5, abs=1e-6) and q[1].item() == pytest.approx(5.0, abs=1e-3)
-    fresh_r, fresh_q = SigmoidEQL(2, objectness=True).class_weights()
+    fresh_r, fresh_q = SigmoidEQL(2, objectness=True, background_label=True).class_weights()
     assert torch.equal(fresh_r, torch.ones(3, dtype=torch.float64))
     assert torch.equal(fresh_q, torch.ones(3, dtype=torch.float64))
 
@@ -358,7 +362,7 @@ def test_closed_form_statistics_equal_autograd_gradients(case: str, dtype: torch
 
 
 def test_closed_form_equals_autograd_for_segmentation() -> None:
-    loss = SoftmaxEQL(C)
+    loss = SoftmaxEQL(C, ignore_index=-100)
     for _ in range(2):
         loss(torch.randn(2, C, 3, 3, dtype=torch.float64), torch.randint(0, C, (2, 3, 3)))
     before = stats_of(loss)
@@ -477,7 +481,7 @@ def test_softmax_eql_segmentation_equals_flattened_samples() -> None:
     torch.testing.assert_close(seg.stats.pos, flat.stats.pos, rtol=1e-14, atol=0)
     torch.testing.assert_close(seg.stats.neg, flat.stats.neg, rtol=1e-14, atol=0)
     all_ignored = seg(torch.randn(1, C, 2, 2, requires_grad=True), torch.full((1, 2, 2), 255))
-    assert all_ignored.item() == 0.0 and int(seg.stats.steps) == 4
+    assert all_ignored.item() == 0.0 and int(seg.stats.steps) == 3  # all ignored = empty: not counted
 
 
 # ------------------------------------------------------------------ §3 masking and quality
@@ -486,24 +490,24 @@ def test_efl_ignored_rows_are_out_of_loss_and_statistics_and_background_is_negat
     z = batch(4, C, seed=3)
     z_changed = z.clone()
     z_changed[1] += 5.0  # the ignored row
-    a, b = EqualizedFocalLoss(C), EqualizedFocalLoss(C)
+    a, b = EqualizedFocalLoss(C, **DET), EqualizedFocalLoss(C, **DET)
     assert torch.equal(a(z, y), b(z_changed, y))
     assert torch.equal(a.stats.pos, b.stats.pos) and torch.equal(a.stats.neg, b.stats.neg)
-    only_bg = EqualizedFocalLoss(C)
+    only_bg = EqualizedFocalLoss(C, **DET)
     only_bg(z[2:3], torch.tensor([C]))
     assert float(only_bg.stats.pos.abs().sum()) == 0.0 and float(only_bg.stats.neg.sum()) > 0
     # normalizer: the number of positives (2 here); at least 1 when there is none
-    fresh = EqualizedFocalLoss(C)
+    fresh = EqualizedFocalLoss(C, **DET)
     expected = ref_efl(z.numpy(), y.numpy(), np.zeros(C), np.zeros(C), 0)
     assert fresh(z, y).item() == pytest.approx(expected, rel=1e-10)
     no_pos = torch.tensor([-1, C, C, -1])
     expected_no_pos = ref_efl(z.numpy(), no_pos.numpy(), np.zeros(C), np.zeros(C), 0)
-    assert EqualizedFocalLoss(C)(z, no_pos).item() == pytest.approx(expected_no_pos, rel=1e-10)
+    assert EqualizedFocalLoss(C, **DET)(z, no_pos).item() == pytest.approx(expected_no_pos, rel=1e-10)
 
 
 def test_eqfl_quality_default_and_validation() -> None:
     z, y = batch(6, C, seed=2), efl_labels(6, 2)
-    a, b = EqualizedQualityFocalLoss(C), EqualizedQualityFocalLoss(C)
+    a, b = EqualizedQualityFocalLoss(C, **DET), EqualizedQualityFocalLoss(C, **DET)
     assert torch.equal(a(z, y), b(z, y, torch.ones(6, dtype=torch.float64)))
     assert torch.equal(a.stats.pos, b.stats.pos)
     with pytest.raises(InputError):
@@ -514,7 +518,7 @@ def test_eqfl_quality_default_and_validation() -> None:
 
 # ------------------------------------------------------------------ §2 objectness, targets, scores
 def test_sigmoid_eql_objectness_targets_and_scores() -> None:
-    loss = SigmoidEQL(C, objectness=True)
+    loss = SigmoidEQL(C, objectness=True, background_label=True)
     z = batch(6, C + 1, seed=6)
     y = torch.tensor([0, C, 3, C, 1, 4])
     loss(z, y)
@@ -527,7 +531,7 @@ def test_sigmoid_eql_objectness_targets_and_scores() -> None:
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-12)
     torch.testing.assert_close(loss.scores(z), scores)
     # multi-label (n, C) targets equal the index form without objectness
-    plain_a, plain_b = SigmoidEQL(C), SigmoidEQL(C)
+    plain_a, plain_b = SigmoidEQL(C, background_label=True), SigmoidEQL(C, background_label=True)
     ya = torch.tensor([0, C, 3, 2])
     assert torch.equal(plain_a(z[:4, :C], ya), plain_b(z[:4, :C], F.one_hot(ya, C + 1)[:, :C].double()))
     assert torch.equal(plain_a.stats.neg, plain_b.stats.neg)
@@ -590,7 +594,7 @@ def test_input_errors() -> None:
     with pytest.raises(InputError):
         EqualizedFocalLoss(C)(torch.randn(4, C), torch.tensor([0, 1, -2, 2]))
     with pytest.raises(InputError):
-        SigmoidEQL(C, objectness=True)(torch.randn(4, C), torch.tensor([0, 1, 2, 2]))
+        SigmoidEQL(C, objectness=True, background_label=True)(torch.randn(4, C), torch.tensor([0, 1, 2, 2]))
     with pytest.raises(InputError):
         EqualizedFocalLoss(C)(torch.randn(4, C), torch.zeros(4))
 
@@ -602,10 +606,10 @@ N_DIST, STEPS_DIST = 8, 3
 def _dist_run(rank: int, world: int) -> dict[str, torch.Tensor]:
     """Feed rank ``rank``'s share of STEPS_DIST global batches to every loss and a CE observer."""
     losses = {
-        "softmax_eql": SoftmaxEQL(C),
-        "sigmoid_eql": SigmoidEQL(C, objectness=True),
-        "efl": EqualizedFocalLoss(C),
-        "eqfl": EqualizedQualityFocalLoss(C),
+        "softmax_eql": SoftmaxEQL(C, **SEG),
+        "sigmoid_eql": SigmoidEQL(C, objectness=True, **BG),
+        "efl": EqualizedFocalLoss(C, **DET),
+        "eqfl": EqualizedQualityFocalLoss(C, **DET),
     }
     observer = GradientRatioObserver(C)
     half = N_DIST // world

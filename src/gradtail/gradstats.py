@@ -1,16 +1,16 @@
 """Per-class gradient statistics: the one home of P (positive) and N (negative) logit gradients.
 
-Definitions (eql.md §1): for every class j, from step 0 and never reset,
+Definitions (docs/methods/eql.md §1): for every class j, from step 0 and never reset,
 
 - ``pos[j]`` = P_j = sum over steps and samples whose target for class j is 1 of |dL/dz_ij|
 - ``neg[j]`` = N_j = the same over samples whose target for class j is 0
 - ``ratio()`` = g_j = P_j / (N_j + 1e-10)
 
-Optionally a C x C matrix ``matrix[j, c]`` = sum over samples of class c of |dL/dz_ij| (GALA, gala.md §1);
-then P_j = matrix[j, j] and the negative gradient *produced* by class c is the column sum minus the
-diagonal.
+Optionally a C x C matrix ``matrix[j, c]`` = sum over samples of class c of |dL/dz_ij| (GALA,
+docs/methods/gala.md §1); then P_j = matrix[j, j] and the negative gradient *produced* by class c is the
+column sum minus the diagonal.
 
-Rules kept here, so that every method follows them (eql.md §1):
+Rules kept here, so that every method follows them (docs/methods/eql.md §1):
 
 1. Timing: callers read the statistics, build the step's loss, then call an ``update_*`` method with that
    step's gradient. Nothing here is read after the update within one step.
@@ -26,6 +26,9 @@ Rules kept here, so that every method follows them (eql.md §1):
 6. Scale: callers may pass gradients of a scaled loss; ratios do not change. The ``scale`` argument of
    the updates multiplies the per-class sums (exactly, after summation), so a loss can pass unnormalized
    per-element gradients and its 1/B normalizer separately.
+7. Empty steps: a step in which no rank counted a sample (empty or all-ignored batches) adds nothing and
+   does not advance ``steps``. Every rank still calls the update (zero sums): the step's sample count
+   travels in the same all-reduce, so all ranks agree without an extra collective or a device sync.
 
 Multi-process scale convention (shared with GALA): a rank-local loss is a mean over the rank's batch and
 DDP averages parameter gradients over ranks, so the gradient of the objective actually optimized, at a
@@ -63,10 +66,10 @@ _frozen_depth = 0  # process-wide (not thread-local): CUDA backward runs hooks o
 def frozen_statistics() -> Iterator[None]:
     """Inside this context no :class:`GradientStatistics` accepts updates (closed form or hook).
 
-    For update rules whose extra passes must not be accumulated (eql.md §1 rule 1: what is accumulated
-    is the gradient of the final training loss), e.g. SAM's first (ascent) pass. It is process-wide, so
-    every rank must enter it at the same points (then no rank calls the all-reduce, consistently).
-    Hooks attached inside still count as fired if a backward reaches them.
+    For update rules whose extra passes must not be accumulated (docs/methods/eql.md §1 rule 1: what is
+    accumulated is the gradient of the final training loss), e.g. SAM's first (ascent) pass. It is
+    process-wide, so every rank must enter it at the same points (then no rank calls the all-reduce,
+    consistently). Hooks attached inside still count as fired if a backward reaches them.
     """
     global _frozen_depth
     _frozen_depth += 1
@@ -82,7 +85,8 @@ def statistics_frozen() -> bool:
 
 
 def flatten_class_dim(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, d1, ..., dk) -> (N * d1 * ... * dk, C): every position is one sample (segmentation, eql.md §4).
+    """(N, C, d1, ..., dk) -> (N * d1 * ... * dk, C): every position is one sample (segmentation,
+    docs/methods/eql.md §4).
 
     2-D input is returned unchanged.
     """
@@ -97,9 +101,6 @@ class GradientStatistics(nn.Module):
     Args:
         num_classes: C, the number of classifier channels tracked.
         track_matrix: also keep the C x C matrix M[j, c] (rows: classifier j, columns: sample class c).
-    """
-
-    pos: torch.Tensor
 
     Example:
         Closed form: a loss passes |dL/dz| of its samples and their labels.
@@ -128,6 +129,9 @@ class GradientStatistics(nn.Module):
         (1, False)
         >>> torch.isclose(hooked.pos.sum(), hooked.neg.sum()).item()  # softmax CE: sum P == sum N
         True
+    """
+
+    pos: torch.Tensor
     neg: torch.Tensor
     steps: torch.Tensor
 
@@ -146,11 +150,12 @@ class GradientStatistics(nn.Module):
 
     # ------------------------------------------------------------------ reading
     def ratio(self, eps: float = RATIO_EPS) -> torch.Tensor:
-        """g_j = P_j / (N_j + eps) (eql.md §1), float64, shape (C,)."""
+        """g_j = P_j / (N_j + eps) (docs/methods/eql.md §1), float64, shape (C,)."""
         return self.pos / (self.neg + eps)
 
     def negative_produced(self) -> torch.Tensor:
-        """phi_c = sum_{j != c} M[j, c]: negative gradient produced by samples of class c (gala.md §1)."""
+        """phi_c = sum_{j != c} M[j, c]: negative gradient produced by samples of class c
+        (docs/methods/gala.md §1)."""
         if not self.track_matrix:
             raise TrainingError("negative_produced() needs GradientStatistics(track_matrix=True)")
         return self.matrix.sum(dim=0) - torch.diagonal(self.matrix)
@@ -199,13 +204,20 @@ class GradientStatistics(nn.Module):
             g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
             targets = torch.where(keep.view(-1), targets, torch.zeros_like(targets))
             onehot = torch.zeros_like(g).scatter_(1, targets.view(-1, 1), keep.to(g.dtype))
+            count: int | torch.Tensor = keep.sum()
         else:
             onehot = torch.zeros_like(g).scatter_(1, targets.view(-1, 1), 1.0)
-        self._accumulate(g, onehot, single_label=True, scale=scale)
+            count = g.shape[0]
+        self._accumulate(g, onehot, single_label=True, scale=scale, count=count)
 
     @torch.no_grad()
     def update_from_elementwise_grad(
-        self, grad_abs: torch.Tensor, target_matrix: torch.Tensor, *, scale: float | torch.Tensor = 1.0
+        self,
+        grad_abs: torch.Tensor,
+        target_matrix: torch.Tensor,
+        *,
+        scale: float | torch.Tensor = 1.0,
+        count: int | torch.Tensor | None = None,
     ) -> None:
         """Add one step of element-wise (sigmoid, multi-label) gradients.
 
@@ -214,6 +226,8 @@ class GradientStatistics(nn.Module):
             target_matrix: (n, C) in {0, 1}; 1 marks a positive element. A background sample is a row
                 of zeros (it only adds negatives).
             scale: multiplies this step's per-class sums (float or 0-dim tensor).
+            count: samples counted this step (rule 7); default n, every row. A loss that zeroes ignored
+                rows passes the number of the others.
         """
         if statistics_frozen():
             return
@@ -228,7 +242,7 @@ class GradientStatistics(nn.Module):
             raise TrainingError("the C x C matrix is defined for single-label targets only")
         g = grad_abs.detach().to(torch.float64)
         t = target_matrix.detach().to(device=g.device, dtype=torch.float64)
-        self._accumulate(g, t, single_label=False, scale=scale)
+        self._accumulate(g, t, single_label=False, scale=scale, count=g.shape[0] if count is None else count)
 
     def attach_hook(
         self,
@@ -245,7 +259,7 @@ class GradientStatistics(nn.Module):
             targets: (n,) or (N, d1, ...) class indices; invalid entries must be masked by ``valid``.
             valid: optional mask shaped like ``targets``.
             loss_scale: for fp16 training with a gradient scaler, a callable returning the current loss
-                scale (float or tensor); the hook divides by it (eql.md §1 rule 5: unscale before
+                scale (float or tensor); the hook divides by it (docs/methods/eql.md §1 rule 5: unscale before
                 accumulating; overflowed steps are skipped on every rank by the update).
 
         The hook divides by the world size (see the module docstring). Gradients computed with
@@ -301,9 +315,14 @@ class GradientStatistics(nn.Module):
         return grad_abs, targets.to(device=grad_abs.device, dtype=torch.long)
 
     def _accumulate(
-        self, g: torch.Tensor, pos_mask: torch.Tensor, single_label: bool, scale: float | torch.Tensor
+        self,
+        g: torch.Tensor,
+        pos_mask: torch.Tensor,
+        single_label: bool,
+        scale: float | torch.Tensor,
+        count: int | torch.Tensor,
     ) -> None:
-        """Per-class sums of this step, one all-reduce, then add (rules 1, 3, 5, 6)."""
+        """Per-class sums of this step, one all-reduce, then add (rules 1, 3, 5, 6, 7)."""
         with torch.autocast(device_type=g.device.type, enabled=False):
             pos_step = (g * pos_mask).sum(dim=0)
             neg_step = (g * (1.0 - pos_mask)).sum(dim=0)
@@ -311,21 +330,22 @@ class GradientStatistics(nn.Module):
             if self.track_matrix:
                 if not single_label:
                     raise TrainingError("the C x C matrix is defined for single-label targets only")
-                # M[j, c] += sum_{i: y_i = c} |dL/dz_ij|  ==  G^T @ onehot(y)   (gala.md §1)
+                # M[j, c] += sum_{i: y_i = c} |dL/dz_ij|  ==  G^T @ onehot(y)   (docs/methods/gala.md §1)
                 parts.append((g.t() @ pos_mask).reshape(-1))
             flat = torch.cat(parts).to(self.pos.device)
             if not (isinstance(scale, float | int) and scale == 1):
                 flat = flat * torch.as_tensor(scale, dtype=torch.float64, device=flat.device)
             bad = (~torch.isfinite(flat)).any().to(torch.float64).view(1)
-            flat = torch.cat([flat, bad])  # the skip flag rides in the same collective (rule 5)
+            samples = torch.as_tensor(count, dtype=torch.float64, device=flat.device).view(1)
+            flat = torch.cat([flat, samples, bad])  # count and skip flag ride in the same collective (5, 7)
             all_reduce_sum_(flat)
-            ok = flat[-1] == 0
+            ok = (flat[-1] == 0) & (flat[-2] > 0)
             zero = torch.zeros((), dtype=torch.float64, device=flat.device)
             c = self.num_classes
             self.pos.add_(torch.where(ok, flat[:c], zero))
             self.neg.add_(torch.where(ok, flat[c : 2 * c], zero))
             if self.track_matrix:
-                self.matrix.add_(torch.where(ok, flat[2 * c : -1], zero).view(c, c))
+                self.matrix.add_(torch.where(ok, flat[2 * c : -2], zero).view(c, c))
             self.steps.add_(ok.to(torch.int64))
 
     def extra_repr(self) -> str:

@@ -1,6 +1,8 @@
 """Loss functions: a registry and ``create_loss``.
 
-Every loss is an ``nn.Module`` ``(logits, targets) -> scalar``.
+Every loss is an ``nn.Module`` ``(logits, targets) -> scalar``. The conventions every registered loss
+follows (empty batches, when statistics change, accepted labels and the detection label options,
+normalisers) are in :mod:`gradtail.losses.base` and ``docs/losses.md``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,14 @@ from typing import Any
 
 import torch
 
-from gradtail.losses.base import LongTailLoss, check_logits_targets, validate_class_counts
+from gradtail.losses.base import (
+    LongTailLoss,
+    batch_mean,
+    check_label_options,
+    check_logits_targets,
+    empty_batch_loss,
+    validate_class_counts,
+)
 from gradtail.registry import Registry
 
 LOSSES: Registry[LongTailLoss] = Registry("loss", package=(__name__, __path__))
@@ -25,7 +34,18 @@ def create_loss(
 ) -> LongTailLoss:
     """Build a registered loss. ``class_counts`` (training images per class) is passed to every loss;
     those that need it validate it, the others ignore it. ``drw_epoch`` (and optionally ``drw_beta``,
-    ``drw_normalize``) gives any loss exposing ``per_sample_loss`` the deferred re-weighting schedule."""
+    ``drw_normalize``) gives any loss exposing ``per_sample_loss`` the deferred re-weighting schedule.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("balanced_softmax", num_classes=3, class_counts=[100, 10, 1])
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)
+        2.5171
+        >>> create_loss("ce", 3, drw_epoch=160, class_counts=[100, 10, 1]).drw_epoch
+        160
+    """
     from gradtail.losses.reweighting import pop_drw_options, with_deferred_reweighting
 
     factory = LOSSES.get(name)
@@ -43,8 +63,11 @@ def loss_names() -> list[str]:
 __all__ = [
     "LOSSES",
     "LongTailLoss",
+    "batch_mean",
+    "check_label_options",
     "check_logits_targets",
     "create_loss",
+    "empty_batch_loss",
     "loss_names",
     "register_loss",
     "validate_class_counts",

@@ -1,7 +1,8 @@
-"""The Equalization losses (eql.md §1-4; Tan et al., TPAMI 2023, EQLv2 CVPR 2021, EFL CVPR 2022).
+"""The Equalization losses (docs/methods/eql.md §1-4; Tan et al., TPAMI 2023, EQLv2 CVPR 2021, EFL CVPR 2022).
 
 Each loss keeps a :class:`gradtail.gradstats.GradientStatistics` submodule ``stats`` (float64 buffers
-P, N, steps: checkpointed by ``state_dict()``, SUM-all-reduced across ranks) and follows eql.md §1:
+P, N, steps: checkpointed by ``state_dict()``, SUM-all-reduced across ranks) and follows
+docs/methods/eql.md §1:
 
 1. Timing: ``forward`` derives its class weights / offsets from the statistics as they are on entry
    (through step t-1), builds the loss, and only then adds the step-t gradient of *that* loss.
@@ -17,17 +18,15 @@ P, N, steps: checkpointed by ``state_dict()``, SUM-all-reduced across ranks) and
    B/W samples each accumulates what one process with B samples accumulates. Ratios g_j are unaffected
    by this scale (the released EQLv2 code omits the 1/n; only the absolute P, N differ).
 
-The statistics change only when ``self.training and torch.is_grad_enabled()`` and not inside
-:func:`gradtail.gradstats.frozen_statistics`. A forward in eval mode on logits that require grad warns
-once: it is probably a training step whose statistics would otherwise stay silently frozen. One training
-forward = one accumulated step, so an update rule that evaluates the loss several times per optimizer
-step must freeze the extra passes. Buffers follow the logits' device (the module moves itself on the
-first forward on a new device).
+Empty batches, when statistics change (and the eval-mode warning), label options (``background_label``,
+``ignore_index``) and normalisers follow the conventions E, S, L, N of :mod:`gradtail.losses.base`
+(``docs/losses.md``). One training forward = one accumulated step, so an update rule that evaluates the
+loss several times per optimizer step must freeze the extra passes. Buffers follow the logits' device
+(the module moves itself on the first forward on a new device).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -36,16 +35,22 @@ import torch.nn.functional as F
 
 from gradtail.distributed import world_size
 from gradtail.errors import ConfigError, InputError
-from gradtail.gradstats import GradientStatistics, flatten_class_dim, statistics_frozen
+from gradtail.gradstats import GradientStatistics, flatten_class_dim
 from gradtail.losses import register_loss
-from gradtail.losses.base import LongTailLoss, check_label_range
+from gradtail.losses.base import (
+    LongTailLoss,
+    check_label_options,
+    check_label_range,
+    empty_batch_loss,
+    label_options_hint,
+)
 
 Indicator = Literal["pos", "neg", "pos_and_neg"]
 ClassCounts = Sequence[int] | torch.Tensor | None
 
 
 def _work_dtype(logits: torch.Tensor) -> torch.dtype:
-    """float32 for half/bfloat16/float32 logits, float64 for float64 (eql.md §1 rule 5)."""
+    """float32 for half/bfloat16/float32 logits, float64 for float64 (docs/methods/eql.md §1 rule 5)."""
     return torch.promote_types(logits.dtype, torch.float32)
 
 
@@ -74,7 +79,7 @@ def _check_unit_interval(x: torch.Tensor, what: str) -> None:
 
 
 def sigmoid_eql_scores(logits: torch.Tensor) -> torch.Tensor:
-    """Detection inference scores (eql.md §2): score_j = sigmoid(z_j) * (1 - sigmoid(z_extra)).
+    """Detection inference scores (docs/methods/eql.md §2): score_j = sigmoid(z_j) * (1 - sigmoid(z_extra)).
 
     ``logits`` is (n, C + 1) with the objectness/background channel last; returns (n, C). Uses
     1 - sigmoid(x) = sigmoid(-x) for accuracy when the background logit is large.
@@ -86,38 +91,30 @@ def sigmoid_eql_scores(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _EqualizationLoss(LongTailLoss):
-    """Shared plumbing: the statistics submodule, when to collect, device following (eql.md §1)."""
+    """Shared plumbing: the statistics submodule, when to collect, device following
+    (docs/methods/eql.md §1)."""
+
+    stateful = True
 
     def __init__(self, num_classes: int) -> None:
         super().__init__(num_classes)
         self.stats = GradientStatistics(self.num_classes)
-        self._warned_eval = False
 
     def _prepare(self, logits: torch.Tensor) -> bool:
-        """Move buffers to the logits' device; return whether this call updates the statistics."""
+        """Move buffers to the logits' device; return whether this call updates the statistics (S)."""
         if self.stats.pos.device != logits.device:
             self.to(logits.device)
-        if self.training and torch.is_grad_enabled():
-            return not statistics_frozen()
-        if not self.training and torch.is_grad_enabled() and logits.requires_grad and not self._warned_eval:
-            self._warned_eval = True
-            warnings.warn(
-                f"{type(self).__name__} is in eval mode but its logits require grad: its gradient "
-                "statistics are not updated (call loss.train() for training steps)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return False
+        return self.updates_statistics(logits)
 
     def ratio(self) -> torch.Tensor:
-        """g_j = P_j / (N_j + 1e-10) (eql.md §1), float64 (C,), as accumulated so far."""
+        """g_j = P_j / (N_j + 1e-10) (docs/methods/eql.md §1), float64 (C,), as accumulated so far."""
         return self.stats.ratio()
 
 
 # ---------------------------------------------------------------------------------------------- §2
 @register_loss("sigmoid_eql")
 class SigmoidEQL(_EqualizationLoss):
-    """Sigmoid Equalization Loss v2 (eql.md §2): L = (1/n) sum_i sum_j w_ij BCE(z_ij, T_ij).
+    """Sigmoid Equalization Loss v2 (docs/methods/eql.md §2): L = (1/n) sum_i sum_j w_ij BCE(z_ij, T_ij).
 
     Args:
         num_classes: C, the number of object classes (not counting an objectness channel).
@@ -125,11 +122,30 @@ class SigmoidEQL(_EqualizationLoss):
         alpha, gamma, mu: q_j = 1 + alpha (1 - r_j), r_j = f(g_j) = 1 / (1 + exp(-gamma (g_j - mu))).
         init_ratio: g used while the statistics are empty (100: every weight is exactly 1 at step 1).
         objectness: logits have C + 1 channels, the last a class-agnostic background/objectness channel
-            with r = q = 1, excluded from the statistics.
+            with r = q = 1, excluded from the statistics (the EQLv2 detection head,
+            docs/methods/eql.md §2, §9). Needs ``background_label=True``: label C is what trains that channel.
+        background_label: accept label C = background: all class channels 0 (with ``objectness`` the
+            extra channel 1), negatives only (convention L of :mod:`gradtail.losses.base`).
+        ignore_index: label whose samples are left out of the loss, the normaliser n and the statistics
+            (convention L); ``None`` (default): no ignore label.
 
-    Targets: (n,) class indices in [0, C], where C means background (all class channels 0; with
-    ``objectness`` the extra channel is 1), or, without ``objectness``, an (n, C) {0, 1} multi-label
-    matrix. Statistics: |sigmoid(z_ij) - T_ij| w_ij / n per class over positives and negatives.
+    Targets: (n,) class indices in [0, C) (plus the options above), or, without ``objectness``, an
+    (n, C) {0, 1} multi-label matrix (a row of zeros is a background sample). n is the number of
+    non-ignored samples, at least 1. Statistics: |sigmoid(z_ij) - T_ij| w_ij / n per class over
+    positives and negatives. Empty batches, the statistics rule and the options follow the conventions
+    of :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("sigmoid_eql", num_classes=3)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]], requires_grad=True)
+        >>> value = loss(logits, torch.tensor([0, 2]))  # step 1: every weight is 1, plain summed BCE
+        >>> round(value.item(), 4)
+        1.9056
+        >>> value.backward()
+        >>> int(loss.stats.steps), loss.stats.pos.shape
+        (1, torch.Size([3]))
     """
 
     def __init__(
@@ -141,6 +157,8 @@ class SigmoidEQL(_EqualizationLoss):
         mu: float = 0.8,
         init_ratio: float = 100.0,
         objectness: bool = False,
+        background_label: bool = False,
+        ignore_index: int | None = None,
     ) -> None:
         super().__init__(num_classes)
         self.alpha = float(alpha)
@@ -148,6 +166,13 @@ class SigmoidEQL(_EqualizationLoss):
         self.mu = float(mu)
         self.init_ratio = float(init_ratio)
         self.objectness = bool(objectness)
+        self.background_label, self.ignore_index = check_label_options(
+            self.num_classes, background_label, ignore_index, "sigmoid_eql"
+        )
+        if self.objectness and not self.background_label:
+            raise ConfigError(
+                "sigmoid_eql: objectness=True (a C + 1 channel detection head) needs background_label=True"
+            )
 
     @property
     def num_channels(self) -> int:
@@ -155,7 +180,8 @@ class SigmoidEQL(_EqualizationLoss):
         return self.num_classes + int(self.objectness)
 
     def effective_ratio(self) -> torch.Tensor:
-        """g_j, with ``init_ratio`` while no step is accumulated (eql.md §2: 'initial ratio 100')."""
+        """g_j, with ``init_ratio`` while no step is accumulated (docs/methods/eql.md §2: 'initial ratio
+        100')."""
         init = torch.full_like(self.stats.pos, self.init_ratio)
         return torch.where(self.stats.steps > 0, self.stats.ratio(), init)
 
@@ -175,8 +201,15 @@ class SigmoidEQL(_EqualizationLoss):
             return sigmoid_eql_scores(logits)
         return torch.sigmoid(logits.to(_work_dtype(logits)))
 
-    def _target_matrix(self, logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """T (n, num_channels): one-hot rows; label C is background (eql.md §2)."""
+    def _target_matrix(
+        self, logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(T (n, num_channels), valid (n, 1) bool or None without ``ignore_index``).
+
+        One-hot rows; label C (``background_label``) is a row of zeros on the class channels, 1 on the
+        objectness channel (docs/methods/eql.md §2). Ignored rows are masked by ``valid`` (their T is
+        irrelevant).
+        """
         n, c = logits.shape[0], self.num_classes
         if targets.dim() == 2:
             if self.objectness:
@@ -192,56 +225,90 @@ class SigmoidEQL(_EqualizationLoss):
                     raise InputError("sigmoid_eql: multi-label targets must be 0 or 1")
             else:
                 torch._assert_async(binary, "sigmoid_eql: multi-label targets must be 0 or 1")
-            return t
+            return t, None
         _check_index_targets(targets, n, "sigmoid_eql")
-        check_label_range(targets, c + 1)
-        onehot = F.one_hot(targets.to(device=logits.device, dtype=torch.long), c + 1).to(dtype)
-        return onehot if self.objectness else onehot[:, :c]
+        hint = label_options_hint(c, self.background_label, self.ignore_index)
+        check_label_range(targets, c, allow=self.ignore_index, background=self.background_label, hint=hint)
+        y = targets.to(device=logits.device, dtype=torch.long)
+        valid = None
+        if self.ignore_index is not None:
+            keep = y != self.ignore_index
+            valid = keep.view(-1, 1)
+            y = torch.where(keep, y, torch.full_like(y, c))  # any in-range index: the row is masked out
+        onehot = F.one_hot(y, c + 1).to(dtype)
+        return (onehot if self.objectness else onehot[:, :c]), valid
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """L = (1/n) sum_i sum_j w_ij BCE(z_ij, T_ij) with weights from statistics through step t-1 (§1-2)."""
+        """L = (1/n) sum_i sum_j w_ij BCE(z_ij, T_ij) with weights from statistics through step t-1 (§1-2).
+
+        n = non-ignored samples, at least 1 (convention N of :mod:`gradtail.losses.base`).
+        """
         _check_2d_logits(logits, self.num_channels, "sigmoid_eql")
         collect = self._prepare(logits)
         dtype = _work_dtype(logits)
         z = logits.to(dtype)
-        t = self._target_matrix(z, targets, dtype)
+        t, valid = self._target_matrix(z, targets, dtype)
         r, q = (w.to(dtype) for w in self.class_weights())  # constants: statistics through t-1
         w = t * q + (1.0 - t) * r  # w_ij = q_j if T_ij = 1 else r_j
-        n = max(z.shape[0], 1)
-        loss = F.binary_cross_entropy_with_logits(z, t, weight=w, reduction="sum") / n
+        elem = F.binary_cross_entropy_with_logits(z, t, weight=w, reduction="none")  # w_ij BCE(z_ij, T_ij)
+        count: int | torch.Tensor = z.shape[0]
+        n: int | torch.Tensor = max(z.shape[0], 1)
+        if valid is not None:  # ignored rows: out of the loss, n and the statistics (convention L)
+            elem = torch.where(valid, elem, torch.zeros((), dtype=dtype, device=z.device))
+            count = valid.sum()
+            n = count.clamp(min=1).to(torch.float64)
+        loss = elem.sum() / (n if isinstance(n, int) else n.to(dtype))
         if collect:
             with torch.no_grad():
                 grad = (torch.sigmoid(z.detach()) - t).abs() * w  # |dL/dz| * n
+                if valid is not None:
+                    grad = torch.where(valid, grad, torch.zeros((), dtype=dtype, device=z.device))
                 c = self.num_classes
-                self.stats.update_from_elementwise_grad(grad[:, :c], t[:, :c], scale=1.0 / (n * world_size()))
+                scale = 1.0 / (n * world_size())
+                self.stats.update_from_elementwise_grad(grad[:, :c], t[:, :c], scale=scale, count=count)
+        if z.numel() == 0:
+            return empty_batch_loss(z)  # convention E (the statistics update above still ran)
         return loss
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, alpha={self.alpha}, gamma={self.gamma}, mu={self.mu}, "
-            f"init_ratio={self.init_ratio}, objectness={self.objectness}"
+            f"init_ratio={self.init_ratio}, objectness={self.objectness}, "
+            f"background_label={self.background_label}, ignore_index={self.ignore_index}"
         )
 
 
 # ---------------------------------------------------------------------------------------------- §3
 class _FocalEqualization(_EqualizationLoss):
-    """Shared part of EFL and EQFL (eql.md §3): per-class focusing gamma_j and weighting omega_j.
+    """Shared part of EFL and EQFL (docs/methods/eql.md §3): per-class focusing gamma_j and weighting omega_j.
 
-    Targets: (n,) integers; -1 = ignored (out of the loss and the statistics), C = background (all class
-    channels 0), otherwise the positive class. Normalizer: the number of positive samples, at least 1.
+    Targets: (n,) integers in [0, C); with ``background_label`` also C = background (all class channels
+    0), with ``ignore_index`` that label = ignored (out of the loss, the normaliser and the statistics;
+    the detection code uses -1). Normalizer: the number of positive samples, at least 1 (conventions L,
+    N of :mod:`gradtail.losses.base`).
     """
 
-    IGNORE = -1
-
-    def __init__(self, num_classes: int, gamma_b: float, s: float) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        gamma_b: float,
+        s: float,
+        background_label: bool,
+        ignore_index: int | None,
+        name: str,
+    ) -> None:
         super().__init__(num_classes)
         if not gamma_b > 0:
-            raise ConfigError(f"gamma_b must be > 0 (omega_j = gamma_j / gamma_b), got {gamma_b}")
+            raise ConfigError(f"{name}: gamma_b must be > 0 (omega_j = gamma_j / gamma_b), got {gamma_b}")
         self.gamma_b = float(gamma_b)
         self.s = float(s)
+        self.background_label, self.ignore_index = check_label_options(
+            self.num_classes, background_label, ignore_index, name
+        )
 
     def effective_ratio(self) -> torch.Tensor:
-        """g_hat_j = clamp(g_j, 0, 1), 1 while the statistics are empty (eql.md §3: 'ratio starts at 1')."""
+        """g_hat_j = clamp(g_j, 0, 1), 1 while the statistics are empty (docs/methods/eql.md §3: 'ratio starts
+        at 1')."""
         g = torch.where(self.stats.steps > 0, self.stats.ratio(), torch.ones_like(self.stats.pos))
         return g.clamp(0.0, 1.0)
 
@@ -249,7 +316,7 @@ class _FocalEqualization(_EqualizationLoss):
     def focusing(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma_j, omega_j), float64 (C,): gamma_j = gamma_b + s (1 - g_hat_j), omega_j = gamma_j / gamma_b.
 
-        (eql.md §3.)
+        (docs/methods/eql.md §3.)
         """
         gamma = self.gamma_b + self.s * (1.0 - self.effective_ratio())
         return gamma, gamma / self.gamma_b
@@ -257,11 +324,16 @@ class _FocalEqualization(_EqualizationLoss):
     def _targets(
         self, logits: torch.Tensor, targets: torch.Tensor, name: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(T (n, C), valid (n, 1) bool, normalizer 0-dim) for index targets in {-1} U [0, C]."""
+        """(T (n, C), valid (n, 1) bool, normalizer 0-dim) for index targets (class docstring)."""
         _check_index_targets(targets, logits.shape[0], name)
-        check_label_range(targets, self.num_classes + 1, allow=self.IGNORE)
+        c = self.num_classes
+        hint = label_options_hint(c, self.background_label, self.ignore_index)
+        check_label_range(targets, c, allow=self.ignore_index, background=self.background_label, hint=hint)
         y = targets.to(device=logits.device, dtype=torch.long)
-        valid = (y != self.IGNORE).view(-1, 1)
+        if self.ignore_index is None:
+            valid = torch.ones_like(y, dtype=torch.bool).view(-1, 1)
+        else:
+            valid = (y != self.ignore_index).view(-1, 1)
         idx = torch.where(valid.view(-1), y, torch.full_like(y, self.num_classes))  # ignored -> a zero row
         t = F.one_hot(idx, self.num_classes + 1)[:, : self.num_classes].to(logits.dtype)
         num_pos = (valid.view(-1) & (y < self.num_classes)).sum().clamp(min=1).to(logits.dtype)
@@ -270,18 +342,23 @@ class _FocalEqualization(_EqualizationLoss):
     def _collect(
         self, grad: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, num_pos: torch.Tensor
     ) -> None:
-        """Add |dl/dz| / num_pos (ignored rows zeroed) to the statistics (eql.md §3)."""
+        """Add |dl/dz| / num_pos (ignored rows zeroed, not counted) to the statistics
+        (docs/methods/eql.md §3)."""
         grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
         scale = 1.0 / (num_pos.to(torch.float64) * world_size())
-        self.stats.update_from_elementwise_grad(grad, t, scale=scale)
+        self.stats.update_from_elementwise_grad(grad, t, scale=scale, count=valid.sum())
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, s={self.s}"
+        return (
+            f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, s={self.s}, "
+            f"background_label={self.background_label}, ignore_index={self.ignore_index}"
+        )
 
 
 @register_loss("efl")
 class EqualizedFocalLoss(_FocalEqualization):
-    """Equalized Focal Loss (eql.md §3): l_ij = -alpha_t omega_j (1 - p_t)^gamma_j log(p_t), summed / #pos.
+    """Equalized Focal Loss (docs/methods/eql.md §3): l_ij = -alpha_t omega_j (1 - p_t)^gamma_j log(p_t),
+    summed / #pos.
 
     Args:
         num_classes: C.
@@ -289,10 +366,26 @@ class EqualizedFocalLoss(_FocalEqualization):
         gamma_b: base focusing parameter (2).
         s: focusing scale factor (8; 4 for lighter detectors).
         alpha: focal alpha (0.25); ``None`` or a negative value disables the alpha_t factor.
+        background_label: accept label C = background (all class channels 0; convention L of
+            :mod:`gradtail.losses.base`).
+        ignore_index: label left out of the loss, the normaliser and the statistics (the detection
+            code's -1); ``None`` (default): none.
 
     With empty statistics (g_hat = 1) this is exactly the sigmoid focal loss summed over elements and
-    divided by the number of positives. gamma_j and omega_j are constants; (1 - p_t)^gamma_j is
-    differentiated as in focal loss.
+    divided by the number of positives (at least 1). gamma_j and omega_j are constants; (1 - p_t)^gamma_j
+    is differentiated as in focal loss. Empty batches, the statistics rule and the label options follow
+    the conventions of :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("efl", num_classes=3, background_label=True, ignore_index=-1)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2], [1.0, 1.0, 1.0]])
+        >>> value = loss(logits, torch.tensor([0, 3, -1]))  # a positive, a background, an ignored row
+        >>> round(value.item(), 4)
+        0.7567
+        >>> int(loss.stats.steps)
+        1
     """
 
     def __init__(
@@ -302,8 +395,10 @@ class EqualizedFocalLoss(_FocalEqualization):
         gamma_b: float = 2.0,
         s: float = 8.0,
         alpha: float | None = 0.25,
+        background_label: bool = False,
+        ignore_index: int | None = None,
     ) -> None:
-        super().__init__(num_classes, gamma_b, s)
+        super().__init__(num_classes, gamma_b, s, background_label, ignore_index, "efl")
         self.alpha = None if alpha is None or alpha < 0 else float(alpha)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -333,6 +428,8 @@ class EqualizedFocalLoss(_FocalEqualization):
                 if alpha_t is not None:
                     grad = alpha_t * grad
                 self._collect(grad, t, valid, num_pos)
+        if z.numel() == 0:
+            return empty_batch_loss(z)  # convention E (the statistics update above still ran)
         return loss
 
     def extra_repr(self) -> str:
@@ -341,7 +438,8 @@ class EqualizedFocalLoss(_FocalEqualization):
 
 @register_loss("eqfl")
 class EqualizedQualityFocalLoss(_FocalEqualization):
-    """Equalized quality focal loss (eql.md §3): omega_j BCE(z, Q) |Q - p|^gamma_j, summed / #pos.
+    """Equalized quality focal loss (docs/methods/eql.md §3): omega_j BCE(z, Q) |Q - p|^gamma_j,
+    summed / #pos.
 
     ``forward(logits, targets, quality=None)``: ``quality`` is an (n,) tensor in [0, 1], the soft target
     of each sample's positive channel (e.g. the IoU of a detection); ``None`` means 1 (hard targets).
@@ -354,12 +452,34 @@ class EqualizedQualityFocalLoss(_FocalEqualization):
         class_counts: accepted for the common factory signature and ignored.
         gamma_b: base focusing parameter (2).
         s: focusing scale factor (8).
+        background_label: accept label C = background (all class channels 0; convention L of
+            :mod:`gradtail.losses.base`).
+        ignore_index: label left out of the loss, the normaliser and the statistics; ``None`` (default):
+            none.
+
+    Normaliser: the number of positive samples, at least 1. Empty batches, the statistics rule and the
+    label options follow the conventions of :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("eqfl", num_classes=3)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> value = loss(logits, torch.tensor([0, 2]), quality=torch.tensor([0.9, 0.6]))
+        >>> round(value.item(), 4)
+        0.4517
     """
 
     def __init__(
-        self, num_classes: int, class_counts: ClassCounts = None, gamma_b: float = 2.0, s: float = 8.0
+        self,
+        num_classes: int,
+        class_counts: ClassCounts = None,
+        gamma_b: float = 2.0,
+        s: float = 8.0,
+        background_label: bool = False,
+        ignore_index: int | None = None,
     ) -> None:
-        super().__init__(num_classes, gamma_b, s)
+        super().__init__(num_classes, gamma_b, s, background_label, ignore_index, "eqfl")
 
     def forward(
         self, logits: torch.Tensor, targets: torch.Tensor, quality: torch.Tensor | None = None
@@ -393,13 +513,16 @@ class EqualizedQualityFocalLoss(_FocalEqualization):
                 bce_d = bce.detach()
                 grad = omega * d ** (gamma - 1.0) * (d * d + gamma * bce_d * pd * torch.sigmoid(-zd))
                 self._collect(grad, t, valid, num_pos)
+        if z.numel() == 0:
+            return empty_batch_loss(z)  # convention E (the statistics update above still ran)
         return loss
 
 
 # ---------------------------------------------------------------------------------------------- §4
 @register_loss("softmax_eql")
 class SoftmaxEQL(_EqualizationLoss):
-    """Softmax Equalization Loss (eql.md §4): L = mean_i CE(z_i + tau log I, y_i), I_j = max(stat_j, eps).
+    """Softmax Equalization Loss (docs/methods/eql.md §4): L = mean_i CE(z_i + tau log I, y_i),
+    I_j = max(stat_j, eps).
 
     Args:
         num_classes: C.
@@ -407,11 +530,14 @@ class SoftmaxEQL(_EqualizationLoss):
         tau: strength of the adjustment (1).
         eps: floor of the indicator (1e-4).
         indicator: ``"pos"`` (I = P, default), ``"neg"`` (I = N) or ``"pos_and_neg"`` (I = P + N).
-        ignore_index: label excluded from the loss and the statistics (default -100, as in
-            ``F.cross_entropy``).
+        ignore_index: label excluded from the loss, its normaliser and the statistics (convention L of
+            :mod:`gradtail.losses.base`); ``None`` (default): none, every label must be in [0, C). Pass
+            the dataset's value for segmentation (e.g. 255, or ``F.cross_entropy``'s -100).
 
     Logits (N, C) with targets (N,), or (N, C, d1, ...) with targets (N, d1, ...) for segmentation:
-    every non-ignored position is a sample. The mean is over non-ignored samples (0 if there are none).
+    every non-ignored position is a sample. The mean is over non-ignored samples (at least 1, so 0 if
+    there are none). Empty batches and the statistics rule follow the conventions of
+    :mod:`gradtail.losses.base` (``docs/losses.md``).
 
     CE(z + tau log I, y) equals the spec's CE(z~, y), z~_j = z_j + tau log(I_j / I_y) (j != y): the two
     differ by a per-sample constant and softmax is shift-invariant. gradtail adds
@@ -419,6 +545,18 @@ class SoftmaxEQL(_EqualizationLoss):
     exactly 0, so the loss is bit-for-bit CE, and offsets stay <= 0. Statistics: |softmax(z~) - onehot(y)|
     / (#samples), positives the label column (the gradient at z~ equals the gradient at z). Test time uses
     the raw logits.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("softmax_eql", num_classes=3)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)  # step 1: plain cross-entropy
+        0.8136
+        >>> seg = create_loss("softmax_eql", num_classes=3, ignore_index=255)
+        >>> labels = torch.tensor([[[0, 255], [2, 1]]])  # one 2 x 2 label map, one pixel ignored
+        >>> round(seg(torch.zeros(1, 3, 2, 2), labels).item(), 4)  # log 3 over the 3 counted pixels
+        1.0986
     """
 
     def __init__(
@@ -428,7 +566,7 @@ class SoftmaxEQL(_EqualizationLoss):
         tau: float = 1.0,
         eps: float = 1e-4,
         indicator: Indicator = "pos",
-        ignore_index: int = -100,
+        ignore_index: int | None = None,
     ) -> None:
         super().__init__(num_classes)
         if indicator not in ("pos", "neg", "pos_and_neg"):
@@ -437,16 +575,14 @@ class SoftmaxEQL(_EqualizationLoss):
             )
         if not eps > 0:
             raise ConfigError(f"softmax_eql: eps must be > 0 (it floors a logarithm), got {eps}")
-        if 0 <= ignore_index < num_classes:
-            raise ConfigError(f"softmax_eql: ignore_index {ignore_index} is a valid class index")
+        _, self.ignore_index = check_label_options(self.num_classes, False, ignore_index, "softmax_eql")
         self.tau = float(tau)
         self.eps = float(eps)
         self.indicator: Indicator = indicator
-        self.ignore_index = int(ignore_index)
 
     @torch.no_grad()
     def indicator_values(self) -> torch.Tensor:
-        """I_j = max(P_j, eps) (or N_j, or P_j + N_j), float64 (C,) (eql.md §4)."""
+        """I_j = max(P_j, eps) (or N_j, or P_j + N_j), float64 (C,) (docs/methods/eql.md §4)."""
         if self.indicator == "pos":
             raw = self.stats.pos
         elif self.indicator == "neg":
@@ -474,15 +610,17 @@ class SoftmaxEQL(_EqualizationLoss):
             raise InputError(f"softmax_eql: targets must have shape {expected}, got {tuple(targets.shape)}")
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:
             raise InputError(f"softmax_eql: targets must be integer class indices, got dtype {targets.dtype}")
-        check_label_range(targets, c, allow=self.ignore_index)
+        hint = label_options_hint(c, None, self.ignore_index)
+        check_label_range(targets, c, allow=self.ignore_index, hint=hint)
         collect = self._prepare(logits)
         z = logits.to(_work_dtype(logits))
         y = targets.to(device=z.device, dtype=torch.long)
         offsets = self.logit_offsets().to(z.dtype).view(1, c, *([1] * (z.dim() - 2)))  # constants
         z_adj = z + offsets
-        valid = y != self.ignore_index
-        count = valid.sum().clamp(min=1)
-        loss = F.cross_entropy(z_adj, y, ignore_index=self.ignore_index, reduction="sum") / count
+        ignore = -100 if self.ignore_index is None else self.ignore_index  # -100: no label is ignored
+        valid = y != ignore
+        count = valid.sum().clamp(min=1)  # non-ignored samples, at least 1 (convention N)
+        loss = F.cross_entropy(z_adj, y, ignore_index=ignore, reduction="sum") / count
         if collect:
             with torch.no_grad():
                 prob = torch.softmax(flatten_class_dim(z_adj.detach()), dim=1)
@@ -491,6 +629,8 @@ class SoftmaxEQL(_EqualizationLoss):
                 grad = prob.scatter_add(1, y_safe.view(-1, 1), -torch.ones_like(prob[:, :1])).abs()
                 scale = 1.0 / (count.to(torch.float64) * world_size())  # |softmax(z~) - onehot(y)| / B
                 self.stats.update_from_softmax_grad(grad, y_safe, vf, scale=scale)
+        if z.numel() == 0:
+            return empty_batch_loss(z)  # convention E (the statistics update above still ran)
         return loss
 
     def extra_repr(self) -> str:

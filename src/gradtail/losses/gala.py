@@ -1,16 +1,16 @@
-"""GALA: gradient-aware logit adjustment loss (gala.md §1-2; Zhang et al., ICASSP 2024).
+"""GALA: gradient-aware logit adjustment loss (docs/methods/gala.md §1-2; Zhang et al., ICASSP 2024).
 
-Statistics (gala.md §1). Each training step feeds G = |softmax(z~) - onehot(y)| / B, the closed-form
-gradient of the mean loss at the *adjusted* logits z~, into a C x C matrix M[j, c] (rows: classifier j,
-columns: sample class c), kept by :class:`gradtail.gradstats.GradientStatistics` (float64 buffers,
-SUM-all-reduced across ranks, checkpointed). From it
+Statistics (docs/methods/gala.md §1). Each training step feeds G = |softmax(z~) - onehot(y)| / B, the
+closed-form gradient of the mean loss at the *adjusted* logits z~, into a C x C matrix M[j, c] (rows:
+classifier j, columns: sample class c), kept by :class:`gradtail.gradstats.GradientStatistics` (float64
+buffers, SUM-all-reduced across ranks, checkpointed). From it
 
 - theta_j = M[j, j]                 (positive gradient received by class j)
 - phi_c   = sum_{j != c} M[j, c]    (negative gradient produced by samples of class c)
 
 and theta == phi at every step for softmax CE.
 
-Loss (gala.md §2), eps inside every log, for a sample of label k:
+Loss (docs/methods/gala.md §2), eps inside every log, for a sample of label k:
 
 - ``paper``: z~_j = z_j + lambda1 log(theta_j + eps) - lambda2 log(phi_k + eps) for j != k, z~_k = z_k
 - ``code``:  the same offset on every logit, target included; the lambda2 term is then a per-sample
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from gradtail.distributed import world_size
-from gradtail.errors import ConfigError, InputError
-from gradtail.gradstats import GradientStatistics, statistics_frozen
+from gradtail.errors import ConfigError
+from gradtail.gradstats import GradientStatistics
 from gradtail.losses import register_loss
-from gradtail.losses.base import LongTailLoss, check_logits_targets
+from gradtail.losses.base import LongTailLoss, check_logits_targets, empty_batch_loss
 
 Variant = Literal["paper", "code"]
 Accumulation = Literal["single", "double"]
@@ -42,7 +42,7 @@ Accumulation = Literal["single", "double"]
 
 @register_loss("gala")
 class GALALoss(LongTailLoss):
-    """Gradient-aware logit adjustment loss (gala.md §2), with both published forms.
+    """Gradient-aware logit adjustment loss (docs/methods/gala.md §2), with both published forms.
 
     Args:
         num_classes: C.
@@ -58,18 +58,21 @@ class GALALoss(LongTailLoss):
         lambda2: weight of log(phi_k + eps) (``paper`` only; inert in ``code``).
         eps: added inside every log.
 
-    Timing (eql.md §1): the offsets of step t come from statistics through step t - 1 and are detached
-    constants; the statistics are updated after the step's loss is built, only when
-    ``self.training and torch.is_grad_enabled()`` (evaluation and ``no_grad`` calls leave them alone).
-    Statistics come from the detached adjusted logits, in float64 whatever the training precision
-    (autocast does not change them; phi == theta then holds to float64 rounding).
+    Timing (docs/methods/eql.md §1): the offsets of step t come from statistics through step t - 1 and are
+    detached constants; the statistics are updated after the step's loss is built. When they change
+    (convention S: training mode with grad enabled, not frozen), what an empty batch gives (E) and which
+    labels are accepted ([0, C), no detection options; L) follow the conventions of
+    :mod:`gradtail.losses.base` (``docs/losses.md``). With ``double`` accumulation a step the statistics do
+    not count (empty on every rank, or skipped as non-finite) does not add the running sums to the second
+    level either. Statistics come from the detached adjusted logits, in float64 whatever the training
+    precision (autocast does not change them; phi == theta then holds to float64 rounding).
 
     Step 1 is plain CE in both variants: while the statistics are empty (no update yet) the offsets are
     zero. For ``code`` (any lambdas) and for ``paper`` with lambda1 == lambda2 this is what the formula
     gives anyway (a per-sample constant, or exactly 0). For ``paper`` with lambda1 != lambda2 the
     literal formula at empty statistics would shift every non-target logit by
-    (lambda1 - lambda2) log(eps), which is not CE; gradtail follows gala.md §2 ("step 1 is plain CE")
-    and treats empty statistics as zero offsets. The check is a tensor ``where`` (no device sync).
+    (lambda1 - lambda2) log(eps), which is not CE; gradtail follows docs/methods/gala.md §2 ("step 1 is plain
+    CE") and treats empty statistics as zero offsets. The check is a tensor ``where`` (no device sync).
 
     Scale dependence: with theta == phi, the ``paper`` loss equals CE where non-target logits get
     lambda1 log(theta_j + eps) and the target logit gets lambda2 log(theta_k + eps). Multiplying all
@@ -82,8 +85,21 @@ class GALALoss(LongTailLoss):
     Multi-process: G is divided by B * world_size, the gradient of the rank-averaged loss that DDP
     optimizes, so with equal per-rank batches the summed statistics equal those of one process running
     the whole global batch.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("gala", num_classes=3)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]], requires_grad=True)
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)  # step 1: plain cross-entropy
+        0.8136
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)  # step 2: offsets from step 1
+        0.4528
+        >>> int(loss.stats.steps)
+        2
     """
 
+    stateful = True
     theta2: torch.Tensor
     phi2: torch.Tensor
 
@@ -119,19 +135,21 @@ class GALALoss(LongTailLoss):
 
     # ------------------------------------------------------------------ statistics
     def theta(self) -> torch.Tensor:
-        """theta_j: positive gradient received by class j (gala.md §1), from the active accumulator."""
+        """theta_j: positive gradient received by class j (docs/methods/gala.md §1), from the active
+        accumulator."""
         if self.accumulation == "double":
             return self.theta2
         return torch.diagonal(self.stats.matrix)
 
     def phi(self) -> torch.Tensor:
-        """phi_c: negative gradient produced by samples of class c (gala.md §1), active accumulator."""
+        """phi_c: negative gradient produced by samples of class c (docs/methods/gala.md §1), active
+        accumulator."""
         if self.accumulation == "double":
             return self.phi2
         return self.stats.negative_produced()
 
     def logit_offsets(self, targets: torch.Tensor) -> torch.Tensor:
-        """Detached float64 (n, C) offsets z~ - z for the current statistics (gala.md §2).
+        """Detached float64 (n, C) offsets z~ - z for the current statistics (docs/methods/gala.md §2).
 
         Zero while the statistics are empty (step 1 is plain CE, see the class docstring).
         """
@@ -152,34 +170,40 @@ class GALALoss(LongTailLoss):
 
     # ------------------------------------------------------------------ loss
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """L = mean_i CE(z~_i, y_i) (gala.md §2); then, in training with grad enabled, update statistics."""
+        """L = mean_i CE(z~_i, y_i) (docs/methods/gala.md §2); then, when convention S allows, update
+        statistics.
+
+        An empty batch gives :func:`gradtail.losses.base.empty_batch_loss` and still runs the update
+        (zero contribution, the same collective as every step; convention E).
+        """
         check_logits_targets(logits, targets, self.num_classes)
-        if logits.shape[0] == 0:
-            raise InputError("gala: empty batch (no samples to compute the loss on)")
         work_dtype = torch.promote_types(logits.dtype, torch.float32)
         z = logits.to(work_dtype)
         targets = targets.to(device=logits.device, dtype=torch.long)
         offsets = self.logit_offsets(targets).to(device=z.device, dtype=work_dtype)
         z_adj = z + offsets
-        loss = F.cross_entropy(z_adj, targets)
-        if self.training and torch.is_grad_enabled():
+        loss = F.cross_entropy(z_adj, targets) if z.numel() else empty_batch_loss(z_adj)
+        if self.updates_statistics(logits):
             self._update(z_adj.detach(), targets)
         return loss
 
     @torch.no_grad()
     def _update(self, z_adj: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add G = |softmax(z~) - onehot(y)| / (B * world_size) to M (gala.md §1), then the second level."""
-        if statistics_frozen():
-            return
+        """Add G = |softmax(z~) - onehot(y)| / (B * world_size) to M (docs/methods/gala.md §1), then the
+        second level."""
         with torch.autocast(device_type=z_adj.device.type, enabled=False):
             grad = torch.softmax(z_adj.to(torch.float64), dim=1)
             grad.scatter_add_(1, targets.view(-1, 1), -torch.ones_like(grad[:, :1]))
-            grad.abs_().div_(z_adj.shape[0] * world_size())
+            grad.abs_().div_(max(z_adj.shape[0], 1) * world_size())
+            steps_before = self.stats.steps.clone()
             self.stats.update_from_softmax_grad(grad, targets)
             if self.accumulation == "double":
-                # second level: add the running sums again after every step (released code)
-                self.theta2.add_(torch.diagonal(self.stats.matrix))
-                self.phi2.add_(self.stats.negative_produced())
+                # second level: add the running sums again after every counted step (released code);
+                # a step the statistics did not count (empty everywhere, non-finite) adds nothing
+                counted = self.stats.steps != steps_before
+                zero = torch.zeros((), dtype=self.theta2.dtype, device=self.theta2.device)
+                self.theta2.add_(torch.where(counted, torch.diagonal(self.stats.matrix), zero))
+                self.phi2.add_(torch.where(counted, self.stats.negative_produced(), zero))
 
     def extra_repr(self) -> str:
         return (

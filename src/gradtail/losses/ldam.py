@@ -29,7 +29,19 @@ def ldam_margins(counts: torch.Tensor, max_margin: float) -> torch.Tensor:
 
 @register_loss("ldam")
 class LDAMLoss(PerSampleLoss):
-    """l_i = CE(s * (z_i - m_{y_i} e_{y_i}), y_i); z are cosines (head scale 1). Defaults m_max 0.5, s 30."""
+    """l_i = CE(s * (z_i - m_{y_i} e_{y_i}), y_i); z are cosines (head scale 1). Defaults m_max 0.5, s 30.
+
+    ``margins`` is a constant buffer (not statistics). Conventions (empty batch, labels):
+    :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("ldam", num_classes=3, class_counts=[100, 10, 1])
+        >>> cosines = torch.tensor([[0.9, -0.2, 0.1], [0.0, 0.3, 0.5]])
+        >>> round(loss(cosines, torch.tensor([0, 2])).item(), 4)
+        4.5001
+    """
 
     required_head = "cosine"
     margins: torch.Tensor

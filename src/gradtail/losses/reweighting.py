@@ -23,6 +23,10 @@ class-balanced weight w_{y_i} with ``drw_beta`` (0.9999). The reduction after th
 Two equivalent ways to ask for it: the registered loss ``drw`` (``base`` names the wrapped loss, CE by
 default), or ``drw_epoch=...`` on any ``create_loss`` call (see :func:`with_deferred_reweighting`).
 LDAM-DRW is ``create_loss("drw", C, counts, base="ldam")`` (switch at epoch 160, beta 0.9999).
+
+Empty batches give 0 under every reduction (no 0 / 0), and labels follow the conventions of
+:mod:`gradtail.losses.base` (``docs/losses.md``); a DRW-wrapped loss keeps the statistics rule of the
+loss it wraps.
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ from gradtail.losses import create_loss, register_loss
 from gradtail.losses.base import (
     LongTailLoss,
     PerSampleLoss,
+    batch_mean,
     check_logits_targets,
+    empty_batch_loss,
     upcast_half,
     validate_class_counts,
 )
@@ -70,7 +76,12 @@ def check_beta(beta: float, loss_name: str) -> float:
 def weighted_reduction(
     per_sample: torch.Tensor, sample_weights: torch.Tensor, normalize: str
 ) -> torch.Tensor:
-    """sum_i w_i l_i / sum_i w_i (``"weights"``) or sum_i w_i l_i / B (``"batch"``)."""
+    """sum_i w_i l_i / sum_i w_i (``"weights"``) or sum_i w_i l_i / B (``"batch"``); 0 for B = 0.
+
+    An empty batch gives :func:`~gradtail.losses.base.empty_batch_loss` (convention E), not 0 / 0.
+    """
+    if per_sample.numel() == 0:
+        return empty_batch_loss(per_sample)
     total = (sample_weights * per_sample).sum()
     if normalize == "weights":
         return total / sample_weights.sum()
@@ -82,6 +93,16 @@ class ClassBalancedLoss(PerSampleLoss):
     """Class-balanced loss: l_i = w_{y_i} * base_i, L = (1/B) sum_i l_i; defaults beta 0.9999, base "ce".
 
     ``gamma`` (default 1) is the focusing parameter of ``base="focal"`` and is refused with other bases.
+    ``weights`` is a constant buffer (not statistics). Conventions (empty batch, labels):
+    :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("cb", num_classes=3, class_counts=[100, 10, 1], beta=0.9999)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)
+        1.876
     """
 
     weights: torch.Tensor
@@ -126,7 +147,22 @@ class DeferredReweighting(LongTailLoss):
     L = mean_i l_i while ``epoch < drw_epoch``; afterwards sum_i w_{y_i} l_i / sum_i w_{y_i}
     (``drw_normalize="weights"``) or (1/B) sum_i w_{y_i} l_i (``"batch"``), w from ``drw_beta``.
     The wrapped loss is the submodule ``inner`` (its buffers checkpoint as ``inner.*``); it receives
-    ``set_epoch`` and keeps its own statistics; ``required_head`` is the wrapped loss's.
+    ``set_epoch`` and keeps its own statistics (``stateful`` and the statistics rule are the wrapped
+    loss's); ``required_head`` is the wrapped loss's. Conventions: :mod:`gradtail.losses.base`
+    (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("ce", num_classes=3, class_counts=[100, 10, 1], drw_epoch=2)
+        >>> type(loss).__name__
+        'DeferredReweighting'
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)  # epoch 0: plain CE
+        0.8136
+        >>> loss.set_epoch(2)
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)  # from epoch 2: class-balanced weights
+        1.3746
     """
 
     allows_single_class = True  # the wrapped loss has validated num_classes already
@@ -157,6 +193,7 @@ class DeferredReweighting(LongTailLoss):
             )
         self.inner = loss
         self.required_head = loss.required_head
+        self.stateful = loss.stateful
         self.drw_epoch = int(drw_epoch)
         self.drw_beta = check_beta(drw_beta, "drw")
         self.drw_normalize = drw_normalize
@@ -178,7 +215,7 @@ class DeferredReweighting(LongTailLoss):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per_sample = self.inner.per_sample_loss(logits, targets)  # checks the inputs
         if not self.active:
-            return per_sample.mean()
+            return batch_mean(per_sample)
         sample_weights = self.weights.to(per_sample.dtype)[targets.long()]
         return weighted_reduction(per_sample, sample_weights, self.drw_normalize)
 
@@ -224,7 +261,17 @@ def deferred_reweighting(
     **base_kwargs: Any,
 ) -> DeferredReweighting:
     """The ``drw`` baseline: the registered loss ``base`` (CE by default; ``"ldam"`` gives LDAM-DRW) with
-    class-balanced weights switched on at ``drw_epoch``; ``base_kwargs`` go to the base loss."""
+    class-balanced weights switched on at ``drw_epoch``; ``base_kwargs`` go to the base loss.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("drw", num_classes=3, class_counts=[100, 10, 1], drw_epoch=2)
+        >>> loss.set_epoch(5)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)
+        1.3746
+    """
     if base == "drw":
         raise ConfigError("loss 'drw': base must name another loss, not 'drw'")
     inner = create_loss(base, num_classes, class_counts, **base_kwargs)

@@ -12,16 +12,18 @@ For a sample of class i and a negative class j != i the negative logit is re-wei
 
 No gradient flows through M or C (both are constants of the step). Defaults p 0.8, q 2, eps 1e-2.
 
-Statistics (eql.md §1): ``cum_samples`` is a float64 buffer (checkpointed). Each training step
-(``self.training and torch.is_grad_enabled()``) the batch's per-class label counts are SUM-all-reduced
-across ranks (:func:`gradtail.distributed.all_reduce_sum_`, a no-op without a process group; every rank
-runs it every training step) and added to ``cum_samples`` BEFORE the factors are computed, so step t
-uses the counts through step t, its own batch included. This is the order of mmdetection's
-``SeesawLoss.forward`` (accumulate, then compute the loss); it is the counting analogue of eql.md's
-timing rule, because a step's labels are known before its loss, unlike its gradients. In evaluation
-mode or under ``no_grad`` the counts are only read.
-``class_counts`` is accepted and ignored: N counts what training has seen, not the dataset's counts.
-The detection-specific objectness branch of the mmdetection loss is not part of this classification loss.
+Statistics (docs/methods/eql.md §1): ``cum_samples`` is a float64 buffer (checkpointed). Each training step
+(convention S of :mod:`gradtail.losses.base`: ``self.training and torch.is_grad_enabled()``, not inside
+``frozen_statistics``) the batch's per-class label counts are SUM-all-reduced across ranks
+(:func:`gradtail.distributed.all_reduce_sum_`, a no-op without a process group; every rank runs it every
+training step, an empty batch included, convention E) and added to ``cum_samples`` BEFORE the factors
+are computed, so step t uses the counts through step t, its own batch included. This is the order of
+mmdetection's ``SeesawLoss.forward`` (accumulate, then compute the loss); it is the counting analogue of
+docs/methods/eql.md's timing rule, because a step's labels are known before its loss, unlike its gradients.
+Any other call only reads the counts. Empty batches, labels ([0, C)) and the eval-mode warning follow the
+conventions of :mod:`gradtail.losses.base` (``docs/losses.md``). ``class_counts`` is accepted and ignored: N
+counts what training has seen, not the dataset's counts. The detection-specific objectness branch of the
+mmdetection loss is not part of this classification loss.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import torch.nn.functional as F
 
 from gradtail import distributed
 from gradtail.errors import ConfigError
-from gradtail.gradstats import statistics_frozen
 from gradtail.losses import register_loss
 from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half
 
@@ -61,8 +62,24 @@ def seesaw_log_factors(
 
 @register_loss("seesaw")
 class SeesawLoss(PerSampleLoss):
-    """l_i = CE(z_i + log(M_{y_i, .} C_{y_i, .}) on negatives, y_i); cumulative counts in ``cum_samples``."""
+    """l_i = CE(z_i + log(M_{y_i, .} C_{y_i, .}) on negatives, y_i); cumulative counts in ``cum_samples``.
 
+    Args: ``p`` (0.8, mitigation), ``q`` (2, compensation), ``eps`` (1e-2, floor of the target's
+    probability in the compensation ratio); ``class_counts`` is ignored. Conventions (empty batch,
+    statistics rule, labels): :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("seesaw", num_classes=3)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]], requires_grad=True)
+        >>> round(loss(logits, torch.tensor([0, 0])).item(), 4)
+        0.5253
+        >>> loss.cum_samples.tolist()  # labels seen by training steps so far
+        [2.0, 0.0, 0.0]
+    """
+
+    stateful = True
     cum_samples: torch.Tensor
 
     def __init__(
@@ -84,12 +101,6 @@ class SeesawLoss(PerSampleLoss):
         self.p, self.q, self.eps = p, q, eps
         self.register_buffer("cum_samples", torch.zeros(num_classes, dtype=torch.float64))
 
-    @property
-    def updates_statistics(self) -> bool:
-        """Counts are accumulated only in training mode with gradients enabled, and not inside
-        :func:`gradtail.gradstats.frozen_statistics` (second passes of two-pass update rules)."""
-        return self.training and torch.is_grad_enabled() and not statistics_frozen()
-
     def accumulate(self, targets: torch.Tensor) -> None:
         """N += all_reduce_sum(per-class label counts of this batch) (no host-device synchronisation)."""
         batch = torch.zeros_like(self.cum_samples)
@@ -100,7 +111,7 @@ class SeesawLoss(PerSampleLoss):
 
     def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         check_logits_targets(logits, targets, self.num_classes)
-        if self.updates_statistics:
+        if self.updates_statistics(logits):  # convention S; an empty batch still all-reduces (E)
             self.accumulate(targets)
         z = upcast_half(logits)
         y = targets.long()

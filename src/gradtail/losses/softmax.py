@@ -1,8 +1,11 @@
-"""Softmax-family baselines: ``ce``, ``focal``, ``balanced_softmax``, ``logit_adjust`` (baselines.md).
+"""Softmax-family baselines: ``ce``, ``focal``, ``balanced_softmax``, ``logit_adjust``
+(docs/methods/baselines.md).
 
 Notation: z logits (B, C), y labels, p = softmax(z), n_j training count of class j, pi_j = n_j / sum n.
 Every loss here is the batch mean of a per-sample term (:class:`~gradtail.losses.base.PerSampleLoss`),
-so each can be combined with deferred re-weighting (``drw_epoch=...``, see ``reweighting``).
+so each can be combined with deferred re-weighting (``drw_epoch=...``, see ``reweighting``). None keeps
+statistics; empty batches and labels follow the conventions of :mod:`gradtail.losses.base`
+(``docs/losses.md``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,20 @@ def check_gamma(gamma: float, loss_name: str) -> float:
 
 @register_loss("ce")
 class CrossEntropyLoss(PerSampleLoss):
-    """l_i = -log softmax(z_i)_{y_i}. ``class_counts`` is accepted and ignored."""
+    """l_i = -log softmax(z_i)_{y_i}. ``class_counts`` is accepted and ignored.
+
+    Conventions (empty batch, labels): :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("ce", num_classes=3)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)
+        0.8136
+        >>> loss(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))  # empty batch: 0, not NaN
+        tensor(0.)
+    """
 
     def __init__(self, num_classes: int, class_counts: Counts = None) -> None:
         super().__init__(num_classes)
@@ -54,7 +70,18 @@ class CrossEntropyLoss(PerSampleLoss):
 
 @register_loss("focal")
 class FocalLoss(PerSampleLoss):
-    """Softmax focal loss l_i = -(1 - p_y)^gamma log p_y; gamma 1 as in the LDAM-DRW code, 0 gives CE."""
+    """Softmax focal loss l_i = -(1 - p_y)^gamma log p_y; gamma 1 as in the LDAM-DRW code, 0 gives CE.
+
+    Conventions (empty batch, labels): :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("focal", num_classes=3, gamma=1.0)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)
+        0.5455
+    """
 
     def __init__(self, num_classes: int, class_counts: Counts = None, gamma: float = 1.0) -> None:
         super().__init__(num_classes)
@@ -69,7 +96,17 @@ class FocalLoss(PerSampleLoss):
 
 
 class AdditiveLogitAdjustedCE(PerSampleLoss):
-    """CE on shifted logits: l_i = CE(z_i + a, y_i), a a fixed per-class vector (buffer ``adjustment``)."""
+    """CE on shifted logits: l_i = CE(z_i + a, y_i), a a fixed per-class vector (buffer ``adjustment``).
+
+    The buffer is constant (not statistics). Conventions: :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> loss = AdditiveLogitAdjustedCE(3, torch.tensor([0.0, 0.0, 0.0]))  # a = 0: plain CE
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)
+        0.8136
+    """
 
     adjustment: torch.Tensor
 
@@ -85,7 +122,18 @@ class AdditiveLogitAdjustedCE(PerSampleLoss):
 
 @register_loss("balanced_softmax")
 class BalancedSoftmaxLoss(AdditiveLogitAdjustedCE):
-    """Balanced Softmax (Ren et al. 2020): l_i = CE(z_i + log n, y_i)."""
+    """Balanced Softmax (Ren et al. 2020): l_i = CE(z_i + log n, y_i).
+
+    Conventions (empty batch, labels): :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("balanced_softmax", num_classes=3, class_counts=[100, 10, 1])
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)
+        2.5171
+    """
 
     def __init__(self, num_classes: int, class_counts: Counts = None) -> None:
         counts = validate_class_counts(class_counts, num_classes, "balanced_softmax")
@@ -94,7 +142,18 @@ class BalancedSoftmaxLoss(AdditiveLogitAdjustedCE):
 
 @register_loss("logit_adjust")
 class LogitAdjustedLoss(AdditiveLogitAdjustedCE):
-    """Logit-adjusted loss (Menon et al. 2021): l_i = CE(z_i + tau log pi, y_i), pi_j = n_j / sum n."""
+    """Logit-adjusted loss (Menon et al. 2021): l_i = CE(z_i + tau log pi, y_i), pi_j = n_j / sum n.
+
+    Conventions (empty batch, labels): :mod:`gradtail.losses.base` (``docs/losses.md``).
+
+    Example:
+        >>> import torch
+        >>> from gradtail.losses import create_loss
+        >>> loss = create_loss("logit_adjust", num_classes=3, class_counts=[100, 10, 1], tau=1.0)
+        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
+        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)  # tau = 1: Balanced Softmax
+        2.5171
+    """
 
     def __init__(self, num_classes: int, class_counts: Counts = None, tau: float = 1.0) -> None:
         counts = validate_class_counts(class_counts, num_classes, "logit_adjust")
