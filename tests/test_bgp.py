@@ -297,8 +297,7 @@ def test_input_checks_and_no_grad():
 
 def test_ddp_style_wrapper_is_unwrapped():
     net = make_net("linear")
-    wrapper = nn.Module()
-    wrapper.module = net
+    wrapper = nn.DataParallel(net)  # on CPU: a plain wrapper holding the model in ``.module``, like DDP
     x, y = batch("all_classes")
     h, z = net(x, return_features=True)
     loss = F.cross_entropy(z, y)

@@ -56,7 +56,7 @@ def test_is_a_step_observer_and_matches_closed_form_ce_statistics() -> None:
 
 def test_observer_on_a_stateful_loss_sees_the_loss_own_statistics() -> None:
     """The gradient at the raw logits equals the gradient at softmax-EQL's adjusted logits."""
-    observer, loss = GradientRatioObserver(C), SoftmaxEQL(C)
+    observer, loss = GradientRatioObserver(C), SoftmaxEQL(C, ignore_index=-100)
     for s in range(3):
         gen = torch.Generator().manual_seed(s)
         z = torch.randn(6, C, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
