@@ -4,8 +4,10 @@ Reference: a ``torch.utils.data.Dataset`` returning PIL images through torchvisi
 (RandomCrop with padding, RandomHorizontalFlip, ToTensor, Normalize), a ``DataLoader`` with
 ``num_workers=2`` and shuffling, and a plain forward / cross-entropy / backward / SGD step.
 gradtail: the same model, batch size, optimizer and number of steps through ``Trainer.train_step``
-fed by the in-memory :class:`~gradtail.data.loader.BatchLoader`. Both run on the same long-tailed
-Fashion-MNIST subset in the same process, alternating, and the figure is the ratio of images/s.
+fed by the in-memory :class:`~gradtail.data.loader.BatchLoader`, once in float32 (as the original
+repositories train) and once with ``train.amp: auto`` (bfloat16 autocast where the machine computes it
+natively). All run on the same long-tailed Fashion-MNIST subset in the same process, alternating, and the
+figures are ratios of images/s against the reference loop.
 
     python benchmarks/reference_loop.py --output runs/bench/reference_loop.json
 """
@@ -16,6 +18,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -54,8 +57,12 @@ def main() -> None:
     p.add_argument("--output", default="runs/bench/reference_loop.json")
     args = p.parse_args()
 
-    cfg = load_config(args.config, ["train.progress=false", "train.diagnostics=false"])
+    common = ["train.progress=false", "train.diagnostics=false"]
+    cfg = load_config(args.config, [*common, "train.amp=none"])
     trainer = Trainer(cfg, output_dir=tempfile.mkdtemp(prefix="gradtail_ref_"), verbose=False)
+    auto_cfg = load_config(args.config, [*common, "train.amp=auto"])
+    auto_dir = tempfile.mkdtemp(prefix="gradtail_ref_")
+    auto = Trainer(auto_cfg, data=trainer.data, output_dir=auto_dir, verbose=False)
     data = trainer.data
     bs = cfg.optim.batch_size
     pad = cfg.data.augment.crop_padding
@@ -88,30 +95,34 @@ def main() -> None:
             ref_opt.step()
         return time.perf_counter() - start
 
-    trainer.model.train()
-    epoch = [0]
+    def gradtail_loop(t: Trainer) -> Callable[[int], float]:
+        t.model.train()
+        epoch = [0]
 
-    def gradtail_loop(steps: int) -> float:
-        start = time.perf_counter()
-        done = 0
-        while done < steps:
-            trainer.train_loader.set_epoch(epoch[0])
-            epoch[0] += 1
-            for x, y in trainer.train_loader:
-                trainer.train_step(x, y, epoch=0)
-                done += 1
-                if done == steps:
-                    break
-        return time.perf_counter() - start
+        def run(steps: int) -> float:
+            start = time.perf_counter()
+            done = 0
+            while done < steps:
+                t.train_loader.set_epoch(epoch[0])
+                epoch[0] += 1
+                for x, y in t.train_loader:
+                    t.train_step(x, y, epoch=0)
+                    done += 1
+                    if done == steps:
+                        break
+            return time.perf_counter() - start
 
-    reference(5)  # warm-up: workers started, first batches
-    gradtail_loop(5)
-    ref_times, gt_times = [], []
+        return run
+
+    loops = {"reference": reference, "float32": gradtail_loop(trainer), "auto": gradtail_loop(auto)}
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for loop in loops.values():
+        loop(5)  # warm-up: workers started, first batches, oneDNN kernels chosen
     for _ in range(args.trials):
-        ref_times.append(reference(args.steps))
-        gt_times.append(gradtail_loop(args.steps))
-    ref_ips = args.steps * bs / statistics.median(ref_times)
-    gt_ips = args.steps * bs / statistics.median(gt_times)
+        for name, loop in loops.items():  # round-robin, so a slow spell of the machine hits all
+            times[name].append(loop(args.steps))
+    ips = {name: args.steps * bs / statistics.median(t) for name, t in times.items()}
+    ref_ips, gt_ips = ips["reference"], ips["float32"]
     result = {
         "benchmark": "reference_loop",
         "model": cfg.model.name,
@@ -122,7 +133,12 @@ def main() -> None:
         "reference_images_per_s": ref_ips,
         "gradtail_images_per_s": gt_ips,
         "speedup": gt_ips / ref_ips,
-        "note": "same model, batch, optimizer; neither side runs the gradient-ratio diagnostics",
+        "auto_precision": auto.precision.to_dict(),
+        "gradtail_auto_images_per_s": ips["auto"],
+        "speedup_auto": ips["auto"] / ref_ips,
+        "auto_vs_float32": ips["auto"] / gt_ips,
+        "note": "same model, batch, optimizer; neither side runs the gradient-ratio diagnostics; the "
+        "reference and `speedup` are float32, `speedup_auto` uses train.amp=auto",
         "environment": environment_info(trainer.device),
     }
     write_result(result, args.output)

@@ -6,6 +6,9 @@ methods are timed round-robin (a few steps of each in turn, several rounds) so t
 machine hit all methods alike; the figure reported is the median over rounds of the mean step time, and
 the ratio to ``ce`` measured in the same rounds. GBG's one-off grouping is timed separately.
 
+Each method is timed in float32 and with ``train.amp: auto`` (bfloat16 autocast where the machine
+computes it natively) side by side (``--precisions``); every ratio is against the baseline in float32.
+
     python benchmarks/step_cost.py --suite suites/quick.yaml --output runs/bench/step_cost.json
 """
 
@@ -71,6 +74,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4, help="distinct fixed batches cycled through")
     p.add_argument("--device", default=None, help="override train.device (e.g. cuda)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override every method")
+    p.add_argument(
+        "--precisions", default="none,auto", help="train.amp settings, comma-separated (none = float32)"
+    )
     p.add_argument("--output", default="runs/bench/step_cost.json")
     args = p.parse_args()
 
@@ -78,24 +84,28 @@ def main() -> None:
     wanted = set(args.methods.split(",")) | {args.baseline} if args.methods else None
     methods = [m for m in suite.methods if m.after is None and (wanted is None or m.name in wanted)]
     tmp = Path(tempfile.mkdtemp(prefix="gradtail_step_cost_"))
+    amps = args.precisions.split(",")
     configs = {}
-    for m in methods:
-        cfg = suite.run_config(m, suite.seeds[0])
-        cfg.train.progress = False
-        if args.device:
-            cfg.train.device = args.device
-        configs[m.name] = config_from_dict(apply_overrides(cfg.to_dict(), args.set)) if args.set else cfg
+    for amp in amps:
+        for m in methods:
+            cfg = suite.run_config(m, suite.seeds[0])
+            cfg.train.progress = False
+            if args.device:
+                cfg.train.device = args.device
+            overrides = [*args.set, f"train.amp={amp}"]
+            label = m.name if amp == amps[0] else f"{m.name} [{amp}]"
+            configs[label] = config_from_dict(apply_overrides(cfg.to_dict(), overrides))
     base_cfg = configs[args.baseline]
     bundles: dict[str, object] = {}  # one data bundle per distinct data config (augmentation included)
     trainers: dict[str, Trainer] = {}
     grouping_seconds: dict[str, float] = {}
     for name, cfg in configs.items():
-        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)
+        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)  # the same bundle for every precision
         if key not in bundles:
             bundles[key] = build_data(cfg.data)
         t = Trainer(cfg, data=bundles[key], output_dir=tmp / name, verbose=False)  # type: ignore[arg-type]
         start = time.perf_counter()
-        t.update_rule.on_epoch_start(0, t)  # GBG groups here; a no-op for the others
+        t.update_rule.on_epoch_start(0, t.training_view())  # GBG groups here; a no-op for the others
         grouping_seconds[name] = time.perf_counter() - start
         t.model.train()
         t.loss_fn.train()
@@ -147,7 +157,13 @@ def main() -> None:
             "ratio_max": max(ratios),
             "grouping_seconds": grouping_seconds[name] if grouping_seconds[name] > 0.01 else None,
             "mean_groups_present": statistics.mean(groups_present[name]) if groups_present[name] else None,
+            "precision": trainers[name].precision.to_dict(),
         }
+    for name in list(rows):  # each method's cost in the other precisions relative to the first one
+        for amp in amps[1:]:
+            other = f"{name} [{amp}]"
+            if other in rows:
+                rows[other][f"vs_{amps[0]}"] = rows[other]["ms_per_step"] / rows[name]["ms_per_step"]
     result = {
         "benchmark": "step_cost",
         "suite": suite.name,

@@ -222,7 +222,7 @@ def bcl_config(tmp_path, **over: dict) -> dict:
         "loss": {"name": "logit_adjust"},
         "regularizer": {"name": "bcl", "params": {"hidden_dim": 16, "out_dim": 8}},
         "optim": {"lr": 0.05, "batch_size": 16, "epochs": 2, "warmup_epochs": 0},
-        "train": {"seed": 0, "progress": False, "output_dir": str(tmp_path / "{name}")},
+        "train": {"seed": 0, "progress": False, "output_dir": str(tmp_path / "{name}"), "amp": "none"},
     }  # fmt: skip
     cfg.update(over)
     return cfg

@@ -55,7 +55,8 @@ class AugmentConfig:
     cutout: int = 0  # Cutout hole side in pixels, after AutoAugment and before normalisation; 0 = off
     mean: list[float] | None = None  # per-channel; None = the dataset's standard statistics
     std: list[float] | None = None
-    # Extra SimCLR-style views per training image for contrastive terms (BCL, gbg.md §3); 0 = none.
+    # Extra SimCLR-style views per training image for contrastive terms (BCL, docs/methods/gbg.md §3);
+    # 0 = none.
     views: int = 0
     view_crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     view_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.1])  # b, c, s, hue
@@ -70,7 +71,7 @@ class DataConfig:
     data_dir: str | None = None
     download: bool = True
     imbalance_factor: float = 100.0
-    profile: str = "exp"  # exp | step (protocol.md §1)
+    profile: str = "exp"  # exp | step (docs/methods/protocol.md §1)
     n_max: int | None = None  # head-class count; None = the largest class pool
     subset_seed: int = 0  # seed of the LDAM-rule subset (separate from the training seed)
     val_per_class: int = 20  # held-out balanced validation carved before subsampling; 0 = none
@@ -80,7 +81,7 @@ class DataConfig:
     pad_to: int | None = None  # zero-pad images to this size (e.g. 32 for Fashion-MNIST in a CIFAR model)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     synthetic: dict[str, Any] = field(default_factory=dict)  # options of the synthetic dataset (tests)
-    # Image-list datasets (split files with `relative/path label` lines; protocol.md §2):
+    # Image-list datasets (split files with `relative/path label` lines; docs/methods/protocol.md §2):
     image_root: str | None = None  # root the listed paths are relative to (default: data_dir)
     list_dir: str | None = None  # where the list files are (default: image_root)
     image_size: int = 224  # RandomResizedCrop (train) / CenterCrop (test) size
@@ -127,11 +128,16 @@ class OptimConfig:
     drop_last: bool = False
 
 
+AMP_SETTINGS = ("auto", "none", "bf16", "fp16")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 | fp16
+    # auto: bfloat16 autocast where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 /
+    # AMX), float32 elsewhere (gradtail.engine.environment.resolve_amp) | none | bf16 | fp16 (CUDA)
+    amp: str = "auto"
     channels_last: bool = False
     compile: bool = False
     eval_every: int = 1  # evaluate on val/test every N epochs (the last epoch is always evaluated)
@@ -139,7 +145,7 @@ class TrainConfig:
     keep_checkpoints: int = 1  # how many epoch checkpoints to keep besides last.pt
     output_dir: str = "runs/{name}"
     progress: bool = True
-    diagnostics: bool = True  # per-class gradient-ratio observer (eql.md §6)
+    diagnostics: bool = True  # per-class gradient-ratio observer (docs/methods/eql.md §6)
     threads: int | None = None  # torch.set_num_threads; None = leave PyTorch's default
     # Decoupled training (cRT, Kang et al. 2020): start from a stage-1 checkpoint's model, optionally
     # freeze the backbone (its BatchNorm statistics too) and re-initialise the classifier.
@@ -412,8 +418,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("optim.epochs, optim.batch_size and optim.lr must be positive")
     if o.warmup_epochs < 0 or o.warmup_epochs > o.epochs:
         raise ConfigError(f"optim.warmup_epochs must be in [0, epochs], got {o.warmup_epochs}")
-    if t.amp not in ("none", "bf16", "fp16"):
-        raise ConfigError(f"train.amp must be none, bf16 or fp16, got {t.amp!r}")
+    if t.amp not in AMP_SETTINGS:
+        raise ConfigError(f"train.amp must be one of {', '.join(AMP_SETTINGS)}, got {t.amp!r}")
     if d.profile not in ("exp", "step"):
         raise ConfigError(f"data.profile must be exp or step, got {d.profile!r}")
     if d.imbalance_factor < 1:

@@ -155,10 +155,11 @@ def run_suite(
         remaining = sum(1 for r in runs[i - 1 :] if not r.is_done())
         eta = f", ETA {_fmt_duration(remaining * sum(durations) / len(durations))}" if durations else ""
         doing = "retraining (another config)" if replace else "resuming" if resumed else "training"
-        log(f"{tag}: {doing} ({run.config.optim.epochs} epochs{eta})")
         start = time.perf_counter()
         run.config.train.progress = progress and sys.stderr.isatty()
         trainer = Trainer(run.config, output_dir=run.directory, verbose=False)
+        precision = trainer.precision.describe()
+        log(f"{tag}: {doing} ({run.config.optim.epochs} epochs, {precision}{eta})")
         final = trainer.fit(resume=not replace, overwrite=replace)
         durations.append(time.perf_counter() - start)
         last = final["last_epoch"]

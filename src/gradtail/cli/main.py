@@ -49,8 +49,8 @@ def _train(args: argparse.Namespace) -> int:
     counts = trainer.data.class_counts
     say(
         f"gradtail: run {cfg.name!r} -> {trainer.out} (config {cfg.hash()}, "
-        f"subset {trainer.data.sha256[:12]}, {sum(counts)} train images, {world_size()} process(es)), "
-        f"counts {counts}",
+        f"subset {trainer.data.sha256[:12]}, {sum(counts)} train images, {world_size()} process(es), "
+        f"{trainer.precision.describe()}), counts {counts}",
         flush=True,
     )
     final = trainer.fit(resume=args.resume or False, stop_after=args.stop_after, overwrite=args.overwrite)

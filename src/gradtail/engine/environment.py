@@ -1,4 +1,4 @@
-"""What a run records about the machine it ran on (protocol.md §5)."""
+"""What a run records about the machine it ran on (docs/methods/protocol.md §5)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,64 @@ def resolve_device(name: str) -> torch.device:
 
         raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
     return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The autocast precision a run resolved: ``setting`` as configured, ``resolved`` one of ``none``,
+    ``bf16``, ``fp16``, and ``reason`` in a few words (printed at the start and recorded)."""
+
+    setting: str
+    resolved: str
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.resolved]
+
+    def describe(self) -> str:
+        name = {"none": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast"}[self.resolved]
+        return f"{name} ({self.setting}: {self.reason})" if self.setting == "auto" else name
+
+    def to_dict(self) -> dict[str, str]:
+        return {"setting": self.setting, "resolved": self.resolved, "reason": self.reason}
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` computes bfloat16 natively, and why (for the run record).
+
+    CUDA: ``torch.cuda.is_bf16_supported()`` (Ampere and later). CPU: the AVX512-BF16 or AMX instructions,
+    as PyTorch's build reports them (without them oneDNN emulates bf16 and it is slower than float32).
+    """
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, "CUDA device with bf16" if ok else "CUDA device without native bf16"
+    if device.type == "cpu":
+        features = [
+            name
+            for name, check in (
+                ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported),
+                ("AMX", torch.cpu._is_amx_tile_supported),
+            )
+            if check()
+        ]
+        if features:
+            return True, f"CPU with {' and '.join(features)}"
+        return False, "CPU without AVX512-BF16 or AMX"
+    return False, f"{device.type} device"
+
+
+def resolve_amp(setting: str, device: torch.device) -> Precision:
+    """``train.amp`` -> the precision used: ``auto`` is bf16 where :func:`native_bf16` holds, else
+    float32; ``none`` / ``bf16`` / ``fp16`` as given (fp16 needs CUDA)."""
+    if setting == "auto":
+        ok, reason = native_bf16(device)
+        return Precision(setting, "bf16" if ok else "none", reason)
+    if setting == "fp16" and device.type != "cuda":
+        from gradtail.errors import ConfigError
+
+        raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 or auto on CPU")
+    return Precision(setting, setting, "as configured")
 
 
 def _git_commit() -> str | None:

@@ -1,6 +1,6 @@
 """The trainer: composes a run from its config and knows methods only through small interfaces.
 
-One step (design.md): batch -> ``update_rule(ctx, x, y)`` (forward through ``model.features`` and
+One step (docs/methods/design.md): batch -> ``update_rule(ctx, x, y)`` (forward through ``model.features`` and
 ``model.classifier``, loss [+ regularizer], backward) -> ``optimizer.step()``. Losses, regularizers,
 update rules, post-hoc adjusters and observers come from their registries; nothing here knows a method.
 
@@ -36,7 +36,7 @@ from gradtail.data.samplers import create_sampler
 from gradtail.distributed import average_gradients_, is_distributed, is_main_process, rank, world_size
 from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state, seed_everything
 from gradtail.engine.components import check_component_params
-from gradtail.engine.environment import environment_info, resolve_device
+from gradtail.engine.environment import environment_info, resolve_amp, resolve_device
 from gradtail.engine.schedule import LRSchedule
 from gradtail.errors import ConfigError, TrainingError
 from gradtail.losses import create_loss
@@ -91,9 +91,11 @@ class Trainer:
         self.device = resolve_device(t.device)
         self.out = Path(output_dir) if output_dir is not None else cfg.output_path()
         self.run_dir = RunDirectory(self.out, writer=is_main_process())
-        self.run_dir.ensure_writable()  # an unwritable output fails before the data is loaded
         seed_everything(t.seed)
         self.data: RunData = data if data is not None else build_data(cfg.data)
+        # an unwritable output fails before any training (after the data: a run whose data is missing
+        # leaves no empty output folder behind)
+        self.run_dir.ensure_writable()
         counts = self.data.class_counts
         c = self.data.num_classes
 
@@ -157,10 +159,9 @@ class Trainer:
             weight_decay=o.weight_decay,
         )
         self.schedule = LRSchedule.from_config(o)
-        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[t.amp]
-        if t.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16 on CPU")
-        self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+        self.precision = resolve_amp(t.amp, self.device)  # train.amp: auto -> bf16 where native
+        self.autocast_dtype = self.precision.dtype
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.resolved == "fp16" else None
         if self.diagnostics is not None:
             self.diagnostics.set_grad_scaler(self.scaler)
         if t.compile:
@@ -459,6 +460,7 @@ class Trainer:
             "val_selected": self.best,
             "posthoc": self._posthoc(test_pred),
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
+            "amp": self.precision.to_dict(),
             "update_rule_state": _jsonable(self.update_rule.state_dict()),
             "resumes": self.resumes,
         }
@@ -549,7 +551,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ files
     def _write_run_header(self) -> None:
-        env = environment_info(self.device) | {"world_size": world_size()}
+        env = environment_info(self.device) | {"world_size": world_size(), "amp": self.precision.to_dict()}
         subset = {
             "dataset": self.cfg.data.dataset,
             "imbalance_factor": self.cfg.data.imbalance_factor,

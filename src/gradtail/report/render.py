@@ -1,7 +1,7 @@
 """Write a suite's ``results.json``, ``report.md`` and a self-contained ``report.html`` (PNG figures inlined).
 
-The report states its protocol (protocol.md §5): the subset and its hash, the recipe, the group thresholds,
-last-epoch reporting with mean ± std over seeds, validation-selected results in separate rows.
+The report states its protocol (docs/methods/protocol.md §5): the subset and its hash, the recipe, the group
+thresholds, last-epoch reporting with mean ± std over seeds, validation-selected results in separate rows.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def build_results(
             "many_threshold": config.eval.many_threshold,
             "few_threshold": config.eval.few_threshold,
             "ece_bins": config.eval.ece_bins,
+            "precision": sorted({precision_text(f.get("amp")) for f in finals}),
         },
         "seeds": suite.seeds,
         "table": rows,
@@ -76,6 +77,7 @@ def build_results(
                 "config_hash": f["config_hash"],
                 "subset_sha256": f["subset_sha256"],
                 "train_seconds": f.get("train_seconds"),
+                "amp": f.get("amp"),
                 "last_epoch": {k: f["last_epoch"].get(k) for k in (*METRICS, "per_class", "mce", "nll")},
                 "val_selected": f.get("val_selected"),
                 "posthoc": {
@@ -126,6 +128,15 @@ def _model_text(model: str, params: dict[str, Any] | None) -> str:
     return f"{model} ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else model
 
 
+def precision_text(amp: dict[str, str] | None) -> str:
+    """``bfloat16 autocast (auto: CPU with AVX512-BF16)`` from a run's ``amp`` record; runs recorded
+    before ``train.amp`` had ``auto`` trained in float32."""
+    if not amp:
+        return "float32"
+    name = {"none": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast"}[amp["resolved"]]
+    return f"{name} (auto: {amp['reason']})" if amp.get("setting") == "auto" else name
+
+
 def protocol_paragraph(results: dict[str, Any]) -> str:
     s, r = results["subset"], results["recipe"]
     seeds = results["seeds"]
@@ -161,7 +172,8 @@ def protocol_paragraph(results: dict[str, Any]) -> str:
         f"Recipe: {_model_text(r['model'], r['model_params'])}, {plural(r['epochs'], 'epoch')}, "
         f"batch {r['batch_size']}, SGD lr "
         f"{r['lr']:g} with {warmup}{decay}, weight decay "
-        f"{r['weight_decay']:g}, {crop}{' + horizontal flip' if aug.get('hflip') else ''}. "
+        f"{r['weight_decay']:g}, {crop}{' + horizontal flip' if aug.get('hflip') else ''}; "
+        f"precision {' / '.join(r.get('precision') or ['float32'])}. "
         f"Numbers are top-1 test accuracy (%) at the last epoch, {spread}; "
         "rows marked (val-selected) pick the epoch with the best balanced validation accuracy. "
         f"{posthoc}"
