@@ -227,3 +227,14 @@ def test_sync_batchnorm_on_cpu_is_a_clear_error(tmp_path):
     cfg.train.sync_batchnorm = True
     with pytest.raises(ConfigError, match="sync_batchnorm needs CUDA"):
         Trainer(cfg, output_dir=tmp_path)
+
+
+def test_checkpoint_carries_class_names_and_preprocessing(tmp_path):
+    """What ``gradtail predict`` needs without the training data (contracts.RunData.preprocessing)."""
+    trainer = Trainer(tiny_config(optim__epochs=1), output_dir=tmp_path)
+    trainer.fit()
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert state["class_names"] == trainer.data.class_names and len(state["class_names"]) == 4
+    pre = state["preprocessing"]
+    assert pre["transform"] == "in_memory" and pre["mode"] == "L" and pre["size"] == [12, 12]
+    assert pre["pad_to"] is None and pre["mean"] == trainer.data.mean and pre["std"] == trainer.data.std

@@ -343,6 +343,24 @@ class RunData(Protocol):
     @property
     def train_labels(self) -> torch.Tensor: ...
 
+    @property
+    def class_names(self) -> list[str]: ...
+
+    def preprocessing(self) -> dict[str, Any]:
+        """How an image file becomes model input at test time, as plain JSON-able data that checkpoints
+        carry (``gradtail predict`` rebuilds the input from it without the training data):
+
+        - ``transform``: ``"in_memory"`` (decode, check or resize to ``size``, zero-pad to ``pad_to``,
+          normalise) or ``"imagenet"`` (decode RGB, resize the shorter side to ``resize``, centre-crop to
+          ``image_size``, normalise);
+        - ``mode``: the PIL mode images are decoded to (``"L"``, ``"RGB"``);
+        - ``size``: [H, W] of the stored images (``in_memory``); ``resize_to_size``: whether images of
+          another size are resized to it (else they are an error);
+        - ``pad_to``: zero-padding target or None; ``image_size`` / ``resize`` (``imagenet``);
+        - ``mean``, ``std``: per-channel normalisation.
+        """
+        ...
+
     def has_split(self, split: str) -> bool: ...
 
     def train_loader(

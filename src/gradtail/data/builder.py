@@ -86,6 +86,9 @@ class DataBundle:
     mean: list[float]
     std: list[float]
     augment_cfg: Any = None
+    stored_size: tuple[int, int, int] = (1, 28, 28)  # (C, H, W) of the images as loaded, before padding
+    pad_to: int | None = None
+    resize_to_size: bool = False  # own data: images of another size are resized (data.resize)
     _augment: BatchAugment | None = field(default=None, repr=False)
 
     @property
@@ -107,6 +110,23 @@ class DataBundle:
     @property
     def train_labels(self) -> torch.Tensor:
         return self.train.labels
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.train.class_names)
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The test-time input pipeline (:meth:`gradtail.contracts.RunData.preprocessing`)."""
+        channels, h, w = (int(v) for v in self.stored_size)
+        return {
+            "transform": "in_memory",
+            "mode": "L" if channels == 1 else "RGB",
+            "size": [h, w],
+            "resize_to_size": self.resize_to_size,
+            "pad_to": self.pad_to,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     def has_split(self, split: str) -> bool:
         return (self.val if split == "val" else self.test) is not None
@@ -229,6 +249,8 @@ def build_in_memory_data(cfg: DataConfig, load: Callable[[bool, DataConfig], Ima
         mean=list(mean),
         std=list(std),
         augment_cfg=cfg.augment,
+        stored_size=(channels, *(int(v) for v in full_train.images.shape[-2:])),
+        pad_to=cfg.pad_to,
     )
 
 
@@ -260,6 +282,26 @@ class ImageListBundle:
     @property
     def train_labels(self) -> torch.Tensor:
         return torch.as_tensor(self.train.labels, dtype=torch.long)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The split files give integer labels only: ``class_0`` ... (``class_999``)."""
+        return [f"class_{i}" for i in range(self.num_classes)]
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The test-time input pipeline (:meth:`gradtail.contracts.RunData.preprocessing`): the ImageNet
+        test transform of :func:`gradtail.data.image_list.imagenet_transform`."""
+        from gradtail.data.image_list import IMAGENET_MEAN, IMAGENET_STD
+
+        size = self.cfg.image_size
+        return {
+            "transform": "imagenet",
+            "mode": "RGB",
+            "image_size": size,
+            "resize": round(size * 256 / 224),
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        }
 
     def has_split(self, split: str) -> bool:
         return (self.val if split == "val" else self.test) is not None

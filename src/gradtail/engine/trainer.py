@@ -521,6 +521,8 @@ class Trainer:
             "resumes": self.resumes,
             "rng": capture_rng_state(),
             "class_counts": self.data.class_counts,
+            "class_names": self.data.class_names,
+            "preprocessing": self.data.preprocessing(),
             "subset_sha256": self.data.sha256,
         }
 
