@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gradtail.data.loader import epoch_seed
+from gradtail.data.samplers import Sampler
 from gradtail.errors import ConfigError, DataError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -389,10 +390,8 @@ class ImageListLoader:
             raise ConfigError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
-        if sampler is not None and not (
-            hasattr(sampler, "indices") and hasattr(sampler, "num_samples_per_rank")
-        ):
-            raise ConfigError("sampler must have indices(epoch, rank, world_size) and num_samples_per_rank")
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise ConfigError(f"sampler must be a gradtail Sampler, got {type(sampler).__name__}")
         self.dataset = dataset
         self.device = torch.device(device)
         self.labels = torch.as_tensor(dataset.labels, dtype=torch.long).to(self.device)

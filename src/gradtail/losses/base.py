@@ -268,8 +268,8 @@ class PerSampleLoss(LongTailLoss):
 
     Subclasses implement ``per_sample_loss(logits, targets) -> (B,)`` (input checks and any statistics
     update happen there, once per call). Exposing the per-sample terms is what lets a loss be combined
-    with per-sample class re-weighting (deferred re-weighting, ``gradtail.losses.reweighting``). Any
-    :class:`LongTailLoss` may offer the same method without subclassing this.
+    with per-sample class re-weighting (deferred re-weighting, ``gradtail.losses.reweighting``, which accepts
+    exactly the subclasses of this class).
 
     Example:
         >>> import torch

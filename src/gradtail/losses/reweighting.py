@@ -178,7 +178,7 @@ class DeferredReweighting(LongTailLoss):
     ) -> None:
         if isinstance(loss, DeferredReweighting):
             raise ConfigError("loss is already deferred-reweighted (with_deferred_reweighting replaces it)")
-        if not callable(getattr(loss, "per_sample_loss", None)):
+        if not isinstance(loss, PerSampleLoss):
             raise ConfigError(
                 f"{type(loss).__name__} does not expose per_sample_loss(logits, targets), so it cannot be "
                 "combined with deferred re-weighting (drw)"
