@@ -61,6 +61,14 @@ DOCUMENTED = (
     "gradtail.metrics.shot_groups",
     "gradtail.models.create_model",
     "gradtail.optim.min_norm.min_norm_weights",
+    "gradtail.optim.gbg.GBGRule",
+    "gradtail.optim.sam.SAM",
+    "gradtail.posthoc.logit_adjust.PosthocLogitAdjuster",
+    "gradtail.posthoc.rebalance.PredictionRebalancer",
+    "gradtail.posthoc.tau_norm.TauNormAdjuster",
+    "gradtail.regularizers.bcl.BCLRegularizer",
+    "gradtail.regularizers.bcl.BalancedContrastiveLoss",
+    "gradtail.regularizers.bgp.BalancedGradientPenalty",
     "gradtail.rundir.RunDirectory",
 )
 
