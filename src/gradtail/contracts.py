@@ -289,6 +289,11 @@ class PosthocAdjuster:
     - ``construction_inputs``: what the harness passes at construction besides the config's parameters:
       ``"class_counts"`` (training images per class) and / or ``"classifier"`` (the model's head).
     - :meth:`fitted_params`: the parameters in use after :meth:`fit` (reports print them).
+    - :meth:`state_dict` / :meth:`load_state_dict`: everything :meth:`transform` needs after :meth:`fit`
+      (a tensor such as tau-norm's head weights, not only the reported scalars). The trainer saves it with
+      the run (``extras/posthoc/<name>.pt``); ``gradtail predict --posthoc NAME`` constructs the adjuster
+      as the trainer did (config parameters plus ``construction_inputs``) and restores it with
+      :meth:`load_state_dict`, without the validation data.
     """
 
     name: ClassVar[str] = "posthoc"
@@ -304,6 +309,18 @@ class PosthocAdjuster:
 
     def fitted_params(self) -> dict[str, Any]:
         return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The fitted state :meth:`transform` needs (tensors, numbers, strings: what ``torch.save`` stores
+        and ``torch.load(weights_only=True)`` reads), or None (the default) when the adjuster cannot be
+        restored: the trainer then saves nothing for it and ``gradtail predict`` does not offer it."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned into an adjuster constructed as the trainer did."""
+        from gradtail.errors import ConfigError
+
+        raise ConfigError(f"post-hoc adjuster {self.name!r} cannot restore a fitted state")
 
 
 # --------------------------------------------------------------------------- data

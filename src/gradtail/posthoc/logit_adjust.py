@@ -7,16 +7,18 @@ Predict argmax_j (z_j - tau log pi_j), pi the training class prior (counts / tot
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from gradtail.contracts import PosthocAdjuster
-from gradtail.errors import ConfigError
+from gradtail.errors import ConfigError, InputError
 from gradtail.posthoc import register_posthoc
 from gradtail.posthoc.search import (
     DEFAULT_TAU_GRID,
     balanced_accuracy,
     check_logits,
+    check_state,
     check_targets,
     tune_scalar,
 )
@@ -107,6 +109,22 @@ class PosthocLogitAdjuster(PosthocAdjuster):
     def fitted_params(self) -> dict[str, float]:
         """The parameter in use (after :meth:`fit`), for reports."""
         return {"tau": self.tau}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What :meth:`transform` needs: tau and the log prior (float64, (C,))."""
+        return {"tau": self.tau, "log_prior": self.log_prior.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore tau and the log prior of :meth:`state_dict` (they replace the constructor's)."""
+        check_state(state, ("tau", "log_prior"), self.name)
+        log_prior = torch.as_tensor(state["log_prior"], dtype=torch.float64).flatten()
+        if log_prior.numel() != self.num_classes:
+            raise InputError(
+                f"posthoc_la: the saved log prior has {log_prior.numel()} entries, "
+                f"expected {self.num_classes} classes"
+            )
+        self.log_prior = log_prior.clone()
+        self.tau = float(state["tau"])
 
     def __repr__(self) -> str:
         return f"PosthocLogitAdjuster(num_classes={self.num_classes}, tau={self.tau}, tune={self.tune})"

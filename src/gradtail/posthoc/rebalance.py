@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -29,6 +30,7 @@ from gradtail.posthoc.search import (
     DEFAULT_TAU_GRID,
     balanced_accuracy,
     check_logits,
+    check_state,
     check_targets,
     tune_scalar,
 )
@@ -124,6 +126,18 @@ class PredictionRebalancer(PosthocAdjuster):
     def fitted_params(self) -> dict[str, float]:
         """The parameter in use (after :meth:`fit`), for reports."""
         return {"tau": self.tau}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What :meth:`transform` needs: tau (and the class count when known). There is no stored prior:
+        q comes from the very set transformed (transductive, docs/methods/gala.md §3)."""
+        return {"tau": self.tau, "num_classes": self.num_classes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore tau (and the class count) of :meth:`state_dict`."""
+        check_state(state, ("tau",), self.name)
+        self.tau = _check_tau(state["tau"])
+        num_classes = state.get("num_classes")
+        self.num_classes = None if num_classes is None else int(num_classes)
 
     def __repr__(self) -> str:
         return f"PredictionRebalancer(tau={self.tau}, tune={self.tune})"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -90,3 +91,13 @@ def check_targets(targets: torch.Tensor, n: int, who: str) -> None:
         raise InputError(
             f"{who}: targets must be ({n},) integer labels, got shape {tuple(targets.shape)} {targets.dtype}"
         )
+
+
+def check_state(state: object, keys: tuple[str, ...], who: str) -> dict[str, Any]:
+    """A saved post-hoc state (``load_state_dict``) must be a mapping holding ``keys``."""
+    if not isinstance(state, dict):
+        raise InputError(f"{who}: a saved state must be a mapping, got {type(state).__name__}")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise InputError(f"{who}: the saved state lacks {', '.join(missing)}")
+    return state

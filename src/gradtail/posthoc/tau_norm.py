@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,13 @@ from torch import nn
 from gradtail.contracts import PosthocAdjuster
 from gradtail.errors import ConfigError, InputError
 from gradtail.posthoc import register_posthoc
-from gradtail.posthoc.search import DEFAULT_TAU_GRID, balanced_accuracy, check_targets, tune_scalar
+from gradtail.posthoc.search import (
+    DEFAULT_TAU_GRID,
+    balanced_accuracy,
+    check_state,
+    check_targets,
+    tune_scalar,
+)
 
 BiasMode = Literal["scale", "keep", "drop"]
 _NORM_FLOOR = 1e-12
@@ -193,6 +199,35 @@ class TauNormAdjuster(PosthocAdjuster):
     def fitted_params(self) -> dict[str, float | str]:
         """The parameters in use (after :meth:`fit`), for reports."""
         return {"tau": self.tau, "bias_mode": self.bias_mode}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What :meth:`transform` needs: tau, the bias mode and the head's weight (C, D) and bias (C,) or
+        None as they were when fitted."""
+        return {
+            "tau": self.tau,
+            "bias_mode": self.bias_mode,
+            "weight": self.weight.detach().cpu().clone(),
+            "bias": None if self.bias is None else self.bias.detach().cpu().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: the saved head replaces the one given at construction."""
+        check_state(state, ("tau", "bias_mode", "weight", "bias"), self.name)
+        weight, bias = state["weight"], state["bias"]
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] < 2:
+            raise InputError("tau_norm: the saved weight must be a (C, D) tensor with C >= 2")
+        c = weight.shape[0]
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)):
+            raise InputError(f"tau_norm: the saved bias must be None or a ({c},) tensor")
+        _check_bias_mode(state["bias_mode"])
+        tau = float(state["tau"])
+        if not math.isfinite(tau):
+            raise InputError(f"tau_norm: the saved tau must be finite, got {tau}")
+        device = self.weight.device
+        self.weight = weight.detach().to(device).clone()
+        self.bias = None if bias is None else bias.detach().to(device).clone()
+        self.bias_mode = state["bias_mode"]
+        self.tau = tau
 
     def head(self, tau: float | None = None) -> nn.Linear:
         """A fresh ``nn.Linear`` holding the tau-normalised classifier (current tau by default)."""
