@@ -13,7 +13,8 @@ Layout of ``<run>/``:
                            the resumes and the config changes they made
 ``diagnostics.json``       per-class gradient ratios per epoch
 ``checkpoints/last.pt``    the newest checkpoint; ``checkpoints/epoch_NNNN.pt`` the kept epoch ones
-``extras/<name>/``         files a method or a tool adds (per-method extras)
+``extras/<name>/``         files a method or a tool adds (per-method extras); ``extras/posthoc/<name>.pt``
+                           the post-hoc adjusters fitted at the end of the run
 =========================  ==========================================================================
 
 Rules (:meth:`RunDirectory.start`):
@@ -54,6 +55,7 @@ DIAGNOSTICS = "diagnostics.json"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 EXTRAS = "extras"
+POSTHOC_EXTRAS = "posthoc"  # extras/posthoc/<name>.pt: fitted post-hoc adjusters (gradtail predict)
 RUN_FILES = (CONFIG, ENVIRONMENT, SUBSET, METRICS, FINAL, DIAGNOSTICS)
 
 # Config keys a resumed run may change: where and how the run executes and reports progress, never what
@@ -255,6 +257,38 @@ class RunDirectory:
         if self.writer:
             make_directory(path)
         return path
+
+    # ------------------------------------------------------------------ fitted post-hoc adjusters
+    def posthoc_file(self, name: str) -> Path:
+        """``extras/posthoc/<name>.pt``: the post-hoc adjuster ``name`` as fitted at the end of the run."""
+        return self.path / EXTRAS / POSTHOC_EXTRAS / f"{name}.pt"
+
+    def saved_posthoc(self) -> list[str]:
+        """Names of the fitted post-hoc adjusters the run saved, sorted."""
+        return sorted(p.stem for p in (self.path / EXTRAS / POSTHOC_EXTRAS).glob("*.pt"))
+
+    def save_posthoc(self, name: str, state: dict[str, Any]) -> None:
+        """Write a fitted adjuster's record atomically (rank 0), for ``gradtail predict --posthoc``."""
+        if self.writer:
+            atomic_write(self.posthoc_file(name), lambda f: torch.save(state, f), "post-hoc state")
+
+    def load_posthoc(self, name: str) -> dict[str, Any]:
+        """The record :meth:`save_posthoc` wrote; a :class:`DataError` listing the saved ones when the run
+        has none named ``name``, or naming the file when it is corrupt."""
+        path = self.posthoc_file(name)
+        if not path.is_file():
+            saved = self.saved_posthoc()
+            raise DataError(
+                f"the run in {self.path} has no fitted post-hoc adjuster {name!r} ({path} is missing); "
+                f"available: {', '.join(saved) if saved else 'none (the run had no eval.posthoc)'}"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated / foreign files raise several types
+            raise DataError(f"post-hoc state {path} is corrupt ({e.__class__.__name__})") from None
+        if not isinstance(state, dict) or "state" not in state:
+            raise DataError(f"{path} is not a gradtail post-hoc state (no 'state' entry)")
+        return state
 
     # ------------------------------------------------------------------ state
     def holds_run(self) -> bool:

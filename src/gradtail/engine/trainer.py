@@ -491,6 +491,11 @@ class Trainer:
                 logits = adjuster.transform(test_pred.logits)
             res = self.evaluate_predictions(logits, test_pred.targets)
             results[name] = {"params": adjuster.fitted_params(), **res.to_dict(include_confusion=False)}
+            state = adjuster.state_dict()
+            if state is not None:  # extras/posthoc/<name>.pt: gradtail predict --posthoc applies it
+                record = {"name": name, "params": params, "input_kind": adjuster.input_kind}
+                record |= {"epoch": self.epoch, "subset_sha256": self.data.sha256, "state": state}
+                self.run_dir.save_posthoc(name, record)
         return results
 
     def _posthoc_args(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
