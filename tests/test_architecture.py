@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "engine": 4,
     "bench": 5,
     "report": 5,
+    "predict": 5,
     "cli": 6,
     "__main__": 6,
     "__init__": 6,

@@ -1,4 +1,4 @@
-"""The ``gradtail`` command: ``train``, ``eval``, ``list``.
+"""The ``gradtail`` command: ``train``, ``eval``, ``predict``, ``bench``, ``list``.
 
 Errors gradtail raises on purpose (bad config key, missing data, wrong labels, an output that cannot be
 written, a run directory that already holds a run, ...) are printed as one line ``gradtail: error: ...``
@@ -88,6 +88,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from gradtail.data.preprocess import collect_image_paths
+    from gradtail.predict import Predictor, output_format
+    from gradtail.rundir import RunDirectory, write_text
+
+    fmt = output_format(args.output)  # a wrong extension fails before any work
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, posthoc=args.posthoc, device=args.device, batch_size=args.batch_size
+    )
+    c = predictor.num_classes
+    k = args.top_k if args.top_k is not None else min(5, c)
+    if not 1 <= k <= c:
+        raise ConfigError(f"--top-k {k}: the model has {c} classes (give 1 to {c})")
+    out = Path(args.output) if args.output else None
+    if out is not None:  # an output that cannot be written fails before the images are read
+        RunDirectory(out.parent).ensure_writable()
+    paths = collect_image_paths(args.inputs)
+    result = predictor.predict(paths)
+    text = result.to_csv(k) if fmt == "csv" else result.to_json(k, predictor.describe())
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        write_text(out, text, "predictions")
+        print(f"gradtail: {len(paths)} image(s) -> {out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import time
 
@@ -172,6 +199,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--full", action="store_true", help="with --json: everything, not only the last epoch")
     e.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser(
+        "predict",
+        help="top-k classes of image files from a checkpoint alone",
+        description="Top-k classes and probabilities of image files, from a checkpoint alone (no training "
+        "data). Probabilities are the softmax of the model's logits as the run's loss reads them; with "
+        "--posthoc, the softmax of the logits after the adjuster the run fitted on validation.",
+    )
+    pr.add_argument("checkpoint", help="a run's checkpoint, e.g. runs/fmnist_lt_ce/checkpoints/last.pt")
+    pr.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders (every image inside, recursively, sorted) or .txt/.csv lists of paths "
+        "(one per line, or a 'path' column; relative to the list's folder)",
+    )
+    pr.add_argument(
+        "--posthoc",
+        metavar="NAME",
+        help="apply the post-hoc adjuster the run fitted on validation (its eval.posthoc: posthoc_la, "
+        "tau_norm, gala_rebalance; gala_rebalance estimates its class prior from the images given)",
+    )
+    pr.add_argument("--top-k", type=int, metavar="K", help="classes per image (default: 5, at most all)")
+    pr.add_argument(
+        "--output", help="preds.csv or preds.json (the extension picks the format); default: CSV on stdout"
+    )
+    pr.add_argument(
+        "--batch-size", type=int, metavar="N", help="images per forward pass (default: eval.batch_size)"
+    )
+    pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    pr.set_defaults(func=_cmd_predict)
 
     b = sub.add_parser("bench", help="run a suite of methods x seeds and write results.json + report")
     b.add_argument("suite", help="suite YAML (see suites/)")
