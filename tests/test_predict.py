@@ -1,6 +1,6 @@
 """``gradtail predict``: image files -> top-k classes from a checkpoint alone (issue 14).
 
-A tiny run is trained through the CLI on synthetic data with ``eval.posthoc: [posthoc_la, tau_norm]``; its
+A tiny run is trained through the CLI on synthetic data with every post-hoc adjuster in ``eval.posthoc``; its
 test images are exported as PNG files and predicted through the CLI. The reference is the trained model's
 logits computed by the Trainer on the same images (the checkpoint loaded as ``gradtail eval`` does) and
 the post-hoc adjusters fitted as the trainer fits them. Also: the preprocessing module against hand
@@ -34,8 +34,8 @@ from gradtail.errors import ConfigError, DataError, InputError
 from gradtail.posthoc import create_posthoc
 from gradtail.rundir import RunDirectory, load_checkpoint
 
-# A run that learns something in 3 epochs (its predictions spread over the classes, and both post-hoc
-# adjusters change some of them: the grids exclude tau = 0, so an adjuster is never the identity).
+# A run that learns something in 3 epochs (its predictions spread over the classes, and every post-hoc
+# adjuster changes some of them: the grids exclude tau = 0, so an adjuster is never the identity).
 TINY = {
     "name": "predict_tiny",
     "data": {
@@ -48,8 +48,10 @@ TINY = {
     "optim": {"batch_size": 8, "epochs": 3, "lr": 0.05, "warmup_epochs": 0, "schedule": "cosine"},
     "train": {"progress": False},
     "eval": {
-        "posthoc": ["posthoc_la", "tau_norm"],
-        "posthoc_params": {"posthoc_la": {"grid": [0.5, 1.0]}, "tau_norm": {"grid": [0.5, 1.0]}},
+        "posthoc": ["posthoc_la", "tau_norm", "gala_rebalance"],
+        "posthoc_params": {
+            name: {"grid": [0.5, 1.0]} for name in ("posthoc_la", "tau_norm", "gala_rebalance")
+        },
     },
 }
 N_TEST = 30
@@ -136,9 +138,9 @@ def test_the_reference_is_not_trivial(run):
 
 def test_the_run_saved_its_fitted_adjusters(run):
     run_dir = RunDirectory(run.root / "run", writer=False)
-    assert run_dir.saved_posthoc() == ["posthoc_la", "tau_norm"]
+    assert run_dir.saved_posthoc() == ["gala_rebalance", "posthoc_la", "tau_norm"]
     state = load_checkpoint(run.checkpoint)
-    for name in ("posthoc_la", "tau_norm"):
+    for name in ("gala_rebalance", "posthoc_la", "tau_norm"):
         record = run_dir.load_posthoc(name)
         assert record["epoch"] == state["epoch"] == 3
         assert record["subset_sha256"] == state["subset_sha256"]
@@ -187,8 +189,9 @@ def test_files_and_list_files_in_the_order_given(run, capsys, tmp_path):
         assert float(row[2]) == pytest.approx(float(torch.softmax(run.logits[i].double(), 0).max()), abs=1e-6)
 
 
-@pytest.mark.parametrize("name", ["posthoc_la", "tau_norm"])
+@pytest.mark.parametrize("name", ["posthoc_la", "tau_norm", "gala_rebalance"])
 def test_posthoc_applies_the_fitted_adjuster(run, capsys, tmp_path, name):
+    """The whole test set in dataset order: gala_rebalance's q (from the images given) is the run's."""
     out_file = tmp_path / "preds.json"
     code, _, err = _predict(capsys, run.checkpoint, run.folder, "--posthoc", name, "--output", out_file)
     assert code == 0 and str(out_file) in err
@@ -289,8 +292,11 @@ def test_error_top_k_larger_than_the_classes(run, capsys):
 
 
 def test_error_posthoc_not_fitted(run, capsys, tmp_path):
-    err = _error(capsys, run.checkpoint, run.paths[0], "--posthoc", "gala_rebalance")
-    assert "gala_rebalance" in err and "available: posthoc_la, tau_norm" in err
+    copy = tmp_path / "copy"
+    shutil.copytree(run.root / "run", copy)
+    (copy / "extras" / "posthoc" / "tau_norm.pt").unlink()
+    err = _error(capsys, copy / "checkpoints" / "last.pt", run.paths[0], "--posthoc", "tau_norm")
+    assert "'tau_norm'" in err and "available: gala_rebalance, posthoc_la" in err
     bare = tmp_path / "bare" / "checkpoints" / "last.pt"  # a run without eval.posthoc: no extras
     bare.parent.mkdir(parents=True)
     shutil.copy(run.checkpoint, bare)
