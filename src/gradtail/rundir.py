@@ -278,9 +278,10 @@ class RunDirectory:
         path = self.posthoc_file(name)
         if not path.is_file():
             saved = self.saved_posthoc()
+            why = " (its config had no eval.posthoc, or it finished before runs saved them)"
             raise DataError(
                 f"the run in {self.path} has no fitted post-hoc adjuster {name!r} ({path} is missing); "
-                f"available: {', '.join(saved) if saved else 'none (the run had no eval.posthoc)'}"
+                f"available: {', '.join(saved) if saved else 'none' + why}"
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
