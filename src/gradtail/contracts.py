@@ -13,9 +13,10 @@ declared member with a default, never an attribute probed with ``getattr`` / ``h
 - :class:`UpdateRule`: ``__call__(ctx, x, y)`` with a :class:`StepContext`, ``on_epoch_start(epoch, view)``
   with a :class:`TrainingView`, ``epoch_summary()``, ``state_dict`` / ``load_state_dict``, ``report_note``;
 - :class:`PosthocAdjuster`: ``fit`` / ``transform`` on ``input_kind`` (logits or features),
-  ``construction_inputs``, ``fitted_params()``, ``report_note``;
+  ``construction_inputs``, ``fitted_params()``, ``state_dict`` / ``load_state_dict``, ``report_note``;
 - :class:`StepObserver`: ``observe(logits, targets)``;
-- :class:`TrainLoader` and :class:`RunData`: the data of a run (counts, subset hash, loaders).
+- :class:`TrainLoader` and :class:`RunData`: the data of a run (counts, class names, subset hash, loaders,
+  the test-time preprocessing).
 
 :func:`unwrap_model` is the one helper that takes a model out of its DistributedDataParallel wrapper.
 """
