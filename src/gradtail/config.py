@@ -159,8 +159,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    many_threshold: int = 100
-    few_threshold: int = 20
+    # Many: > many_threshold training images, Few: < few_threshold, Medium: the rest (both ends inclusive).
+    # Both null (the default): the protocol's 100 / 20 when they leave no group empty, else terciles of the
+    # class counts (gradtail.metrics.resolve_shot_groups); final.json records the rule ("groups").
+    many_threshold: int | None = None
+    few_threshold: int | None = None
     ece_bins: int = 15
     posthoc: list[str] = field(default_factory=list)  # post-hoc adjusters fit on validation logits
     posthoc_params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -424,7 +427,13 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(f"data.profile must be exp or step, got {d.profile!r}")
     if d.imbalance_factor < 1:
         raise ConfigError(f"data.imbalance_factor must be >= 1, got {d.imbalance_factor}")
-    if cfg.eval.few_threshold > cfg.eval.many_threshold:
+    many, few = cfg.eval.many_threshold, cfg.eval.few_threshold
+    if (many is None) != (few is None):
+        raise ConfigError(
+            "eval.many_threshold and eval.few_threshold are set together: both numbers, or both null "
+            f"(the protocol's 100 / 20 when no group is empty, else terciles); got {many} and {few}"
+        )
+    if many is not None and few is not None and few > many:
         raise ConfigError("eval.few_threshold must be <= eval.many_threshold")
     if t.eval_every < 1 or t.checkpoint_every < 1:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 1")

@@ -40,7 +40,7 @@ from gradtail.engine.environment import environment_info, resolve_amp, resolve_d
 from gradtail.engine.schedule import LRSchedule
 from gradtail.errors import ConfigError, TrainingError
 from gradtail.losses import create_loss
-from gradtail.metrics import EvalResult, evaluate_logits
+from gradtail.metrics import EvalResult, GroupRule, evaluate_logits, resolve_shot_groups
 from gradtail.models import LongTailClassifier, create_model
 from gradtail.optim import create_update_rule
 from gradtail.posthoc import POSTHOC, create_posthoc
@@ -359,10 +359,21 @@ class Trainer:
             features=torch.cat(feats) if features else None,
         )
 
-    def evaluate_predictions(self, logits: torch.Tensor, targets: torch.Tensor) -> EvalResult:
+    def group_rule(self) -> GroupRule:
+        """The Many / Medium / Few thresholds of this run: ``eval.*_threshold``, or when null the rule of
+        :func:`resolve_shot_groups` on the training counts (the same for every epoch and post-hoc row)."""
         e = self.cfg.eval
+        return resolve_shot_groups(self.data.class_counts, e.many_threshold, e.few_threshold)
+
+    def evaluate_predictions(self, logits: torch.Tensor, targets: torch.Tensor) -> EvalResult:
+        groups = self.group_rule()
         return evaluate_logits(
-            logits, targets, self.data.class_counts, e.many_threshold, e.few_threshold, e.ece_bins
+            logits,
+            targets,
+            self.data.class_counts,
+            groups.many_threshold,
+            groups.few_threshold,
+            self.cfg.eval.ece_bins,
         )
 
     def evaluate_split(self, split: str) -> EvalResult | None:
@@ -455,6 +466,7 @@ class Trainer:
             "config_hash": self.cfg.hash(),
             "subset_sha256": self.data.sha256,
             "class_counts": self.data.class_counts,
+            "groups": self.group_rule().to_dict(),
             "epochs": self.epoch,
             "last_epoch": test.to_dict(),
             "val_selected": self.best,

@@ -81,6 +81,106 @@ def shot_groups(
     return groups
 
 
+PROTOCOL_MANY_THRESHOLD = 100  # docs/methods/protocol.md §4 (CIFAR-LT): Many > 100 training images
+PROTOCOL_FEW_THRESHOLD = 20  # Few < 20
+GROUP_RULES = ("configured", "protocol thresholds", "terciles")
+
+
+@dataclass(frozen=True)
+class GroupRule:
+    """The Many / Medium / Few thresholds a run uses, how they were chosen and the group sizes.
+
+    ``rule``: ``"configured"`` (both thresholds set in the config), ``"protocol thresholds"`` (> 100 Many,
+    < 20 Few, kept because they leave no group empty) or ``"terciles"`` (of the class counts; see
+    :func:`resolve_shot_groups`). ``sizes``: classes in (Many, Medium, Few).
+    """
+
+    rule: str
+    many_threshold: int
+    few_threshold: int
+    sizes: tuple[int, int, int]
+
+    def groups(self, train_counts: Sequence[int]) -> dict[str, list[int]]:
+        return shot_groups(train_counts, self.many_threshold, self.few_threshold)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "rule": self.rule,
+            "many_threshold": self.many_threshold,
+            "few_threshold": self.few_threshold,
+            "sizes": list(self.sizes),
+        }
+
+
+def _sizes(train_counts: Sequence[int], many_threshold: int, few_threshold: int) -> tuple[int, int, int]:
+    g = shot_groups(train_counts, many_threshold, few_threshold)
+    return len(g["many"]), len(g["medium"]), len(g["few"])
+
+
+def resolve_shot_groups(
+    train_counts: Sequence[int], many_threshold: int | None = None, few_threshold: int | None = None
+) -> GroupRule:
+    """The Many / Medium / Few thresholds for these training counts (Many: > many_threshold, Few: <
+    few_threshold, Medium: the rest, both ends inclusive, as :func:`shot_groups`).
+
+    - Both thresholds given: they are used as they are (``"configured"``), even if a group is empty.
+    - Both ``None`` (the default of ``eval.many_threshold`` / ``eval.few_threshold``): the protocol's
+      > 100 / < 20 (``"protocol thresholds"``) when they leave all three groups non-empty (CIFAR-100-LT,
+      ImageNet-LT, Places-LT, iNaturalist), otherwise ``"terciles"`` of the class counts:
+
+      * counts sorted in decreasing order s_0 >= ... >= s_{C-1}, k = C // 3: ``many_threshold = s_k`` and
+        ``few_threshold = s_{C-1-k}``, i.e. the largest and the smallest count of the middle C - 2k
+        classes, so Many = the k largest classes, Few = the k smallest, Medium = the rest (C = 10:
+        3 / 4 / 3; C = 100: 33 / 34 / 33).
+      * Ties: the thresholds are counts and Medium includes them, so equal counts always share a group
+        and a tie across a cut goes to Medium (Many or Few then hold fewer than k classes). When that
+        would leave Many (or Few) empty although the counts take at least three distinct values, the
+        thresholds are clamped to the second largest (second smallest) distinct count, so every group
+        keeps a class: with three or more distinct counts, all three groups are non-empty.
+      * Fewer than three distinct counts (C < 3 included): no thresholds give three groups; both are the
+        integer midpoint (max + min) // 2 of the largest and the smallest count, so two distinct counts
+        give Many (the larger) and Few (the smaller) with Medium empty, unless they differ by 1 (then
+        Many and Medium); one distinct count (balanced data, or one class) puts every class in Medium.
+
+    Only one threshold given is an :class:`InputError` (set both or neither).
+
+    Example:
+        >>> from gradtail.metrics import resolve_shot_groups
+        >>> resolve_shot_groups([int(500 * 100 ** (-i / 99)) for i in range(100)]).to_dict()
+        {'rule': 'protocol thresholds', 'many_threshold': 100, 'few_threshold': 20, 'sizes': [35, 35, 30]}
+        >>> resolve_shot_groups([5980, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]).to_dict()
+        {'rule': 'terciles', 'many_threshold': 1292, 'few_threshold': 278, 'sizes': [3, 4, 3]}
+        >>> resolve_shot_groups([300, 30]).to_dict()
+        {'rule': 'terciles', 'many_threshold': 165, 'few_threshold': 165, 'sizes': [1, 0, 1]}
+        >>> resolve_shot_groups([5980, 60], many_threshold=1200, few_threshold=240).rule
+        'configured'
+    """
+    if (many_threshold is None) != (few_threshold is None):
+        raise InputError(
+            "set both the Many and the Few thresholds, or neither (None: protocol thresholds or terciles); "
+            f"got many_threshold={many_threshold}, few_threshold={few_threshold}"
+        )
+    counts = [int(n) for n in train_counts]
+    if many_threshold is not None and few_threshold is not None:
+        many, few = int(many_threshold), int(few_threshold)
+        return GroupRule("configured", many, few, _sizes(counts, many, few))
+    if not counts:
+        raise InputError("no class counts to form Many / Medium / Few groups from")
+    protocol = _sizes(counts, PROTOCOL_MANY_THRESHOLD, PROTOCOL_FEW_THRESHOLD)
+    if all(protocol):
+        return GroupRule("protocol thresholds", PROTOCOL_MANY_THRESHOLD, PROTOCOL_FEW_THRESHOLD, protocol)
+    s = sorted(counts, reverse=True)
+    distinct = sorted(set(counts), reverse=True)
+    if len(distinct) < 3:
+        many = few = (distinct[0] + distinct[-1]) // 2
+    else:
+        k = len(s) // 3
+        lo, hi = distinct[-2], distinct[1]  # any thresholds in [lo, hi] leave Many and Few non-empty
+        many = min(max(s[k], lo), hi)
+        few = min(max(s[len(s) - 1 - k], lo), hi)
+    return GroupRule("terciles", many, few, _sizes(counts, many, few))
+
+
 def calibration_errors(logits: torch.Tensor, targets: torch.Tensor, num_bins: int = 15) -> dict[str, object]:
     """ECE and MCE with ``num_bins`` equal-width confidence bins (Guo et al. 2017), plus the bin table.
 
@@ -166,12 +266,12 @@ def evaluate_logits(
     logits: torch.Tensor,
     targets: torch.Tensor,
     train_counts: Sequence[int],
-    many_threshold: int = 100,
-    few_threshold: int = 20,
+    many_threshold: int | None = PROTOCOL_MANY_THRESHOLD,
+    few_threshold: int | None = PROTOCOL_FEW_THRESHOLD,
     num_bins: int = 15,
 ) -> EvalResult:
     """All docs/methods/protocol.md §4 metrics from logits. Many/Medium/Few average per-class accuracy;
-    empty = None.
+    empty = None. Thresholds ``None`` (both) pick them by :func:`resolve_shot_groups`.
 
     Example:
         >>> import torch
@@ -195,7 +295,7 @@ def evaluate_logits(
     cm = confusion_matrix(pred, targets, c)
     support = cm.sum(dim=1)
     per_class = [float(cm[j, j] / support[j]) if support[j] > 0 else None for j in range(c)]
-    groups = shot_groups(train_counts, many_threshold, few_threshold)
+    groups = resolve_shot_groups(train_counts, many_threshold, few_threshold).groups(train_counts)
     calib = calibration_errors(logits, targets, num_bins)
     n = int(targets.numel())
     nll = float(torch.nn.functional.cross_entropy(logits.double(), targets.long(), reduction="sum")) / max(

@@ -1,7 +1,8 @@
 """Write a suite's ``results.json``, ``report.md`` and a self-contained ``report.html`` (PNG figures inlined).
 
 The report states its protocol (docs/methods/protocol.md §5): the subset and its hash, the recipe, the group
-thresholds, last-epoch reporting with mean ± std over seeds, validation-selected results in separate rows.
+thresholds (and the rule that chose them, from the runs' ``final.json``), last-epoch reporting with
+mean ± std over seeds, validation-selected results in separate rows.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def build_results(
             "ece_bins": config.eval.ece_bins,
             "precision": sorted({precision_text(f.get("amp")) for f in finals}),
         },
+        "groups": group_record(finals),
         "seeds": suite.seeds,
         "table": rows,
         "runs": [
@@ -87,6 +89,47 @@ def build_results(
             for f in finals
         ],
     }
+
+
+def group_record(finals: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The Many / Medium / Few rule the runs recorded (``final.json`` ``groups``): the one record when
+    every run has the same, ``{"rule": "per run", "runs": [...]}`` when they differ, None when a run
+    predates the record (the report then resolves it from the recipe and the subset's counts)."""
+    records = [f.get("groups") for f in finals]
+    if not records or any(r is None for r in records):
+        return None
+    if all(r == records[0] for r in records):
+        return dict(records[0])
+    runs = [{"method": f["method"], "seed": f["seed"], **f["groups"]} for f in finals]
+    return {"rule": "per run", "runs": runs}
+
+
+def _groups_sentence(results: dict[str, Any]) -> str:
+    """The protocol paragraph's Many / Medium / Few sentence: thresholds, the rule that chose them, sizes."""
+    from gradtail.metrics import PROTOCOL_FEW_THRESHOLD, PROTOCOL_MANY_THRESHOLD, resolve_shot_groups
+
+    g = results.get("groups")
+    if g is None:  # runs from before final.json recorded the rule: resolve it as the trainer does
+        r = results["recipe"]
+        counts = results["subset"]["counts"]
+        g = resolve_shot_groups(counts, r.get("many_threshold"), r.get("few_threshold")).to_dict()
+    if g["rule"] == "per run":
+        return (
+            "Many / Medium / Few: the thresholds differ between runs (each run's in results.json, "
+            "groups; N/A: empty group)."
+        )
+    many, few = g["many_threshold"], g["few_threshold"]
+    sizes = " / ".join(str(n) for n in g["sizes"])
+    why = {
+        "configured": f"thresholds set in the config; {sizes} classes",
+        "protocol thresholds": f"the protocol's thresholds, which leave no group empty here: {sizes} classes",
+        "terciles": f"terciles of the training counts, {sizes} classes, as the protocol's "
+        f"> {PROTOCOL_MANY_THRESHOLD} / < {PROTOCOL_FEW_THRESHOLD} would leave a group empty here",
+    }.get(g["rule"], f"{g['rule']}; {sizes} classes")
+    return (
+        f"Many / Medium / Few: classes with > {many}, {few}–{many}, < {few} training images ({why}; "
+        "N/A: empty group)."
+    )
 
 
 def method_notes(suite: Any) -> list[str]:
@@ -177,9 +220,7 @@ def protocol_paragraph(results: dict[str, Any]) -> str:
         f"Numbers are top-1 test accuracy (%) at the last epoch, {spread}; "
         "rows marked (val-selected) pick the epoch with the best balanced validation accuracy. "
         f"{posthoc}"
-        f"Many / Medium / Few: classes with > {r['many_threshold']}, "
-        f"{r['few_threshold']}–{r['many_threshold']}, "
-        f"< {r['few_threshold']} training images (N/A: empty group). ECE with {plural(r['ece_bins'], 'bin')}."
+        f"{_groups_sentence(results)} ECE with {plural(r['ece_bins'], 'bin')}."
     )
 
 
