@@ -21,6 +21,8 @@ class Registry(Generic[T]):
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
         self._package = package
+        # prefix -> (resolver, reserved parameters, description): names ``prefix:<rest>`` (``timm:resnet18``)
+        self._prefixes: dict[str, tuple[Callable[[str], Callable[..., T]], dict[str, str], str]] = {}
 
     def _load(self) -> None:
         if self._package is not None:
@@ -40,18 +42,49 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def register_prefix(
+        self,
+        prefix: str,
+        resolver: Callable[[str], Callable[..., T]],
+        reserved: Mapping[str, str] | None = None,
+        description: str = "",
+    ) -> None:
+        """Accept every name ``prefix:<rest>`` without registering each: :meth:`get` returns
+        ``resolver(rest)`` (which raises :class:`ConfigError` for a ``rest`` it does not know).
+        ``reserved``: parameters those factories take through ``**kwargs`` that a config may not set,
+        mapped to where their value comes from (added to :meth:`check_params`' ``reserved``);
+        ``description``: one line for listings (:meth:`prefix_descriptions`)."""
+        if prefix in self._prefixes or ":" in prefix:
+            raise ValueError(f"{self.kind} prefix {prefix!r} is registered twice or contains ':'")
+        self._prefixes[prefix] = (resolver, dict(reserved or {}), description or f"{prefix}:<name>")
+
+    def _prefix_of(self, name: str) -> str | None:
+        """The registered prefix of ``name`` (``"timm"`` for ``"timm:resnet18"``), else None."""
+        prefix, sep, _ = name.partition(":")
+        return prefix if sep and prefix in self._prefixes else None
+
     def get(self, name: str) -> Callable[..., T]:
         self._load()
-        try:
+        if name in self._factories:
             return self._factories[name]
-        except KeyError:
-            raise ConfigError(
-                f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._factories))}"
-            ) from None
+        prefix = self._prefix_of(name) if isinstance(name, str) else None
+        if prefix is not None:
+            return self._prefixes[prefix][0](name[len(prefix) + 1 :])
+        patterns = "".join(f", {p}:<name>" for p in sorted(self._prefixes))
+        raise ConfigError(
+            f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._factories))}{patterns}"
+        )
 
     def names(self) -> list[str]:
+        """The registered names (names accepted through a prefix are not listed: see
+        :meth:`prefix_descriptions`)."""
         self._load()
         return sorted(self._factories)
+
+    def prefix_descriptions(self) -> list[str]:
+        """One line per registered prefix (``timm:<name>``: what it accepts)."""
+        self._load()
+        return [self._prefixes[p][2] for p in sorted(self._prefixes)]
 
     def parameter_names(self, name: str) -> list[str]:
         """The keyword parameters of the factory registered as ``name``, in signature order (``[]`` when
@@ -68,14 +101,27 @@ class Registry(Generic[T]):
     ) -> dict[str, Any]:
         """Check the config mapping ``params`` (at config key ``key``) that goes to the factory registered
         as ``name``; an unknown name is the :meth:`get` error. See :func:`check_call_params` for
-        ``reserved`` and ``extra`` and for what is returned (the entries the factory's ``**kwargs`` takes)."""
+        ``reserved`` and ``extra`` and for what is returned (the entries the factory's ``**kwargs`` takes).
+        A name accepted through a prefix also reserves that prefix's parameters (:meth:`register_prefix`)."""
+        factory = self.get(name)
+        prefix = self._prefix_of(name)
+        if prefix is not None:
+            reserved = {**self._prefixes[prefix][1], **(reserved or {})}
         return check_call_params(
-            self.get(name), params, key, f"{self.kind} {name!r}", reserved=reserved, extra=extra
+            factory, params, key, f"{self.kind} {name!r}", reserved=reserved, extra=extra
         )
 
     def __contains__(self, name: object) -> bool:
         self._load()
-        return name in self._factories
+        if name in self._factories:
+            return True
+        if not isinstance(name, str) or self._prefix_of(name) is None:
+            return False
+        try:
+            self.get(name)
+        except ConfigError:
+            return False
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())

@@ -151,13 +151,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_list(args: argparse.Namespace) -> int:
     from gradtail.data.builder import DATASETS
     from gradtail.losses import loss_names
-    from gradtail.models import model_names
+    from gradtail.models import model_name_patterns, model_names
     from gradtail.optim import update_rule_names
     from gradtail.posthoc import posthoc_names
     from gradtail.regularizers import regularizer_names
 
     print("datasets:     ", ", ".join(DATASETS.names()))
     print("models:       ", ", ".join(model_names()))
+    for pattern in model_name_patterns():
+        print("              ", pattern)
     print("losses:       ", ", ".join(loss_names()))
     print("regularizers: ", ", ".join(regularizer_names()))
     print("update rules: ", ", ".join(update_rule_names()))

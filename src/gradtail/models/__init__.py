@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradtail.models import resnet_cifar, small_cnn, torchvision_backbones  # noqa: F401
+from gradtail.models import resnet_cifar, small_cnn, timm_backbones, torchvision_backbones  # noqa: F401
 from gradtail.models.base import LongTailClassifier
 from gradtail.models.heads import CosineHead, LinearHead, create_head
 from gradtail.models.registry import MODELS, register_model
@@ -15,7 +15,8 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> LongTailClassifi
     """Build the registered model ``name`` (see :func:`model_names`) with a ``num_classes``-way head.
 
     ``kwargs`` go to the model: e.g. ``in_channels``, ``head`` (``"linear"`` or ``"cosine"``),
-    ``head_scale``, and the model's own settings (``width`` for ``small_cnn``).
+    ``head_scale``, and the model's own settings (``width`` for ``small_cnn``). ``timm:<name>`` builds any
+    timm model (the optional ``timm`` extra; :mod:`gradtail.models.timm_backbones`).
 
     Example:
         >>> import torch
@@ -33,7 +34,13 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> LongTailClassifi
 
 
 def model_names() -> list[str]:
+    """The registered model names (``timm:<name>`` is accepted too: :func:`model_name_patterns`)."""
     return MODELS.names()
+
+
+def model_name_patterns() -> list[str]:
+    """Model names accepted without being listed, one line each (``timm:<name>``)."""
+    return MODELS.prefix_descriptions()
 
 
 __all__ = [
@@ -43,6 +50,7 @@ __all__ = [
     "LongTailClassifier",
     "create_head",
     "create_model",
+    "model_name_patterns",
     "model_names",
     "register_model",
 ]
