@@ -106,6 +106,22 @@ def test_cosine_head_trains_through_the_trainer(timm, tmp_path):
     assert trainer.fit()["epochs"] == 1
 
 
+def test_sync_batchnorm_keeps_timm_activations(timm):
+    """timm's BatchNormAct2d layers become SyncBatchNormAct (PyTorch's converter would drop the
+    activation): the converted model computes the same function with the same parameters."""
+    torch.manual_seed(0)
+    model = create_model("timm:test_efficientnet", num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    params = {id(p) for p in model.parameters()}
+    synced = model.convert_sync_batchnorm().eval()
+    assert type(synced.backbone.bn1).__name__ == "SyncBatchNormAct"
+    assert {id(p) for p in synced.parameters()} == params  # the optimizer built afterwards sees them
+    with torch.no_grad():
+        torch.testing.assert_close(synced(x), expected)
+
+
 # ------------------------------------------------------------------------------------------- checkpoints
 def _same_backbone(model, state):
     own = model.backbone.state_dict()

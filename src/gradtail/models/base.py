@@ -44,6 +44,12 @@ class LongTailClassifier(nn.Module):
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return self.backbone.parameters()
 
+    def convert_sync_batchnorm(self) -> nn.Module:
+        """This model with its BatchNorm layers synchronised across processes (``train.sync_batchnorm``),
+        keeping the same Parameter objects: PyTorch's converter; a model whose BatchNorm layers do more
+        than normalise (timm's BatchNormAct2d also applies an activation) overrides it."""
+        return nn.SyncBatchNorm.convert_sync_batchnorm(self)
+
     def reset_classifier(self, head: str | None = None, head_scale: float | None = None) -> None:
         """Re-initialise the head (cRT); optionally switch its kind or scale."""
         kind = head or self.head_kind

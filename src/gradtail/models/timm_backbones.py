@@ -137,6 +137,13 @@ class TimmClassifier(LongTailClassifier):
         self.backbone = net
         self._make_head(num_classes, head, head_scale)
 
+    def convert_sync_batchnorm(self) -> nn.Module:
+        """timm's converter: PyTorch's would turn timm's BatchNormAct2d (BatchNorm + activation, in
+        EfficientNet, MobileNet, ...) into a plain SyncBatchNorm and silently drop the activation."""
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(self)
+
     def extra_repr(self) -> str:
         return f"timm={self.timm_name}, feature_dim={self.feature_dim}"
 
