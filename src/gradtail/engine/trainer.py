@@ -115,7 +115,7 @@ class Trainer:
             if self.device.type != "cuda":
                 raise ConfigError("train.sync_batchnorm needs CUDA devices (SyncBatchNorm is GPU-only)")
             if is_distributed():  # same Parameter objects: the optimizer built below sees them
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                self.model = self.model.convert_sync_batchnorm()  # timm's norm-act layers keep theirs
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss_fn: LossContract = create_loss(cfg.loss.name, c, class_counts=counts, **cfg.loss.params).to(
