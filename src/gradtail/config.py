@@ -65,9 +65,33 @@ class AugmentConfig:
 
 
 @dataclass
+class LongTailOptions:
+    """``data.longtail`` of own data (image_folder, image_csv, npz): a long-tailed training subset of
+    balanced data by the LDAM rule of the built-in datasets (their ``data.imbalance_factor`` /
+    ``data.profile``); off while ``imbalance_factor`` is None (the data is used as it is)."""
+
+    imbalance_factor: float | None = None  # n_max / n_min of the subset (>= 1); None = no subsampling
+    profile: str | None = None  # exp | step (docs/methods/protocol.md §1); None = exp
+
+
+@dataclass
+class SplitFractions:
+    """``data.split_fractions`` of own data: the stratified, seeded (``data.subset_seed``) share of each
+    class held out for a split the data does not have (gradtail.data.own_data)."""
+
+    # validation share of each class's training images when the data has no val split and no
+    # data.longtail (whose validation is data.val_per_class); None = 0.1; 0 = no validation split
+    val: float | None = None
+    test: float | None = None  # test share of each class, required when the data has no test split
+
+
+@dataclass
 class DataConfig:
-    # fashion_mnist | cifar10 | cifar100 | synthetic (in memory); imagenet_lt | places_lt | inat2018 (lists)
+    # fashion_mnist | cifar10 | cifar100 | synthetic (in memory); imagenet_lt | places_lt | inat2018 (lists);
+    # own data: image_folder | image_csv | npz (gradtail.data.own_data)
     dataset: str = "fashion_mnist"
+    # the built-in datasets' folder; own data: the image folder tree, the CSV folder (or one .csv file),
+    # the .npz file (or a folder holding exactly one)
     data_dir: str | None = None
     download: bool = True
     imbalance_factor: float = 100.0
@@ -88,6 +112,19 @@ class DataConfig:
     color_jitter: float = 0.0  # train-time ColorJitter strength (0 = off)
     num_workers: int = 8  # decoding processes per loader
     check_files: bool = True  # stat every listed image before training (errors name the list line)
+    # Own data (image_folder | image_csv | npz; gradtail.data.own_data). The built-in keys above apply as
+    # follows: imbalance_factor / profile must stay at their defaults (use longtail); val_per_class,
+    # n_max and class_order apply with longtail only; subset_seed seeds every split; image_root is the
+    # root of the CSV paths (default: the CSV's folder); check_files reads every image header up front;
+    # num_workers decodes images that do not fit memory_budget_mb.
+    longtail: LongTailOptions = field(default_factory=LongTailOptions)
+    split_fractions: SplitFractions = field(default_factory=SplitFractions)
+    class_list: str | None = None  # file of class names, one a line, in label order (relative: data_dir)
+    resize: int | list[int] | None = None  # resize every image to [H, W] (an int: square); None = as stored
+    channels: int | None = None  # 1 (grayscale) or 3 (RGB); None = 1 when every image is grayscale, else 3
+    # decoded images (uint8, all splits) up to this size are held in memory, larger data is decoded from
+    # the files by data.num_workers processes; None = 2048 MiB
+    memory_budget_mb: float | None = None
 
 
 @dataclass
