@@ -8,6 +8,10 @@ small surface (counts, subset hash, loaders), whatever the storage.
 - Image-list datasets (ImageNet-LT, Places-LT, iNaturalist 2018): the community's split files are already
   long-tailed; images are decoded by workers (:class:`~gradtail.data.image_list.ImageListLoader`). The
   "subset hash" is the SHA-256 of the training list file.
+- Own data (``image_folder``, ``image_csv``, ``npz``; :mod:`gradtail.data.own_data`): classes, counts, image
+  size and channels come from the data; a :class:`DataBundle` when the decoded images fit
+  ``data.memory_budget_mb``, else an :class:`~gradtail.data.own_data.ImageFilesBundle` decoding the files
+  with workers and augmenting on the device as :class:`DataBundle` does.
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ class DataBundle:
     stored_size: tuple[int, int, int] = (1, 28, 28)  # (C, H, W) of the images as loaded, before padding
     pad_to: int | None = None
     resize_to_size: bool = False  # own data: images of another size are resized (data.resize)
+    # what subset.json records besides counts and hash (own data: where the data came from, its splits)
+    source: dict[str, Any] = field(default_factory=dict)
     _augment: BatchAugment | None = field(default=None, repr=False)
 
     @property
@@ -117,16 +123,9 @@ class DataBundle:
 
     def preprocessing(self) -> dict[str, Any]:
         """The test-time input pipeline (:meth:`gradtail.contracts.RunData.preprocessing`)."""
-        channels, h, w = (int(v) for v in self.stored_size)
-        return {
-            "transform": "in_memory",
-            "mode": "L" if channels == 1 else "RGB",
-            "size": [h, w],
-            "resize_to_size": self.resize_to_size,
-            "pad_to": self.pad_to,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
+        return in_memory_preprocessing(
+            self.stored_size, self.resize_to_size, self.pad_to, self.mean, self.std
+        )
 
     def has_split(self, split: str) -> bool:
         return (self.val if split == "val" else self.test) is not None
@@ -134,18 +133,7 @@ class DataBundle:
     @property
     def augment(self) -> BatchAugment:
         if self._augment is None:
-            from gradtail.data.augment_policies import build_policy_transforms
-
-            a = self.augment_cfg
-            self._augment = BatchAugment(
-                mean=self.mean,
-                std=self.std,
-                crop_padding=a.crop_padding if a is not None else 0,
-                hflip=a.hflip if a is not None else False,
-                policy=None
-                if a is None
-                else build_policy_transforms(a.autoaugment, a.cutout, fill=a.autoaugment_fill),
-            )
+            self._augment = build_batch_augment(self.augment_cfg, self.mean, self.std)
         return self._augment
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,18 +142,7 @@ class DataBundle:
 
     def view_augment(self) -> tuple[Any, int]:
         """(view transform, views per image) for contrastive terms; (None, 0) when ``augment.views`` is 0."""
-        a = self.augment_cfg
-        if a is None or a.views == 0:
-            return None, 0
-        if a.views < 0:
-            raise ConfigError(f"data.augment.views must be >= 0, got {a.views}")
-        from gradtail.data.contrastive_views import SimCLRViews
-
-        views = SimCLRViews(
-            scale=a.view_crop_scale, jitter=a.view_jitter, jitter_p=a.view_jitter_p,
-            grayscale_p=a.view_grayscale_p, hflip=a.hflip,
-        )  # fmt: skip
-        return views, int(a.views)
+        return build_view_augment(self.augment_cfg)
 
     def train_loader(
         self, cfg: RunConfig, sampler: object, device: torch.device, rank: int, world: int
@@ -189,17 +166,75 @@ class DataBundle:
 
     def describe(self) -> dict[str, Any]:
         """What ``subset.json`` records (docs/methods/protocol.md §1: counts and hash make the subset
-        auditable)."""
+        auditable), plus :attr:`source`."""
         return {
             "counts": self.class_counts,
             "train_images": int(sum(self.class_counts)),
             "val_counts": list(self.split.val_counts),
             "sha256": self.split.sha256,
             "test_images": len(self.test),
+            **self.source,
         }
 
 
-def _pad(arrays: ImageArrays, size: int | None) -> ImageArrays:
+def in_memory_preprocessing(
+    stored_size: tuple[int, int, int],
+    resize_to_size: bool,
+    pad_to: int | None,
+    mean: list[float],
+    std: list[float],
+) -> dict[str, Any]:
+    """The ``"in_memory"`` test-time pipeline (:meth:`gradtail.contracts.RunData.preprocessing`) of images
+    stored as ``stored_size`` = (C, H, W) before padding."""
+    channels, h, w = (int(v) for v in stored_size)
+    return {
+        "transform": "in_memory",
+        "mode": "L" if channels == 1 else "RGB",
+        "size": [h, w],
+        "resize_to_size": bool(resize_to_size),
+        "pad_to": pad_to,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def build_batch_augment(augment_cfg: Any, mean: list[float], std: list[float]) -> BatchAugment:
+    """The whole-batch training transform of ``data.augment`` (crop, flip, AutoAugment / Cutout, then
+    normalisation with ``mean`` / ``std``); normalisation only when ``augment_cfg`` is None."""
+    from gradtail.data.augment_policies import build_policy_transforms
+
+    a = augment_cfg
+    return BatchAugment(
+        mean=mean,
+        std=std,
+        crop_padding=a.crop_padding if a is not None else 0,
+        hflip=a.hflip if a is not None else False,
+        policy=None
+        if a is None
+        else build_policy_transforms(a.autoaugment, a.cutout, fill=a.autoaugment_fill),
+    )
+
+
+def build_view_augment(augment_cfg: Any) -> tuple[Any, int]:
+    """(view transform, views per image) of ``data.augment`` for contrastive terms; (None, 0) when
+    ``augment.views`` is 0."""
+    a = augment_cfg
+    if a is None or a.views == 0:
+        return None, 0
+    if a.views < 0:
+        raise ConfigError(f"data.augment.views must be >= 0, got {a.views}")
+    from gradtail.data.contrastive_views import SimCLRViews
+
+    views = SimCLRViews(
+        scale=a.view_crop_scale, jitter=a.view_jitter, jitter_p=a.view_jitter_p,
+        grayscale_p=a.view_grayscale_p, hflip=a.hflip,
+    )  # fmt: skip
+    return views, int(a.views)
+
+
+def pad_images(arrays: ImageArrays, size: int | None) -> ImageArrays:
+    """``arrays`` zero-padded to ``size`` x ``size`` (centred; the extra row / column at the bottom /
+    right); unchanged when ``size`` is None."""
     if size is None:
         return arrays
     h, w = arrays.images.shape[-2:]
@@ -217,8 +252,35 @@ def build_data(cfg: DataConfig) -> Any:
     return DATASETS.get(cfg.dataset)(cfg)
 
 
+# Settings of own data (gradtail.data.own_data) that a built-in dataset would silently ignore.
+_OWN_DATA_SETTINGS: dict[str, Callable[[DataConfig], bool]] = {
+    "data.longtail": lambda c: c.longtail.imbalance_factor is not None or c.longtail.profile is not None,
+    "data.split_fractions": lambda c: c.split_fractions.val is not None or c.split_fractions.test is not None,
+    "data.class_list": lambda c: c.class_list is not None,
+    "data.resize": lambda c: c.resize is not None,
+    "data.channels": lambda c: c.channels is not None,
+    "data.memory_budget_mb": lambda c: c.memory_budget_mb is not None,
+}
+
+
+def reject_own_data_settings(cfg: DataConfig) -> None:
+    """A :class:`ConfigError` when a built-in dataset's config sets a key of own data (it would be
+    ignored); the built-in datasets are long-tailed by ``data.imbalance_factor`` / ``data.profile``."""
+    for key, is_set in _OWN_DATA_SETTINGS.items():
+        if is_set(cfg):
+            raise ConfigError(
+                f"{key} is a setting of own data (image_folder, image_csv, npz), not of {cfg.dataset!r}"
+                + (
+                    " (its long-tailed subset is data.imbalance_factor / data.profile)"
+                    if "longtail" in key
+                    else ""
+                )
+            )
+
+
 def build_in_memory_data(cfg: DataConfig, load: Callable[[bool, DataConfig], ImageArrays]) -> DataBundle:
     """Load an in-memory dataset and build the long-tailed training subset, validation and test."""
+    reject_own_data_settings(cfg)
     full_train = load(True, cfg)
     test = load(False, cfg)
     split = build_longtail_split(
@@ -242,9 +304,9 @@ def build_in_memory_data(cfg: DataConfig, load: Callable[[bool, DataConfig], Ima
         mean = mean or default[0]
         std = std or default[1]
     return DataBundle(
-        train=_pad(train, cfg.pad_to),
-        val=None if val is None else _pad(val, cfg.pad_to),
-        test=_pad(test, cfg.pad_to),
+        train=pad_images(train, cfg.pad_to),
+        val=None if val is None else pad_images(val, cfg.pad_to),
+        test=pad_images(test, cfg.pad_to),
         split=split,
         mean=list(mean),
         std=list(std),
@@ -357,6 +419,7 @@ def build_image_list_data(cfg: DataConfig) -> ImageListBundle:
     """The community split files of ``cfg.dataset`` under ``data.image_root`` / ``data.list_dir``."""
     from gradtail.data.image_list import imagenet_transform, known_splits, load_image_list_split
 
+    reject_own_data_settings(cfg)
     spec = known_splits()[cfg.dataset]
     root = cfg.image_root or cfg.data_dir
     if root is None:
@@ -387,3 +450,32 @@ _in_memory("fashion_mnist", _fashion)
 _in_memory("cifar10", _cifar10)
 _in_memory("cifar100", _cifar100)
 _in_memory("synthetic", _synthetic)
+
+
+def _image_folder(cfg: DataConfig) -> Any:
+    """Own data in class folders (:mod:`gradtail.data.own_folders`)."""
+    from gradtail.data.own_data import build_own_data
+    from gradtail.data.own_folders import read_image_folders
+
+    return build_own_data(cfg, read_image_folders)
+
+
+def _image_csv(cfg: DataConfig) -> Any:
+    """Own data listed in CSV files (:mod:`gradtail.data.own_csv`)."""
+    from gradtail.data.own_csv import read_image_csv
+    from gradtail.data.own_data import build_own_data
+
+    return build_own_data(cfg, read_image_csv)
+
+
+def _npz(cfg: DataConfig) -> Any:
+    """Own data as arrays in an ``.npz`` file (:mod:`gradtail.data.own_npz`)."""
+    from gradtail.data.own_data import build_own_data
+    from gradtail.data.own_npz import read_npz
+
+    return build_own_data(cfg, read_npz)
+
+
+DATASETS.register("image_folder")(_image_folder)
+DATASETS.register("image_csv")(_image_csv)
+DATASETS.register("npz")(_npz)
