@@ -426,6 +426,17 @@ def test_resize_and_channels_come_from_the_data_or_the_settings(tmp_path):
     assert gray.stored_size == (1, 6, 6) and gray.preprocessing()["mode"] == "L"
 
 
+def test_without_check_files_a_bad_size_is_found_when_decoded(tmp_path):
+    root = write_tree(tmp_path / "p", {"train": balanced(3), "test": balanced(1)})
+    odd = root / "test" / "owl" / "000.png"
+    Image.new("L", (5, 5)).save(odd)
+    with pytest.raises(DataError, match="images differ in size") as e:
+        build_data(dcfg(dataset="image_folder", data_dir=str(root), check_files=False))
+    assert str(odd) in str(e.value) and str(root / "train" / "cat" / "000.png") in str(e.value)
+    fine = build_data(dcfg(dataset="image_folder", data_dir=str(root), check_files=False, resize=8))
+    assert fine.stored_size == (1, 8, 8)
+
+
 def test_memory_and_files_paths_give_the_same_batches(tmp_path):
     from gradtail.data.samplers import create_sampler
 
