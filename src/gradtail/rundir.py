@@ -75,6 +75,7 @@ RESUME_SAFE_KEYS = frozenset(
         "data.list_dir",
         "data.download",
         "data.num_workers",
+        "data.memory_budget_mb",  # where own-data images are held (memory or files), not the batches
         "data.check_files",
     }
 )
