@@ -79,47 +79,29 @@ def _synthetic(train: bool, cfg: DataConfig) -> ImageArrays:
     return make_synthetic(train=train, **opts)
 
 
-@dataclass
-class DataBundle:
-    """In-memory data of a run: uint8 arrays of the long-tailed training subset, validation and test."""
+class DeviceAugmentedData:
+    """What every bundle augmented on the device shares (:class:`DataBundle`, and own data kept in its
+    files): counts and hash from the split, the batch augmentation built once from ``augment_cfg``, the
+    test-time preprocessing. Subclasses are dataclasses with the fields annotated here."""
 
-    train: ImageArrays
-    val: ImageArrays | None
-    test: ImageArrays
     split: LongTailSplit
+    val: Any
+    test: Any
     mean: list[float]
     std: list[float]
-    augment_cfg: Any = None
-    stored_size: tuple[int, int, int] = (1, 28, 28)  # (C, H, W) of the images as loaded, before padding
-    pad_to: int | None = None
-    resize_to_size: bool = False  # own data: images of another size are resized (data.resize)
-    # what subset.json records besides counts and hash (own data: where the data came from, its splits)
-    source: dict[str, Any] = field(default_factory=dict)
-    _augment: BatchAugment | None = field(default=None, repr=False)
+    augment_cfg: Any
+    stored_size: tuple[int, int, int]
+    pad_to: int | None
+    resize_to_size: bool
+    _augment: BatchAugment | None
 
     @property
     def class_counts(self) -> list[int]:
         return list(self.split.counts)
 
     @property
-    def num_classes(self) -> int:
-        return self.train.num_classes
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.train.images.shape[1])
-
-    @property
     def sha256(self) -> str:
         return self.split.sha256
-
-    @property
-    def train_labels(self) -> torch.Tensor:
-        return self.train.labels
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.train.class_names)
 
     def preprocessing(self) -> dict[str, Any]:
         """The test-time input pipeline (:meth:`gradtail.contracts.RunData.preprocessing`)."""
@@ -139,6 +121,41 @@ class DataBundle:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Stored uint8 images -> model input without augmentation (GBG's grouping pass)."""
         return self.augment.normalize(x)
+
+
+@dataclass
+class DataBundle(DeviceAugmentedData):
+    """In-memory data of a run: uint8 arrays of the long-tailed training subset, validation and test."""
+
+    train: ImageArrays
+    val: ImageArrays | None
+    test: ImageArrays
+    split: LongTailSplit
+    mean: list[float]
+    std: list[float]
+    augment_cfg: Any = None
+    stored_size: tuple[int, int, int] = (1, 28, 28)  # (C, H, W) of the images as loaded, before padding
+    pad_to: int | None = None
+    resize_to_size: bool = False  # own data: images of another size are resized (data.resize)
+    # what subset.json records besides counts and hash (own data: where the data came from, its splits)
+    source: dict[str, Any] = field(default_factory=dict)
+    _augment: BatchAugment | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.train.labels
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.train.class_names)
 
     def view_augment(self) -> tuple[Any, int]:
         """(view transform, views per image) for contrastive terms; (None, 0) when ``augment.views`` is 0."""

@@ -88,9 +88,8 @@ from gradtail.config import DataConfig, RunConfig
 from gradtail.data.base import ImageArrays
 from gradtail.data.builder import (
     DataBundle,
-    build_batch_augment,
+    DeviceAugmentedData,
     build_view_augment,
-    in_memory_preprocessing,
     pad_images,
 )
 from gradtail.data.loader import BatchAugment, epoch_seed
@@ -653,7 +652,7 @@ class FileBatchLoader:
 
 
 @dataclass
-class ImageFilesBundle:
+class ImageFilesBundle(DeviceAugmentedData):
     """Own data that stays in its image files (larger than ``data.memory_budget_mb``): the
     :class:`gradtail.contracts.RunData` of a run, decoded by ``num_workers`` processes per loader,
     augmented and normalised on the device like a :class:`~gradtail.data.builder.DataBundle`."""
@@ -676,10 +675,6 @@ class ImageFilesBundle:
     _eval: dict[str, FileBatchLoader] = field(default_factory=dict, repr=False)
 
     @property
-    def class_counts(self) -> list[int]:
-        return list(self.split.counts)
-
-    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
@@ -688,31 +683,8 @@ class ImageFilesBundle:
         return int(self.stored_size[0])
 
     @property
-    def sha256(self) -> str:
-        return self.split.sha256
-
-    @property
     def train_labels(self) -> torch.Tensor:
         return torch.as_tensor(self.train.labels, dtype=torch.long)
-
-    def preprocessing(self) -> dict[str, Any]:
-        """The test-time input pipeline (:meth:`gradtail.contracts.RunData.preprocessing`)."""
-        return in_memory_preprocessing(
-            self.stored_size, self.resize_to_size, self.pad_to, self.mean, self.std
-        )
-
-    def has_split(self, split: str) -> bool:
-        return (self.val if split == "val" else self.test) is not None
-
-    @property
-    def augment(self) -> BatchAugment:
-        if self._augment is None:
-            self._augment = build_batch_augment(self.augment_cfg, self.mean, self.std)
-        return self._augment
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Stored uint8 images -> model input without augmentation."""
-        return self.augment.normalize(x)
 
     def train_loader(
         self, cfg: RunConfig, sampler: object, device: torch.device, rank: int, world: int
