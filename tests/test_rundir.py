@@ -57,14 +57,22 @@ def _epochs(run: Path) -> list[int]:
 
 
 # ------------------------------------------------------------------ fault 1: an existing run
-def test_train_refuses_a_directory_holding_a_run(tmp_path, capsys):
+def test_train_refuses_a_directory_holding_a_run(tmp_path, capsys, monkeypatch):
     cfg, run = _config(tmp_path), tmp_path / "run"
     assert main(["train", str(cfg), "--output", str(run)]) == 0
     final = (run / "final.json").read_text()
     last = (run / "checkpoints" / "last.pt").read_bytes()
     capsys.readouterr()
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the refusal must come before the data is loaded")
+
+    monkeypatch.setattr("gradtail.engine.trainer.build_data", no_data)
     assert main(["train", str(cfg), "--output", str(run)]) == 2
-    err = _one_line_error(capsys)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no run header printed either
+    err = captured.err.strip()
+    assert err.startswith("gradtail: error: ") and "\n" not in err
     assert "already holds a finished run (2 epochs)" in err and "--resume" in err and "--overwrite" in err
     # nothing was touched
     assert _epochs(run) == [1, 2]

@@ -336,11 +336,8 @@ class RunDirectory:
         """
         if mode not in ("new", "resume", "overwrite"):
             raise ValueError(f"unknown start mode {mode!r}")
-        if mode == "new" and self.holds_run():
-            raise OutputError(
-                f"{self.path} already holds {self.describe()}; continue it with --resume, replace it "
-                "with --overwrite, or choose another --output"
-            )
+        if mode == "new":
+            self.refuse_existing_run()
         if mode == "overwrite" and self.writer:
             self.clear()
         self.ensure_writable()
@@ -357,6 +354,15 @@ class RunDirectory:
             probe.unlink()
         except OSError as e:
             raise OutputError(f"cannot write into output directory {self.path}: {_reason(e)}") from None
+
+    def refuse_existing_run(self) -> None:
+        """The ``new`` rule alone: an :class:`OutputError` when the directory already holds a run (the CLI
+        checks it before loading any data)."""
+        if self.holds_run():
+            raise OutputError(
+                f"{self.path} already holds {self.describe()}; continue it with --resume, replace it "
+                "with --overwrite, or choose another --output"
+            )
 
     def clear(self) -> None:
         """Remove the run's files (the layout's, nothing else in the directory)."""

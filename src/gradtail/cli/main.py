@@ -33,7 +33,7 @@ def _train(args: argparse.Namespace) -> int:
     from gradtail.distributed import is_main_process, world_size
     from gradtail.engine.trainer import Trainer
     from gradtail.report import format_table, run_rows
-    from gradtail.rundir import FINAL
+    from gradtail.rundir import FINAL, RunDirectory
 
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
@@ -44,6 +44,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.no_progress:
         overrides.append("train.progress=false")
     cfg = load_config(args.config, overrides)
+    if not (args.resume or args.overwrite):
+        RunDirectory(cfg.output_path()).refuse_existing_run()  # before the data is loaded
     trainer = Trainer(cfg, verbose=is_main_process())
     say = print if is_main_process() else (lambda *a, **k: None)
     counts = trainer.data.class_counts
