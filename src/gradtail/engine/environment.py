@@ -62,14 +62,14 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
         ok = torch.cuda.is_bf16_supported()
         return ok, "CUDA device with bf16" if ok else "CUDA device without native bf16"
     if device.type == "cpu":
-        features = [
-            name
-            for name, check in (
+        try:  # private helpers of torch.cpu (PyTorch >= 2.3); older builds report no native bf16
+            checks = (
                 ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported),
                 ("AMX", torch.cpu._is_amx_tile_supported),
             )
-            if check()
-        ]
+        except AttributeError:
+            checks = ()
+        features = [name for name, check in checks if check()]
         if features:
             return True, f"CPU with {' and '.join(features)}"
         return False, "CPU without AVX512-BF16 or AMX"
