@@ -921,9 +921,10 @@ def build_own_data(cfg: DataConfig, read: Callable[[DataConfig], OwnSource]) -> 
             "val_from": val_from,
         },
     }
+    splits = {"train": train, "test": test} | ({"val": val} if val is not None else {})
     if train.images is not None:
-        return _arrays_bundle(cfg, source, train, val, test, split, info)
-    return _files_bundle(cfg, source, train, val, test, split, info)
+        return _arrays_bundle(cfg, source, splits, split, info)
+    return _files_bundle(cfg, source, splits, split, info)
 
 
 def _normalisation(
@@ -980,13 +981,12 @@ def _memory_bundle(
 def _arrays_bundle(
     cfg: DataConfig,
     source: OwnSource,
-    train: SplitSource,
-    val: SplitSource | None,
-    test: SplitSource,
+    splits: dict[str, SplitSource],
     split: LongTailSplit,
     info: dict[str, Any],
 ) -> DataBundle:
-    splits = {"train": train, "test": test} | ({"val": val} if val is not None else {})
+    """The bundle of array data (npz): held in memory. ``splits``: train, test and optionally val."""
+    train = splits["train"]
     first = {s: v.images for s, v in splits.items() if v.images is not None}
     target = _resize_hw(cfg.resize)
     if target is None:
@@ -1011,13 +1011,13 @@ def _arrays_bundle(
 def _files_bundle(
     cfg: DataConfig,
     source: OwnSource,
-    train: SplitSource,
-    val: SplitSource | None,
-    test: SplitSource,
+    splits: dict[str, SplitSource],
     split: LongTailSplit,
     info: dict[str, Any],
 ) -> DataBundle | ImageFilesBundle:
-    splits = {"train": train, "test": test} | ({"val": val} if val is not None else {})
+    """The bundle of image files: decoded into memory within ``data.memory_budget_mb``, else kept in the
+    files and decoded by workers. ``splits``: train, test and optionally val."""
+    train = splits["train"]
     every = [source.train] + [s for s in (source.val, source.test) if s is not None]
     plan = _plan_images(every, cfg)
     channels = 1 if plan.mode == "L" else 3
