@@ -400,8 +400,9 @@ def test_background_row_is_the_formula_with_an_all_zero_target(case: str) -> Non
     (grad,) = torch.autograd.grad(value, z)
     assert value.item() == pytest.approx(f(z_np), rel=1e-12)
     np.testing.assert_allclose(grad.numpy(), fd_grad(f, z_np), rtol=1e-6, atol=1e-8)
-    # statistics: a background row adds negatives only; the objectness channel is not tracked
-    a = grad[:, :C].abs().numpy()
+    # statistics: a background row adds negatives only; the objectness channel is not tracked; EQLv2's
+    # official accumulation adds |dL/dz| without the loss's 1/n (eql.md §9), i.e. n times the gradient
+    a = grad[:, :C].abs().numpy() * (len(y) if name == "sigmoid_eql" else 1)
     tc = t[:, :C]
     np.testing.assert_allclose(loss.stats.pos.numpy() - pos, (a * tc).sum(0), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(loss.stats.neg.numpy() - neg, (a * (1 - tc)).sum(0), rtol=1e-10, atol=1e-14)
@@ -500,6 +501,8 @@ def test_an_empty_batch_on_one_rank_neither_deadlocks_nor_splits_the_statistics(
         assert torch.equal(ranks[0][key], ranks[1][key]), key  # identical statistics on every rank
         if key.endswith(("steps", "cum_samples")):
             assert torch.equal(ranks[0][key], value), key  # one counted step; the labels of rank 1
+        elif key.startswith("sigmoid_eql."):  # official EQLv2 sums (eql.md §9): no world-size factor
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-12, atol=1e-15, msg=key)
         else:  # gradients of the rank-averaged loss: the single-process statistics / world size
             torch.testing.assert_close(2 * ranks[0][key], value, rtol=1e-12, atol=1e-15, msg=key)
     assert int(single["efl.stats.steps"]) == 1 and int(single["gala.stats.steps"]) == 1

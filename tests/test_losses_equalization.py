@@ -231,6 +231,7 @@ SEG = {"ignore_index": -100}
 CASES = {
     "sigmoid_eql": ("sigmoid_eql", BG, C, det_labels, _sig_targets),
     "sigmoid_eql_obj": ("sigmoid_eql", {"objectness": True, **BG}, C + 1, det_labels, _sig_targets),
+    "sigmoid_eql_exact": ("sigmoid_eql", {"accumulation": "exact", **BG}, C, det_labels, _sig_targets),
     "efl": ("efl", DET, C, efl_labels, _efl_targets),
     "efl_no_alpha": ("efl", {"alpha": None, **DET}, C, efl_labels, _efl_targets),
     "eqfl": ("eqfl", DET, C, efl_labels, _efl_targets),
@@ -238,6 +239,11 @@ CASES = {
     "softmax_eql_neg": ("softmax_eql", {"indicator": "neg", "tau": 0.7, **SEG}, C, sm_labels, _sm_targets),
     "softmax_eql_both": ("softmax_eql", {"indicator": "pos_and_neg", **SEG}, C, sm_labels, _sm_targets),
 }
+
+
+def official_factor(loss: Any, n_valid: int) -> int:
+    """Statistics / |dL/dz|: n for EQLv2's official accumulation (no 1/n, eql.md §9), else 1."""
+    return max(n_valid, 1) if isinstance(loss, SigmoidEQL) and loss.accumulation == "official" else 1
 
 
 def make(case: str) -> Any:
@@ -354,6 +360,7 @@ def test_closed_form_statistics_equal_autograd_gradients(case: str, dtype: torch
     z = batch(8, channels, seed=20, dtype=dtype).requires_grad_()
     y = make_labels(8, 20)
     (grad,) = torch.autograd.grad(call(loss, z, y, seed=3), z)
+    grad = grad * official_factor(loss, z.shape[0])
     pos, neg = sums_from_grad(grad[:, :C], target_matrix(y))
     rtol = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(loss.stats.pos - before["pos"], pos, rtol=rtol, atol=1e-12)
@@ -392,7 +399,7 @@ def test_closed_form_equals_autograd_property(n: int, c: int, seed: int, name: s
     value = loss(z, y)
     assert torch.isfinite(value)
     (grad,) = torch.autograd.grad(value, z)
-    pos, neg = sums_from_grad(grad, F.one_hot(y, c))
+    pos, neg = sums_from_grad(grad * official_factor(loss, n), F.one_hot(y, c))
     torch.testing.assert_close(loss.stats.pos - before["pos"], pos, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(loss.stats.neg - before["neg"], neg, rtol=1e-9, atol=1e-12)
 
@@ -662,3 +669,146 @@ def test_two_processes_with_half_batches_accumulate_the_single_process_statistic
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-13, atol=1e-16, msg=key)
     assert int(single["softmax_eql.steps"]) == STEPS_DIST
     assert all(float(single[f"{k}.pos"].sum()) > 0 for k in ("softmax_eql", "sigmoid_eql", "efl", "eqfl"))
+
+
+# ------------------------------------------------------------------ §9: official accumulation, n varying
+VARYING_N = [8, 200, 17, 120, 8, 64, 200, 33, 8, 150]
+
+
+def _varying_batches(channels: int, background: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Detection-like steps: n from 8 to 200, about 3/4 background (label ``background``)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in VARYING_N:
+        z = 2.0 * rng.standard_normal((n, channels))
+        y = np.where(rng.random(n) < 0.75, background, rng.integers(0, C, n))
+        out.append((z, y))
+    return out
+
+
+def np_official_eqlv2(
+    batches: list[tuple[np.ndarray, np.ndarray]], objectness: bool
+) -> tuple[list[float], np.ndarray, np.ndarray]:
+    """The released EQLv2 code's accumulation, per element in loops (eql.md §2, §9): the loss is
+    sum w BCE / n, the statistics add |sigmoid(z) - T| w over the step's samples without the 1/n."""
+    pos, neg, steps, values = np.zeros(C), np.zeros(C), 0, []
+    for z, y in batches:
+        g = pos / (neg + 1e-10) if steps else np.full(C, 100.0)
+        r = [1 / (1 + np.exp(-12.0 * (gj - 0.8))) for gj in g]
+        q = [1 + 4.0 * (1 - rj) for rj in r]
+        if objectness:
+            r, q = [*r, 1.0], [*q, 1.0]
+        total = 0.0
+        add_pos, add_neg = np.zeros(C), np.zeros(C)
+        for i in range(z.shape[0]):
+            for j in range(z.shape[1]):
+                hot = (j == y[i] and y[i] < C) or (objectness and j == C and y[i] == C)
+                t = 1.0 if hot else 0.0
+                w = q[j] if hot else r[j]
+                total += w * float(np_bce(np.array(z[i, j]), np.array(t)))
+                if j < C:  # the objectness channel is never counted
+                    p = 1 / (1 + np.exp(-z[i, j]))
+                    if hot:
+                        add_pos[j] += abs(p - t) * w
+                    else:
+                        add_neg[j] += abs(p - t) * w
+        values.append(total / z.shape[0])
+        pos, neg, steps = pos + add_pos, neg + add_neg, steps + 1
+    return values, pos, neg
+
+
+@pytest.mark.parametrize("objectness", [False, True])
+def test_sigmoid_eql_official_accumulation_with_varying_batch_sizes(objectness: bool) -> None:
+    channels = C + int(objectness)
+    batches = _varying_batches(channels, C, seed=4)
+    values, ref_pos, ref_neg = np_official_eqlv2(batches, objectness)
+    loss = SigmoidEQL(C, objectness=objectness, background_label=True)  # accumulation="official" default
+    exact = SigmoidEQL(C, objectness=objectness, background_label=True, accumulation="exact")
+    got, got_exact = [], []
+    for z, y in batches:
+        got.append(loss(torch.from_numpy(z), torch.from_numpy(y)).item())
+        got_exact.append(exact(torch.from_numpy(z), torch.from_numpy(y)).item())
+    np.testing.assert_allclose(got, values, rtol=1e-10)
+    np.testing.assert_allclose(loss.stats.pos.numpy(), ref_pos, rtol=1e-10)
+    np.testing.assert_allclose(loss.stats.neg.numpy(), ref_neg, rtol=1e-10)
+    assert int(loss.stats.steps) == len(VARYING_N)
+    # the exact-gradient accumulation (1/n per step) gives other ratios and other losses when n varies
+    rel = (exact.ratio() - loss.ratio()).abs() / loss.ratio()
+    assert float(rel.max()) > 0.05
+    assert got_exact[0] == got[0] and got_exact[1:] != pytest.approx(got[1:], rel=1e-6)
+
+
+def test_sigmoid_eql_accumulations_agree_when_n_is_constant() -> None:
+    """A factor that is the same at every step (1/n with n fixed) leaves ratios and losses unchanged."""
+    official = SigmoidEQL(C, background_label=True)
+    exact = SigmoidEQL(C, background_label=True, accumulation="exact")
+    for step in range(6):
+        z, y = batch(32, C, seed=50 + step), det_labels(32, 50 + step)
+        assert official(z, y).item() == pytest.approx(exact(z, y).item(), rel=1e-9)
+    torch.testing.assert_close(official.ratio(), exact.ratio(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(official.stats.pos, 32 * exact.stats.pos, rtol=1e-8, atol=0)
+    with pytest.raises(ConfigError, match="accumulation"):
+        SigmoidEQL(C, accumulation="mean")  # type: ignore[arg-type]
+
+
+def np_official_efl(
+    batches: list[tuple[np.ndarray, np.ndarray]], normalizers: list[float | None]
+) -> tuple[list[float], np.ndarray, np.ndarray]:
+    """The released EFL code's accumulation in loops (eql.md §3, §9): statistics are |dl/dz| of the loss
+    including its normaliser (#positives at least 1, or the one given); ignored samples (-1) excluded."""
+    gamma_b, s, alpha = 2.0, 8.0, 0.25
+    pos, neg, steps, values = np.zeros(C), np.zeros(C), 0, []
+    for (z, y), given_norm in zip(batches, normalizers, strict=True):
+        g = np.clip(pos / (neg + 1e-10), 0, 1) if steps else np.ones(C)
+        gam = gamma_b + s * (1 - g)
+        num_pos = sum(1 for v in y if 0 <= v < C)
+        norm = max(num_pos, 1) if given_norm is None else given_norm
+        total = 0.0
+        add_pos, add_neg = np.zeros(C), np.zeros(C)
+        for i in range(z.shape[0]):
+            if y[i] == -1:
+                continue
+            for j in range(C):
+                p = 1 / (1 + np.exp(-z[i, j]))
+                hot = j == y[i]
+                pt = p if hot else 1 - p
+                at = alpha if hot else 1 - alpha
+                om = gam[j] / gamma_b
+                total += -at * om * (1 - pt) ** gam[j] * np.log(pt)
+                d = at * om * (1 - pt) ** gam[j] * ((1 - pt) - gam[j] * pt * np.log(pt)) / norm
+                if hot:
+                    add_pos[j] += d
+                else:
+                    add_neg[j] += d
+        values.append(total / norm)
+        pos, neg, steps = pos + add_pos, neg + add_neg, steps + 1
+    return values, pos, neg
+
+
+@pytest.mark.parametrize("with_normalizer", [False, True])
+def test_efl_official_accumulation_with_varying_batch_sizes(with_normalizer: bool) -> None:
+    batches = _varying_batches(C, C, seed=9)
+    for k, (_, y) in enumerate(batches):  # a few ignored anchors in every step
+        y[k % 3 :: 7] = -1
+    normalizers: list[float | None] = [(3.5 + k if with_normalizer else None) for k in range(len(batches))]
+    values, ref_pos, ref_neg = np_official_efl(batches, normalizers)
+    loss = EqualizedFocalLoss(C, background_label=True, ignore_index=-1)
+    got = []
+    for (z, y), norm in zip(batches, normalizers, strict=True):
+        got.append(loss(torch.from_numpy(z), torch.from_numpy(y), normalizer=norm).item())
+    np.testing.assert_allclose(got, values, rtol=1e-10)
+    np.testing.assert_allclose(loss.stats.pos.numpy(), ref_pos, rtol=1e-10)
+    np.testing.assert_allclose(loss.stats.neg.numpy(), ref_neg, rtol=1e-10)
+    with pytest.raises(InputError, match="normalizer must be > 0"):
+        loss(torch.zeros(2, C), torch.tensor([0, C]), normalizer=0.0)
+
+
+def test_eqfl_normalizer_replaces_the_positive_count() -> None:
+    z, y = batch(12, C, seed=3), efl_labels(12, 3)
+    q = torch.rand(12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    a, b = EqualizedQualityFocalLoss(C, **DET), EqualizedQualityFocalLoss(C, **DET)
+    num_pos = int(((y >= 0) & (y < C)).sum())
+    value_a = a(z, y, q)
+    value_b = b(z, y, q, normalizer=2.0 * num_pos)
+    assert value_b.item() == pytest.approx(value_a.item() / 2.0, rel=1e-12)
+    torch.testing.assert_close(b.stats.pos, a.stats.pos / 2.0, rtol=1e-12, atol=0)

@@ -13,10 +13,20 @@ docs/methods/eql.md §1:
 5. Precision: the loss and its closed-form gradient are computed in float32 (float64 for float64
    logits) from the logits, whatever autocast produced; sums are float64. bf16/fp16 autocast therefore
    gives the same statistics as fp32 on the same logits, and no gradient scaler is involved.
-6. The collected gradient is the exact |dL/dz| of the value returned by ``forward`` (1/n normalizers
-   included), divided by the world size under DDP (see :mod:`gradtail.gradstats`): a run on W ranks with
-   B/W samples each accumulates what one process with B samples accumulates. Ratios g_j are unaffected
-   by this scale (the released EQLv2 code omits the 1/n; only the absolute P, N differ).
+6. What is accumulated follows each loss's official code (docs/methods/eql.md §9), because in detection
+   the number of samples n (and of positives) changes from step to step, and a per-step factor 1/n then
+   changes the ratios g_j (by up to ~100% with n between 8 and 200), not only the absolute P, N:
+
+   - ``sigmoid_eql`` (EQLv2): by default (``accumulation="official"``) the released code's
+     |sigmoid(z_ij) - T_ij| w_ij summed over the step's samples, *without* the 1/n of the loss and
+     without any world-size factor (SUM over ranks = one process with the whole batch).
+     ``accumulation="exact"`` instead adds the exact |dL/dz| of the returned value (1/n included,
+     divided by the world size), which is what the other losses do.
+   - ``efl`` / ``eqfl``: |dl/dz| of the loss *including* its normaliser (the number of positives, or the
+     ``normalizer`` passed to ``forward``), divided by the world size (see :mod:`gradtail.gradstats`).
+   - ``softmax_eql``: the exact |dL/dz| of the mean over samples, divided by the world size.
+
+   Only a factor that is the same at every step leaves the ratios unchanged (rule 6 of §1).
 
 Empty batches, when statistics change (and the eval-mode warning), label options (``background_label``,
 ``ignore_index``) and normalisers follow the conventions E, S, L, N of :mod:`gradtail.losses.base`
@@ -28,7 +38,7 @@ loss several times per optimizer step must freeze the extra passes. Buffers foll
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +54,7 @@ from gradtail.losses.base import (
     empty_batch_loss,
     label_options_hint,
 )
+from gradtail.search_space import Choice, FloatRange, SearchSpace
 
 Indicator = Literal["pos", "neg", "pos_and_neg"]
 ClassCounts = Sequence[int] | torch.Tensor | None
@@ -128,12 +139,19 @@ class SigmoidEQL(_EqualizationLoss):
             extra channel 1), negatives only (convention L of :mod:`gradtail.losses.base`).
         ignore_index: label whose samples are left out of the loss, the normaliser n and the statistics
             (convention L); ``None`` (default): no ignore label.
+        accumulation: ``"official"`` (default): the released EQLv2 code's statistics, the sum over the
+            step's samples of |sigmoid(z_ij) - T_ij| w_ij *without* the loss's 1/n (docs/methods/eql.md
+            §9) and without a world-size factor (the SUM all-reduce makes W ranks equal one process with
+            the whole batch). ``"exact"``: the exact |dL/dz| of the returned value, i.e. the same divided
+            by n and by the world size. The two give the same ratios g_j only while n is the same at every
+            step; with n varying from step to step (detection) they differ.
 
     Targets: (n,) class indices in [0, C) (plus the options above), or, without ``objectness``, an
     (n, C) {0, 1} multi-label matrix (a row of zeros is a background sample). n is the number of
-    non-ignored samples, at least 1. Statistics: |sigmoid(z_ij) - T_ij| w_ij / n per class over
-    positives and negatives. Empty batches, the statistics rule and the options follow the conventions
-    of :mod:`gradtail.losses.base` (``docs/losses.md``).
+    non-ignored samples, at least 1; the loss value is the official sum / n in both accumulations.
+    Statistics per class over positives and negatives, the objectness channel excluded. Empty batches,
+    the statistics rule and the options follow the conventions of :mod:`gradtail.losses.base`
+    (``docs/losses.md``).
 
     Example:
         >>> import torch
@@ -148,6 +166,12 @@ class SigmoidEQL(_EqualizationLoss):
         (1, torch.Size([3]))
     """
 
+    search_space: ClassVar[SearchSpace] = {
+        "alpha": FloatRange(1.0, 10.0),
+        "gamma": FloatRange(4.0, 20.0),
+        "mu": FloatRange(0.5, 0.95),
+    }
+
     def __init__(
         self,
         num_classes: int,
@@ -159,8 +183,14 @@ class SigmoidEQL(_EqualizationLoss):
         objectness: bool = False,
         background_label: bool = False,
         ignore_index: int | None = None,
+        accumulation: Literal["official", "exact"] = "official",
     ) -> None:
         super().__init__(num_classes)
+        if accumulation not in ("official", "exact"):
+            raise ConfigError(
+                f"sigmoid_eql: accumulation must be 'official' or 'exact', got {accumulation!r}"
+            )
+        self.accumulation = accumulation
         self.alpha = float(alpha)
         self.gamma = float(gamma)
         self.mu = float(mu)
@@ -260,11 +290,12 @@ class SigmoidEQL(_EqualizationLoss):
         loss = elem.sum() / (n if isinstance(n, int) else n.to(dtype))
         if collect:
             with torch.no_grad():
-                grad = (torch.sigmoid(z.detach()) - t).abs() * w  # |dL/dz| * n
+                grad = (torch.sigmoid(z.detach()) - t).abs() * w  # |sigmoid(z) - T| w = |dL/dz| * n (§2)
                 if valid is not None:
                     grad = torch.where(valid, grad, torch.zeros((), dtype=dtype, device=z.device))
                 c = self.num_classes
-                scale = 1.0 / (n * world_size())
+                # official (§9): summed without 1/n and without a world-size factor; exact: |dL/dz| / W
+                scale = 1.0 if self.accumulation == "official" else 1.0 / (n * world_size())
                 self.stats.update_from_elementwise_grad(grad[:, :c], t[:, :c], scale=scale, count=count)
         if z.numel() == 0:
             return empty_batch_loss(z)  # convention E (the statistics update above still ran)
@@ -274,7 +305,8 @@ class SigmoidEQL(_EqualizationLoss):
         return (
             f"num_classes={self.num_classes}, alpha={self.alpha}, gamma={self.gamma}, mu={self.mu}, "
             f"init_ratio={self.init_ratio}, objectness={self.objectness}, "
-            f"background_label={self.background_label}, ignore_index={self.ignore_index}"
+            f"background_label={self.background_label}, ignore_index={self.ignore_index}, "
+            f"accumulation={self.accumulation!r}"
         )
 
 
@@ -339,6 +371,23 @@ class _FocalEqualization(_EqualizationLoss):
         num_pos = (valid.view(-1) & (y < self.num_classes)).sum().clamp(min=1).to(logits.dtype)
         return t, valid, num_pos
 
+    @staticmethod
+    def _normalizer(
+        num_pos: torch.Tensor, normalizer: float | torch.Tensor | None, name: str
+    ) -> torch.Tensor:
+        """The loss's denominator: the step's positive count (at least 1), or the caller's ``normalizer``
+        (e.g. a detector's positive count averaged over ranks, as the official one-stage codes do, §9)."""
+        if normalizer is None:
+            return num_pos
+        norm = torch.as_tensor(normalizer, dtype=num_pos.dtype, device=num_pos.device).detach()
+        if norm.dim() != 0:
+            raise InputError(
+                f"{name}: normalizer must be a number or a 0-dim tensor, got shape {tuple(norm.shape)}"
+            )
+        if norm.device.type == "cpu" and not bool(norm > 0):
+            raise InputError(f"{name}: normalizer must be > 0, got {float(norm)}")
+        return norm
+
     def _collect(
         self, grad: torch.Tensor, t: torch.Tensor, valid: torch.Tensor, num_pos: torch.Tensor
     ) -> None:
@@ -388,6 +437,12 @@ class EqualizedFocalLoss(_FocalEqualization):
         1
     """
 
+    search_space: ClassVar[SearchSpace] = {
+        "gamma_b": FloatRange(0.5, 4.0),
+        "s": FloatRange(1.0, 16.0),
+        "alpha": FloatRange(0.1, 0.9),
+    }
+
     def __init__(
         self,
         num_classes: int,
@@ -401,12 +456,19 @@ class EqualizedFocalLoss(_FocalEqualization):
         super().__init__(num_classes, gamma_b, s, background_label, ignore_index, "efl")
         self.alpha = None if alpha is None or alpha < 0 else float(alpha)
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Sum over valid elements of alpha_t omega_j (1 - p_t)^gamma_j BCE(z, T), over #pos (§3)."""
+    def forward(
+        self, logits: torch.Tensor, targets: torch.Tensor, normalizer: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sum over valid elements of alpha_t omega_j (1 - p_t)^gamma_j BCE(z, T), over #pos (§3).
+
+        ``normalizer`` (optional, > 0) replaces #pos in the loss and in the statistics (§9: the statistics
+        include the loss's normaliser), e.g. the positives of the whole batch averaged over ranks.
+        """
         _check_2d_logits(logits, self.num_classes, "efl")
         collect = self._prepare(logits)
         z = logits.to(_work_dtype(logits))
         t, valid, num_pos = self._targets(z, targets, "efl")
+        num_pos = self._normalizer(num_pos, normalizer, "efl")
         gamma, omega = (v.to(z.dtype) for v in self.focusing())  # constants: statistics through t-1
         p = torch.sigmoid(z)
         ce = F.binary_cross_entropy_with_logits(z, t, reduction="none")  # -log(p_t)
@@ -470,6 +532,8 @@ class EqualizedQualityFocalLoss(_FocalEqualization):
         0.4517
     """
 
+    search_space: ClassVar[SearchSpace] = {"gamma_b": FloatRange(0.5, 4.0), "s": FloatRange(1.0, 16.0)}
+
     def __init__(
         self,
         num_classes: int,
@@ -482,13 +546,19 @@ class EqualizedQualityFocalLoss(_FocalEqualization):
         super().__init__(num_classes, gamma_b, s, background_label, ignore_index, "eqfl")
 
     def forward(
-        self, logits: torch.Tensor, targets: torch.Tensor, quality: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        quality: torch.Tensor | None = None,
+        normalizer: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sum over valid elements of omega_j BCE(z, Q) |Q - p|^gamma_j, divided by #pos (§3)."""
+        """Sum over valid elements of omega_j BCE(z, Q) |Q - p|^gamma_j, divided by #pos (§3), or by
+        ``normalizer`` when given (as in :meth:`EqualizedFocalLoss.forward`)."""
         _check_2d_logits(logits, self.num_classes, "eqfl")
         collect = self._prepare(logits)
         z = logits.to(_work_dtype(logits))
         t, valid, num_pos = self._targets(z, targets, "eqfl")
+        num_pos = self._normalizer(num_pos, normalizer, "eqfl")
         if quality is None:
             soft = t
         else:
@@ -558,6 +628,11 @@ class SoftmaxEQL(_EqualizationLoss):
         >>> round(seg(torch.zeros(1, 3, 2, 2), labels).item(), 4)  # log 3 over the 3 counted pixels
         1.0986
     """
+
+    search_space: ClassVar[SearchSpace] = {
+        "tau": FloatRange(0.25, 2.5),
+        "indicator": Choice(("pos", "neg", "pos_and_neg")),
+    }
 
     def __init__(
         self,
