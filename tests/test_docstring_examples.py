@@ -38,6 +38,7 @@ DOCUMENTED = (
     "gradtail.data.own_data.stratified_holdout",
     "gradtail.data.own_folders.read_image_folders",
     "gradtail.data.own_npz.read_npz",
+    "gradtail.data.samplers.RepeatFactorSampler",
     "gradtail.data.samplers.create_sampler",
     "gradtail.diagnostics.GradientRatioObserver",
     "gradtail.gradstats.GradientStatistics",

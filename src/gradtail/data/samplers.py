@@ -259,3 +259,98 @@ def create_sampler(
     except TypeError as e:
         raise ConfigError(f"sampler {name!r}: {e}") from None
     return factory(labels, num_classes, seed=seed, **kwargs)
+
+
+class RepeatFactorSampler:
+    """Repeat-factor sampling for detection (LVIS; docs/methods/eql.md §9, "Repeat-factor sampling").
+
+    With f(c) the fraction of training images that contain category c (empty images count in the
+    denominator), r(c) = max(1, sqrt(t / f(c))) and an image's factor r(I) = max over its categories
+    (1 for an image without categories). Each epoch image I appears floor(r(I)) times, plus once more with
+    probability r(I) - floor(r(I)) (stochastic rounding, redrawn every epoch); the repeated list is then
+    shuffled. Both draws use a private generator seeded by :func:`sampler_seed` ``(seed, epoch)``, so the
+    order is a pure function of ``(seed, epoch)``: every rank builds the same global order without
+    communication and takes ``order[:k * world][rank::world]`` (as :class:`Sampler`; at most
+    ``world - 1`` draws dropped). The epoch length therefore changes from epoch to epoch.
+
+    Args:
+        image_categories: per image, the categories it contains (any iterable of ints; duplicates, e.g.
+            several boxes of one class, count once), or a flat sequence of one int per image.
+        threshold: t (0.001 in the LVIS recipes); must be > 0.
+        seed: the run's sampler seed.
+
+    Example:
+        >>> from gradtail.data.samplers import RepeatFactorSampler
+        >>> rfs = RepeatFactorSampler([[0], [0], [0], [0, 1]], threshold=1.0, seed=0)
+        >>> [round(r, 3) for r in rfs.repeat_factors().tolist()]  # f(0) = 1, f(1) = 1/4: r(1) = 2
+        [1.0, 1.0, 1.0, 2.0]
+        >>> sorted(rfs.global_order(epoch=0).tolist())  # integer factors: no randomness in the counts
+        [0, 1, 2, 3, 3]
+    """
+
+    name = "repeat_factor"
+
+    def __init__(
+        self,
+        image_categories: Sequence[Sequence[int]] | Sequence[int] | np.ndarray,
+        threshold: float = 0.001,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+            raise ConfigError(f"repeat-factor threshold t must be a number > 0, got {threshold!r}")
+        self.threshold = float(threshold)
+        self.seed = _check_int("seed", seed, 0)
+        cats: list[set[int]] = []
+        for i, entry in enumerate(image_categories):
+            items = [entry] if isinstance(entry, (int, np.integer)) else list(entry)
+            if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in items):
+                raise DataError(f"repeat-factor sampler: image {i} has non-integer categories {items!r}")
+            cats.append({int(c) for c in items})
+        if not cats:
+            raise DataError("repeat-factor sampler: no images")
+        self.image_categories = cats
+        self.num_images = len(cats)
+        counts: dict[int, int] = {}
+        for entry in cats:
+            for c in entry:
+                counts[c] = counts.get(c, 0) + 1
+        self.image_counts = counts  # category -> number of images that contain it
+
+    def category_factors(self) -> dict[int, float]:
+        """r(c) = max(1, sqrt(t / f(c))), f(c) = images containing c / all images."""
+        n = self.num_images
+        return {c: max(1.0, (self.threshold / (k / n)) ** 0.5) for c, k in sorted(self.image_counts.items())}
+
+    def repeat_factors(self) -> torch.Tensor:
+        """r(I) = max over the image's categories of r(c) (1 for an image without any), float64 (N,)."""
+        rc = self.category_factors()
+        return torch.tensor(
+            [max((rc[c] for c in entry), default=1.0) for entry in self.image_categories], dtype=torch.float64
+        )
+
+    def generator(self, epoch: int) -> torch.Generator:
+        """The private generator of ``epoch`` (seeded by :func:`sampler_seed`)."""
+        return torch.Generator().manual_seed(sampler_seed(self.seed, epoch))
+
+    def global_order(self, epoch: int) -> torch.Tensor:
+        """The epoch's repeated and shuffled image indices (int64, CPU), identical on every rank."""
+        epoch = _check_int("epoch", epoch, 0)
+        gen = self.generator(epoch)
+        r = self.repeat_factors()
+        base = torch.floor(r)
+        u = torch.rand(r.shape[0], generator=gen, dtype=torch.float64)
+        reps = (base + (u < r - base).to(torch.float64)).long()  # stochastic rounding
+        repeated = torch.repeat_interleave(torch.arange(r.shape[0]), reps)
+        return repeated[torch.randperm(repeated.numel(), generator=gen)]
+
+    def indices(self, epoch: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Rank ``rank``'s part of the epoch: ``order[:n][rank::world_size]``, ``n`` a multiple of world."""
+        world_size = _check_int("world_size", world_size, 1)
+        rank = _check_int("rank", rank, 0)
+        if rank >= world_size:
+            raise ConfigError(f"rank must be in [0, {world_size}), got {rank}")
+        order = self.global_order(epoch)
+        per_rank = order.numel() // world_size
+        if per_rank == 0:
+            raise ConfigError(f"epoch {epoch} has {order.numel()} draws, fewer than world_size={world_size}")
+        return order[: per_rank * world_size][rank::world_size].contiguous()
