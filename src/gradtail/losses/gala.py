@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from gradtail.errors import ConfigError
 from gradtail.gradstats import GradientStatistics
 from gradtail.losses import register_loss
 from gradtail.losses.base import LongTailLoss, check_logits_targets, empty_batch_loss
+from gradtail.search_space import FloatRange, SearchSpace
 
 Variant = Literal["paper", "code"]
 Accumulation = Literal["single", "double"]
@@ -98,6 +99,11 @@ class GALALoss(LongTailLoss):
         >>> int(loss.stats.steps)
         2
     """
+
+    search_space: ClassVar[SearchSpace] = {
+        "lambda1": FloatRange(0.1, 4.0, log=True),
+        "lambda2": FloatRange(0.1, 4.0, log=True),
+    }
 
     stateful = True
     theta2: torch.Tensor

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from gradtail.errors import ConfigError
 from gradtail.losses import register_loss
 from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half, validate_class_counts
+from gradtail.search_space import FloatRange, SearchSpace
 
 
 def ldam_margins(counts: torch.Tensor, max_margin: float) -> torch.Tensor:
@@ -42,6 +44,11 @@ class LDAMLoss(PerSampleLoss):
         >>> round(loss(cosines, torch.tensor([0, 2])).item(), 4)
         4.5001
     """
+
+    search_space: ClassVar[SearchSpace] = {
+        "max_margin": FloatRange(0.1, 1.0),
+        "scale": FloatRange(5.0, 50.0, log=True),
+    }
 
     required_head = "cosine"
     margins: torch.Tensor

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +50,17 @@ from gradtail.losses.base import (
     validate_class_counts,
 )
 from gradtail.losses.softmax import check_gamma, focal_terms
+from gradtail.search_space import Choice, EpochFraction, SearchSpace
 
 Counts = Sequence[int] | torch.Tensor | None
 
 CB_BASES = ("ce", "focal", "sigmoid")
 DRW_NORMALIZATIONS = ("weights", "batch")
 DRW_OPTIONS = ("drw_epoch", "drw_beta", "drw_normalize")
+# What ``gradtail tune`` searches when a method uses deferred re-weighting (``drw_epoch`` in its loss
+# parameters, or the ``drw`` loss): the epoch re-weighting starts, as a fraction of the schedule (LDAM-DRW
+# starts at 160 of 200 epochs, 0.8).
+DRW_SEARCH_SPACE: SearchSpace = {"drw_epoch": EpochFraction(0.5, 0.9)}
 
 
 def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
@@ -104,6 +109,8 @@ class ClassBalancedLoss(PerSampleLoss):
         >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)
         1.876
     """
+
+    search_space: ClassVar[SearchSpace] = {"beta": Choice((0.9, 0.99, 0.999, 0.9999))}
 
     weights: torch.Tensor
 
@@ -276,3 +283,6 @@ def deferred_reweighting(
         raise ConfigError("loss 'drw': base must name another loss, not 'drw'")
     inner = create_loss(base, num_classes, class_counts, **base_kwargs)
     return DeferredReweighting(inner, class_counts, drw_epoch, drw_beta, drw_normalize)
+
+
+deferred_reweighting.search_space = DRW_SEARCH_SPACE  # type: ignore[attr-defined]

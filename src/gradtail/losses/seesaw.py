@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ from gradtail import distributed
 from gradtail.errors import ConfigError
 from gradtail.losses import register_loss
 from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half
+from gradtail.search_space import FloatRange, SearchSpace
 
 
 def seesaw_log_factors(
@@ -78,6 +80,8 @@ class SeesawLoss(PerSampleLoss):
         >>> loss.cum_samples.tolist()  # labels seen by training steps so far
         [2.0, 0.0, 0.0]
     """
+
+    search_space: ClassVar[SearchSpace] = {"p": FloatRange(0.0, 1.5), "q": FloatRange(0.0, 4.0)}
 
     stateful = True
     cum_samples: torch.Tensor

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from gradtail.errors import ConfigError
 from gradtail.losses import register_loss
 from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half, validate_class_counts
+from gradtail.search_space import FloatRange, SearchSpace
 
 Counts = Sequence[int] | torch.Tensor | None
 
@@ -82,6 +84,8 @@ class FocalLoss(PerSampleLoss):
         >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)
         0.5455
     """
+
+    search_space: ClassVar[SearchSpace] = {"gamma": FloatRange(0.0, 5.0)}  # focal exponent
 
     def __init__(self, num_classes: int, class_counts: Counts = None, gamma: float = 1.0) -> None:
         super().__init__(num_classes)
@@ -154,6 +158,8 @@ class LogitAdjustedLoss(AdditiveLogitAdjustedCE):
         >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)  # tau = 1: Balanced Softmax
         2.5171
     """
+
+    search_space: ClassVar[SearchSpace] = {"tau": FloatRange(0.0, 2.5)}  # prior exponent
 
     def __init__(self, num_classes: int, class_counts: Counts = None, tau: float = 1.0) -> None:
         counts = validate_class_counts(class_counts, num_classes, "logit_adjust")

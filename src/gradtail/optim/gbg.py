@@ -46,7 +46,7 @@ for the group gradients), so the statistics would be updated several times per s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -65,6 +65,7 @@ from gradtail.optim.grouping import (
     spectral_groups,
 )
 from gradtail.optim.min_norm import min_norm_weights
+from gradtail.search_space import Choice, IntRange, SearchSpace
 
 GROUPINGS = ("spectral", "frequency", "random")
 NORMALIZATIONS = ("loss+", "l2", "none")
@@ -136,6 +137,11 @@ class GBGRule(UpdateRule):
         >>> out.extras, tuple(gbg.last_alpha.shape), round(float(gbg.last_alpha.sum()), 4)
         ({'groups_present': 2.0}, (2,), 1.0)
     """
+
+    search_space: ClassVar[SearchSpace] = {
+        "num_groups": IntRange(2, 8),
+        "group_at": Choice(("init", "after:1", "every:4")),
+    }
 
     report_note = (
         "GBG (docs/methods/gbg.md): the BCL term of the released code is the separate `bcl` regularizer; "

@@ -30,6 +30,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from gradtail.contracts import StepContext, StepOutput, UpdateRule
 from gradtail.errors import ConfigError
 from gradtail.gradstats import frozen_statistics
 from gradtail.optim import register_update_rule
+from gradtail.search_space import FloatRange, SearchSpace
 
 
 def batchnorm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -73,6 +75,8 @@ class SAM(UpdateRule):
         >>> tuple(out.logits.shape), w.grad is not None, torch.equal(w, w0)  # theta is restored
         ((4, 3), True, True)
     """
+
+    search_space: ClassVar[SearchSpace] = {"rho": FloatRange(0.01, 0.5, log=True)}
 
     def __init__(self, rho: float = 0.05, eps: float = 1e-12) -> None:
         if not (math.isfinite(float(rho)) and float(rho) > 0):

@@ -7,7 +7,7 @@ Predict argmax_j (z_j - tau log pi_j), pi the training class prior (counts / tot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,6 +22,7 @@ from gradtail.posthoc.search import (
     check_targets,
     tune_scalar,
 )
+from gradtail.search_space import FloatRange, SearchSpace
 
 
 def class_log_prior(
@@ -64,6 +65,8 @@ class PosthocLogitAdjuster(PosthocAdjuster):
         >>> la.fitted_params(), la.transform(torch.zeros(1, 3)).argmax(dim=1).tolist()
         ({'tau': 0.8}, [2])
     """
+
+    search_space: ClassVar[SearchSpace] = {"tau": FloatRange(0.0, 2.0)}  # fit() searches it on validation
 
     name = "posthoc_la"
     construction_inputs = ("class_counts",)  # what the harness passes at construction

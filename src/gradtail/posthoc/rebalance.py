@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,6 +34,7 @@ from gradtail.posthoc.search import (
     check_targets,
     tune_scalar,
 )
+from gradtail.search_space import FloatRange, SearchSpace
 
 _TINY = torch.finfo(torch.float64).tiny
 
@@ -84,6 +85,8 @@ class PredictionRebalancer(PosthocAdjuster):
         >>> rb.fitted_params(), tuple(rb.transform(torch.randn(5, 3)).shape)
         ({'tau': 1.6}, (5, 3))
     """
+
+    search_space: ClassVar[SearchSpace] = {"tau": FloatRange(0.0, 2.0)}  # fit() searches it on validation
 
     name = "gala_rebalance"
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from gradtail.posthoc.search import (
     check_targets,
     tune_scalar,
 )
+from gradtail.search_space import FloatRange, SearchSpace
 
 BiasMode = Literal["scale", "keep", "drop"]
 _NORM_FLOOR = 1e-12
@@ -110,6 +111,8 @@ class TauNormAdjuster(PosthocAdjuster):
         >>> tn.fitted_params(), tuple(tn.transform(torch.randn(5, 4)).shape)  # features in, logits out
         ({'tau': 0.7, 'bias_mode': 'scale'}, (5, 3))
     """
+
+    search_space: ClassVar[SearchSpace] = {"tau": FloatRange(0.0, 2.0)}  # fit() searches it on validation
 
     name = "tau_norm"
     input_kind = "features"  # fit / transform take features h, not logits

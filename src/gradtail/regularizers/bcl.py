@@ -30,7 +30,7 @@ logit-adjusted cross-entropy (``loss.name: logit_adjust``); those are the config
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from gradtail.errors import ConfigError, InputError
 from gradtail.losses.base import check_label_range
 from gradtail.models.base import LongTailClassifier
 from gradtail.regularizers import register_regularizer
+from gradtail.search_space import FloatRange, SearchSpace
 
 
 class BalancedContrastiveLoss(nn.Module):
@@ -132,6 +133,12 @@ class BCLRegularizer(Regularizer):
         >>> reg.num_views, term.dim(), bool(torch.isfinite(term))
         (2, 0, True)
     """
+
+    search_space: ClassVar[SearchSpace] = {
+        "ce_weight": FloatRange(0.5, 4.0),
+        "scl_weight": FloatRange(0.2, 3.2),
+        "temperature": FloatRange(0.05, 0.5, log=True),
+    }
 
     report_note = (
         "BCL (docs/methods/gbg.md §3): balanced contrastive term with class centres on two SimCLR-style "

@@ -65,6 +65,7 @@ Settings and conventions:
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -74,6 +75,7 @@ from gradtail.errors import ConfigError, InputError
 from gradtail.losses.base import check_logits_targets
 from gradtail.models.heads import CosineHead
 from gradtail.regularizers import register_regularizer
+from gradtail.search_space import Choice, FloatRange, SearchSpace
 
 NORM_EPS = 1e-12
 VARIANTS = ("head", "logit", "feature", "unbalanced", "exact")
@@ -164,6 +166,11 @@ class BalancedGradientPenalty(Regularizer):
         >>> term.dim(), bool(term >= 0), term.requires_grad
         (0, True, True)
     """
+
+    search_space: ClassVar[SearchSpace] = {
+        "variant": Choice(("logit", "head", "feature")),
+        "beta": FloatRange(0.01, 1.0, log=True),
+    }
 
     report_note = (
         "BGP is a documented reconstruction: the paper's full text is unavailable, so the penalty is "
