@@ -167,7 +167,7 @@ def test_head_variant_any_composition(labels, seed):
     net = make_net("linear", seed)
     y = torch.tensor(labels)
     x = torch.randn(len(labels), IN_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    reg = BalancedGradientPenalty()
+    reg = BalancedGradientPenalty(variant="head")
     torch.testing.assert_close(
         bgp_value(reg, net, x, y, la_per_sample), 0.1 * reference_r("head", False, net, x, y, la_per_sample)
     )
@@ -255,7 +255,7 @@ def test_settings_and_registry():
     assert isinstance(reg, BalancedGradientPenalty)
     assert (reg.variant, reg.squared, reg.beta, reg.start_epoch) == ("head", True, 0.5, 3)
     defaults = BalancedGradientPenalty()
-    assert (defaults.variant, defaults.squared, defaults.beta) == ("head", False, 0.1)
+    assert (defaults.variant, defaults.squared, defaults.beta) == ("logit", False, 0.1)  # bgp.md §2
     assert (defaults.start_epoch, defaults.detach_features) == (0, False)
     with pytest.raises(ConfigError, match="unknown bgp variant"):
         BalancedGradientPenalty(variant="sharp")
