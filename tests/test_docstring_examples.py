@@ -30,6 +30,8 @@ SKIPPED_MODULES = ("gradtail.__main__",)
 DOCUMENTED = (
     "gradtail.contracts.UpdateRule",
     "gradtail.contracts.unwrap_model",
+    "gradtail.data.lvis.frequency_from_image_count",
+    "gradtail.data.lvis.read_detection_json",
     "gradtail.data.longtail.build_longtail_split",
     "gradtail.data.longtail.longtail_counts",
     "gradtail.data.own_csv.read_image_csv",
@@ -63,6 +65,7 @@ DOCUMENTED = (
     "gradtail.metrics.calibration_errors",
     "gradtail.metrics.confusion_matrix",
     "gradtail.metrics.evaluate_logits",
+    "gradtail.metrics.detection.evaluate_detections",
     "gradtail.metrics.format_percent",
     "gradtail.metrics.per_class_accuracy",
     "gradtail.metrics.shot_groups",

@@ -1,0 +1,293 @@
+"""Box detection metrics through the reference implementations (docs/detection.md §Evaluation).
+
+- LVIS-format ground truth (every category has ``frequency``): the official ``lvis`` API (``LVISEval``,
+  iou_type bbox): AP over IoU 0.50:0.95, AP50, AP75, APs / APm / APl, APr / APc / APf, federated
+  (only categories positive in an image or in its ``neg_category_ids`` are evaluated there; unmatched
+  detections of ``not_exhaustive_category_ids`` are not false positives), at most ``max_dets`` (300)
+  detections per image, the highest-scoring kept (docs/methods/eql.md §9).
+- COCO-format ground truth: pycocotools' ``COCOeval`` (crowd boxes are ignore regions), maxDets
+  (1, 10, ``max_dets``), 100 by default as in COCO's protocol; APr / APc / APf are then the mean
+  per-class AP over each frequency group,
+  the groups given by the caller (the training set's r / c / f) or, by default, LVIS's rule applied to
+  the evaluated file's image counts.
+
+Per-class AP (IoU 0.50:0.95, all areas) is read from the evaluator's precision array, the same numbers
+its own summaries average. Values are fractions in [0, 1]; NaN where the evaluator has nothing to average
+(it reports -1 there), e.g. APr when no rare category has a ground-truth box.
+
+``lvis`` 0.5.3 (the current release) calls ``np.float``, removed in NumPy 1.24: the evaluation runs
+inside :func:`numpy_float_alias`, which defines ``np.float = float`` for its duration only.
+
+Both packages are optional (the ``detection`` extra); importing this module does not need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradtail.data.lvis import FREQUENCIES, DetectionAnnotations, frequency_from_image_count
+from gradtail.errors import ConfigError, InputError
+
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+MAX_DETS = 300
+
+
+@contextlib.contextmanager
+def numpy_float_alias() -> Iterator[None]:
+    """``np.float = float`` while the block runs (``lvis`` 0.5.3 still uses the removed alias); the
+    ``lvis`` loggers' routine warnings are silenced meanwhile."""
+    had = "float" in np.__dict__
+    logger = logging.getLogger("lvis")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    if not had:
+        np.float = float  # type: ignore[attr-defined]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # lvis calls logger.warn
+            yield
+    finally:
+        logger.setLevel(level)
+        if not had:
+            del np.float  # type: ignore[attr-defined]
+
+
+def _require(module: str) -> Any:
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise ConfigError(
+            f"detection evaluation needs the {module!r} package: pip install 'gradtail[detection]'"
+        ) from None
+
+
+@dataclass
+class DetectionMetrics:
+    """Summary metrics (fractions, NaN = undefined), per-class AP (NaN: no ground truth), the protocol."""
+
+    summary: dict[str, float]
+    per_class_ap: np.ndarray
+    protocol: str
+    num_detections: int
+    frequencies: list[str] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> float:
+        return self.summary[key]
+
+
+def detection_records(
+    image_id: int,
+    boxes_xyxy: Any,
+    scores: Any,
+    labels: Any,
+    category_ids: Sequence[int],
+) -> list[dict[str, Any]]:
+    """COCO/LVIS result records of one image: ``{"image_id", "category_id", "bbox": [x, y, w, h],
+    "score"}``; ``labels`` are contiguous class indices mapped through ``category_ids``."""
+    b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if not (len(b) == len(s) == len(lab)):
+        raise InputError(f"boxes ({len(b)}), scores ({len(s)}) and labels ({len(lab)}) differ in length")
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(category_ids[int(k)]),
+            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+            "score": float(sc),
+        }
+        for (x1, y1, x2, y2), sc, k in zip(b, s, lab, strict=True)
+    ]
+
+
+def _check_records(records: Sequence[dict[str, Any]], ann: DetectionAnnotations) -> list[dict[str, Any]]:
+    images = {im.id for im in ann.images}
+    cats = set(ann.category_ids)
+    out = []
+    for i, r in enumerate(records):
+        if not {"image_id", "category_id", "bbox", "score"} <= set(r):
+            raise InputError(f"detection {i}: needs image_id, category_id, bbox, score; got {sorted(r)}")
+        if r["image_id"] not in images:
+            raise InputError(f"detection {i}: image id {r['image_id']} is not in {ann.path}")
+        if r["category_id"] not in cats:
+            raise InputError(f"detection {i}: category id {r['category_id']} is not in {ann.path}")
+        out.append({k: r[k] for k in ("image_id", "category_id", "bbox", "score")})
+    return out
+
+
+def _nan(v: float) -> float:
+    return math.nan if v is None or v < 0 else float(v)
+
+
+def _per_class(precision: np.ndarray) -> np.ndarray:
+    """(T, R, K, A[, M]) precision -> (K,) mean over IoU and recall of the entries > -1, 'all' area."""
+    p = precision[..., 0] if precision.ndim == 4 else precision[:, :, :, 0, -1]
+    out = np.full(p.shape[2], math.nan)
+    for k in range(p.shape[2]):
+        v = p[:, :, k]
+        if (v > -1).any():
+            out[k] = float(v[v > -1].mean())
+    return out
+
+
+def lvis_ground_truth(ann: DetectionAnnotations) -> dict[str, Any]:
+    """The annotation dict as the ``lvis`` API reads it: ``area`` = w h where missing, the images' federated
+    lists default to [] where missing, crowd boxes (COCO) marked ``ignore``."""
+    raw = ann.raw
+    anns = []
+    for a in raw["annotations"]:
+        a = dict(a)
+        a.setdefault("area", float(a["bbox"][2]) * float(a["bbox"][3]))
+        if a.get("iscrowd", 0):
+            a["ignore"] = 1
+        anns.append(a)
+    images = [{"neg_category_ids": [], "not_exhaustive_category_ids": [], **im} for im in raw["images"]]
+    return {**raw, "annotations": anns, "images": images}
+
+
+def evaluate_lvis(
+    ann: DetectionAnnotations, records: Sequence[dict[str, Any]], max_dets: int = MAX_DETS
+) -> DetectionMetrics:
+    """LVIS box AP through the official ``lvis`` API (module docstring)."""
+    if not ann.is_lvis:
+        raise ConfigError(f"{ann.path}: not LVIS-format (a category lacks 'frequency'); use evaluate_coco")
+    lvis = _require("lvis")
+    dets = _check_records(records, ann)
+    freqs = [c.frequency or "" for c in ann.categories]
+    if not dets:  # the API cannot load an empty result list: every defined AP is 0
+        return _empty(ann, freqs, "lvis")
+    with tempfile.TemporaryDirectory() as tmp, numpy_float_alias(), contextlib.redirect_stdout(io.StringIO()):
+        gt_file = Path(tmp) / "gt.json"
+        gt_file.write_text(json.dumps(lvis_ground_truth(ann)))
+        gt = lvis.LVIS(str(gt_file))
+        dt = lvis.LVISResults(gt, dets, max_dets=max_dets)
+        ev = lvis.LVISEval(gt, dt, iou_type="bbox")
+        ev.params.max_dets = max_dets
+        ev.run()
+        summary = {k: _nan(ev.results[k]) for k in SUMMARY_KEYS}
+        per_class = _per_class(ev.eval["precision"])
+    return DetectionMetrics(summary, per_class, "lvis", len(dets), freqs)
+
+
+def evaluate_coco(
+    ann: DetectionAnnotations,
+    records: Sequence[dict[str, Any]],
+    max_dets: int = 100,
+    frequencies: Sequence[str] | None = None,
+) -> DetectionMetrics:
+    """COCO box AP through pycocotools, APr / APc / APf from per-class AP (module docstring)."""
+    _require("pycocotools")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if frequencies is None:
+        frequencies = [
+            c.frequency or frequency_from_image_count(int(n))
+            for c, n in zip(ann.categories, ann.image_counts(), strict=True)
+        ]
+    if len(frequencies) != ann.num_classes or any(f not in FREQUENCIES for f in frequencies):
+        raise ConfigError(f"frequencies must be {ann.num_classes} values among r, c, f")
+    freqs = list(frequencies)
+    dets = _check_records(records, ann)
+    if not dets:
+        return _empty(ann, freqs, "coco")
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {
+            **ann.raw,
+            "annotations": [
+                {"iscrowd": 0, **a, "area": a.get("area", float(a["bbox"][2]) * float(a["bbox"][3]))}
+                for a in ann.raw["annotations"]
+            ],
+        }
+        gt.createIndex()
+        dt = gt.loadRes(dets)
+        ev = COCOeval(gt, dt, iouType="bbox")
+        ev.params.maxDets = [1, 10, max_dets]
+        ev.params.catIds = sorted(ann.category_ids)
+        ev.evaluate()
+        ev.accumulate()
+    # COCOeval.summarize() reads AP at maxDets 100 whatever params.maxDets holds: read the same means at
+    # max_dets from the precision array (T, R, K, A, M), as its _summarize does (-1 = nothing to average)
+    prec = ev.eval["precision"][..., -1]
+    iou = ev.params.iouThrs
+
+    def mean(p: np.ndarray) -> float:
+        return float(p[p > -1].mean()) if (p > -1).any() else math.nan
+
+    summary = {
+        "AP": mean(prec[:, :, :, 0]),
+        "AP50": mean(prec[np.isclose(iou, 0.5)][:, :, :, 0]),
+        "AP75": mean(prec[np.isclose(iou, 0.75)][:, :, :, 0]),
+        "APs": mean(prec[:, :, :, 1]),
+        "APm": mean(prec[:, :, :, 2]),
+        "APl": mean(prec[:, :, :, 3]),
+    }
+    per_class = _per_class(ev.eval["precision"])
+    summary.update(_group_means(per_class, freqs))
+    return DetectionMetrics(summary, per_class, "coco", len(dets), freqs)
+
+
+def _group_means(per_class: np.ndarray, freqs: Sequence[str]) -> dict[str, float]:
+    out = {}
+    for g in FREQUENCIES:
+        v = [a for a, f in zip(per_class, freqs, strict=True) if f == g and not math.isnan(a)]
+        out[f"AP{g}"] = float(np.mean(v)) if v else math.nan
+    return out
+
+
+def _empty(ann: DetectionAnnotations, freqs: list[str], protocol: str) -> DetectionMetrics:
+    """No detection at all: AP 0 for every class with ground truth (what both evaluators give for a class
+    whose detections all miss), NaN elsewhere."""
+    has_gt = ann.instance_counts() > 0
+    per_class = np.where(has_gt, 0.0, math.nan)
+    summary = {k: (0.0 if has_gt.any() else math.nan) for k in ("AP", "AP50", "AP75")}
+    summary.update({k: math.nan for k in ("APs", "APm", "APl")})
+    summary.update(_group_means(per_class, freqs))
+    return DetectionMetrics(summary, per_class, protocol, 0, freqs)
+
+
+def evaluate_detections(
+    ann: DetectionAnnotations,
+    records: Sequence[dict[str, Any]],
+    protocol: str = "auto",
+    max_dets: int | None = None,
+    frequencies: Sequence[str] | None = None,
+) -> DetectionMetrics:
+    """``protocol``: ``"lvis"``, ``"coco"``, or ``"auto"`` (LVIS when the file is LVIS-format);
+    ``max_dets``: detections per image, by default the protocol's (LVIS 300, COCO 100).
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> from gradtail.data.lvis import read_detection_json
+        >>> from gradtail.metrics.detection import evaluate_detections
+        >>> image = {"id": 1, "file_name": "a.png", "width": 50, "height": 50,
+        ...          "neg_category_ids": [2], "not_exhaustive_category_ids": []}
+        >>> cats = [{"id": 1, "name": "a", "frequency": "f"}, {"id": 2, "name": "b", "frequency": "r"}]
+        >>> boxes = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400}]
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "gt.json"
+        >>> _ = p.write_text(json.dumps({"images": [image], "categories": cats, "annotations": boxes}))
+        >>> perfect = [{"image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "score": 0.9}]
+        >>> m = evaluate_detections(read_detection_json(p), perfect)
+        >>> m.protocol, round(m["AP"], 6), round(m["APf"], 6), m["APr"]  # no rare box: APr undefined
+        ('lvis', 1.0, 1.0, nan)
+    """
+    if protocol not in ("auto", "lvis", "coco"):
+        raise ConfigError(f"detection protocol must be auto, lvis or coco, got {protocol!r}")
+    if protocol == "lvis" or (protocol == "auto" and ann.is_lvis):
+        return evaluate_lvis(ann, records, max_dets=MAX_DETS if max_dets is None else max_dets)
+    return evaluate_coco(
+        ann, records, max_dets=100 if max_dets is None else max_dets, frequencies=frequencies
+    )
