@@ -15,7 +15,14 @@ methods:
     train: {freeze_backbone: true, reset_classifier: true}
     data: {sampler: class_balanced}
 published: {ce: 70.4}                         # optional "paper" column (top-1 %)
+tuned: true       # also run each method's configuration chosen by `gradtail tune` on validation
+tune_dir: runs/tune/quick                     # where that tune wrote (default runs/tune/<suite name>)
 ```
+
+With ``tuned: true`` every method that has hyperparameters gets a twin ``<method>_tuned`` (label
+"<label> (tuned)") whose config is ``<tune_dir>/<method>/best.yaml``, with the suite's and the method's
+overrides applied as for the method itself; a missing ``best.yaml`` is an error that says to run
+``gradtail tune`` on the suite first.
 
 Everything is validated before any training: unknown suite keys, a method that does not build (unknown
 config key, unknown loss / model / regularizer / update rule / post-hoc / sampler / dataset, a key of
@@ -41,7 +48,18 @@ from gradtail.config import (
 )
 from gradtail.errors import ConfigError
 
-SUITE_KEYS = ("name", "description", "base", "overrides", "seeds", "methods", "published", "dataset_label")
+SUITE_KEYS = (
+    "name",
+    "description",
+    "base",
+    "overrides",
+    "seeds",
+    "methods",
+    "published",
+    "dataset_label",
+    "tuned",
+    "tune_dir",
+)
 METHOD_KEYS = ("after", "label", "config")  # method-level keys that are not run-config sections
 
 
@@ -82,8 +100,9 @@ class Suite:
         return config_from_dict(data)
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Load and fully validate a suite file (every run config is built and checked)."""
+def load_suite(path: str | Path, tuned: bool = True) -> Suite:
+    """Load and fully validate a suite file (every run config is built and checked). ``tuned=False``
+    leaves out the ``tuned: true`` twins (``gradtail tune`` reads the suite that way)."""
     path = Path(path)
     raw = read_yaml_mapping(path, "suite file")
     unknown = set(raw) - set(SUITE_KEYS)
@@ -124,8 +143,35 @@ def load_suite(path: str | Path) -> Suite:
         published=published,
         path=path,
     )
+    if raw.get("tuned") not in (None, False, True):
+        raise ConfigError(f"suite {path}: tuned must be true or false, got {raw.get('tuned')!r}")
+    if tuned and raw.get("tuned"):
+        tune_dir = Path(str(raw.get("tune_dir") or Path("runs") / "tune" / suite.name))
+        twins = {t.name: t for t in tuned_twins(suite, tune_dir)}  # each right after its method
+        suite.methods = [x for m in suite.methods for x in (m, twins.get(f"{m.name}_tuned")) if x is not None]
     validate_suite(suite)
     return suite
+
+
+def tuned_twins(suite: Suite, tune_dir: Path) -> list[MethodSpec]:
+    """``<method>_tuned`` for every method with hyperparameters: its config is the ``best.yaml`` that
+    ``gradtail tune`` wrote for it under ``tune_dir``."""
+    from gradtail.tune.spaces import method_search_space
+
+    twins = []
+    for m in list(suite.methods):
+        if m.after or not method_search_space(suite.run_config(m, suite.seeds[0])):
+            continue
+        best = tune_dir / m.name / "best.yaml"
+        if not best.is_file():
+            raise ConfigError(
+                f"suite {suite.name!r} has tuned: true but {best} does not exist; run "
+                f"`gradtail tune {suite.path}` first (or set tune_dir)"
+            )
+        label = f"{m.label or m.name} (tuned)"
+        config = load_config_dict(best)
+        twins.append(MethodSpec(f"{m.name}_tuned", copy.deepcopy(m.overrides), label=label, config=config))
+    return twins
 
 
 def _mapping(value: Any, key: str, path: Path) -> dict[str, Any]:

@@ -133,12 +133,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - start
     results = build_results(suite, finals, output, wall)
     paths = write_report(results, output)
-    from gradtail.report.aggregate import display_label, format_mean_std
+    from gradtail.report.aggregate import METRICS, display_label, format_mean_std
 
-    rows = [
-        [display_label(r), *(format_mean_std(r[m]) for m in ("top1", "many", "medium", "few", "ece"))]
-        for r in results["table"]
-    ]
+    rows = [[display_label(r), *(format_mean_std(r[m]) for m in METRICS)] for r in results["table"]]
     from gradtail.report import format_table
 
     print()
@@ -147,6 +144,37 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"\nwall time {wall / 60:.1f} min; report: {paths['html']} "
         f"(also {paths['markdown'].name}, results.json)"
     )
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from gradtail.tune import TuneSettings, run_tune
+
+    settings = TuneSettings(
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        objective=args.objective,
+        mix_weight=args.mix_weight,
+        epochs=args.epochs,
+        pruner=args.pruner,
+        seed=args.seed,
+        final_test=not args.no_test,
+        overwrite=args.overwrite,
+    )
+    methods = args.methods.split(",") if args.methods else None
+    output = Path(args.output) if args.output else None
+    results = run_tune(args.target, settings, output=output, methods=methods)
+    for r in results:
+        if r.skipped:
+            print(f"{r.method}: not tuned ({r.skipped})")
+            continue
+        best = ", ".join(f"{k}={v}" for k, v in r.best_params.items())
+        default = "N/A" if r.default_value is None else f"{100 * r.default_value:.1f}"
+        value = "N/A" if r.best_value is None else f"{100 * r.best_value:.1f}"
+        print(
+            f"{r.method}: validation {r.objective} {default} (default) -> {value} ({best}); {r.best_config}"
+        )
     return 0
 
 
@@ -247,6 +275,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="retrain runs whose directory holds a run of another config (otherwise an error)",
     )
     b.set_defaults(func=_cmd_bench)
+
+    tu = sub.add_parser(
+        "tune",
+        help="search hyperparameters on validation only (Optuna), per method of a suite or config",
+        description="Search each method's declared hyperparameters with Optuna (TPE, pruning on the "
+        "per-epoch validation metric); the test split is never read during the search. Writes "
+        "<output>/<method>/"
+        "best.yaml (a config gradtail train / bench accept), trials.csv, summary.json and report.html; "
+        "then trains the chosen configuration and evaluates the test split once (unless --no-test).",
+    )
+    tu.add_argument("target", help="a suite YAML (every method, or --methods) or one run config")
+    tu.add_argument("--methods", help="comma-separated methods of the suite to tune")
+    tu.add_argument("--trials", type=int, default=20, help="finished trials per method (default 20)")
+    tu.add_argument("--timeout", type=float, metavar="S", help="stop searching a method after S seconds")
+    tu.add_argument(
+        "--storage", metavar="URL", help="Optuna storage URL (default sqlite:///<output>/study.db)"
+    )
+    tu.add_argument("--output", help="output directory (default runs/tune/<suite or config name>)")
+    tu.add_argument(
+        "--objective",
+        default="balanced_accuracy",
+        choices=["balanced_accuracy", "top1", "few", "mix"],
+        help="validation metric to maximise (mix: (1-w) balanced accuracy + w Few)",
+    )
+    tu.add_argument("--mix-weight", type=float, default=0.5, metavar="W", help="w of --objective mix")
+    tu.add_argument("--epochs", type=int, help="epochs of each trial (default: the method's schedule)")
+    tu.add_argument("--pruner", default="median", choices=["median", "halving", "none"])
+    tu.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
+    tu.add_argument("--no-test", action="store_true", help="skip the chosen configuration's test run")
+    tu.add_argument("--overwrite", action="store_true", help="replace a chosen configuration's test run")
+    tu.set_defaults(func=_cmd_tune)
 
     ls = sub.add_parser("list", help="list registered datasets, models, losses, regularizers, update rules")
     ls.set_defaults(func=_cmd_list)

@@ -12,7 +12,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-METRICS = ("top1", "many", "medium", "few", "ece")
+METRICS = ("top1", "many", "medium", "few", "ece", "classwise_ece")
 
 
 def mean_std(values: list[float | None]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 from gradtail.report import plots
 from gradtail.report.aggregate import METRICS, aggregate, display_label, format_mean_std, format_params
 
-HEADERS = ("method", "overall", "many", "medium", "few", "ECE")
+HEADERS = ("method", "overall", "many", "medium", "few", "ECE", "cwECE")
 
 
 def _jsonable(value: Any) -> Any:

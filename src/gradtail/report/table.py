@@ -1,4 +1,4 @@
-"""Plain-text / Markdown tables of run results: overall, Many / Medium / Few, ECE."""
+"""Plain-text / Markdown tables of run results: overall, Many / Medium / Few, ECE, class-wise ECE."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from gradtail.metrics import format_percent
 
-COLUMNS = ("method", "overall", "many", "medium", "few", "ECE")
+COLUMNS = ("method", "overall", "many", "medium", "few", "ECE", "cwECE")
 
 
 def run_rows(final: dict[str, Any], label: str) -> list[list[str]]:
@@ -32,6 +32,7 @@ def _row(label: str, metrics: dict[str, Any]) -> list[str]:
         format_percent(metrics.get("medium")),
         format_percent(metrics.get("few")),
         format_percent(metrics.get("ece")),
+        format_percent(metrics.get("classwise_ece")),
     ]
 
 
