@@ -70,6 +70,7 @@ class MethodSpec:
     after: str | None = None  # a method whose checkpoint (same seed) this one starts from
     label: str | None = None
     config: dict[str, Any] | None = None  # the method's own config file (replaces the suite's base)
+    tuned_from: str | None = None  # the best.yaml of `gradtail tune` a tuned twin is configured by
 
 
 @dataclass
@@ -170,7 +171,9 @@ def tuned_twins(suite: Suite, tune_dir: Path) -> list[MethodSpec]:
             )
         label = f"{m.label or m.name} (tuned)"
         config = load_config_dict(best)
-        twins.append(MethodSpec(f"{m.name}_tuned", copy.deepcopy(m.overrides), label=label, config=config))
+        twin = MethodSpec(f"{m.name}_tuned", copy.deepcopy(m.overrides), label=label, config=config)
+        twin.tuned_from = str(best)
+        twins.append(twin)
     return twins
 
 

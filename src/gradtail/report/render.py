@@ -148,6 +148,32 @@ def method_notes(suite: Any) -> list[str]:
             note = factory.report_note if isinstance(factory, type) else None  # type: ignore[attr-defined]
             if note and note not in notes:
                 notes.append(note)
+    notes += tuned_notes(suite)
+    return notes
+
+
+def tuned_notes(suite: Any) -> list[str]:
+    """One line per tuned twin (``tuned: true``): the values ``gradtail tune`` chose on validation."""
+    from gradtail.tune.spaces import method_search_space
+
+    notes = []
+    for m in suite.methods:
+        if m.tuned_from is None:
+            continue
+        cfg = suite.run_config(m, suite.seeds[0])
+        sections = {
+            "loss": cfg.loss.params,
+            "regularizer": cfg.regularizer.params,
+            "update_rule": cfg.update_rule.params,
+        }
+        values = []
+        for p in method_search_space(cfg):
+            v = sections[p.section].get(p.name, p.default)
+            values.append(f"{p.name}={v:.3g}" if isinstance(v, float) else f"{p.name}={v}")
+        notes.append(
+            f"{m.name}: {', '.join(values)}, chosen by gradtail tune on the validation split "
+            f"({m.tuned_from})."
+        )
     return notes
 
 
