@@ -27,6 +27,7 @@ def _params(params: dict[str, Any]) -> str:
 def history_figure(study: Any) -> bytes:
     """Every finished trial's validation value (pruned ones at their last report) and the best so far."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from gradtail.report.plots import _png
 
@@ -47,6 +48,7 @@ def history_figure(study: Any) -> bytes:
     ys = best_curve
     if xs:
         ax.step(xs, ys, where="post", color="tab:red", label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial (x: pruned, at its last report)")
     ax.set_ylabel(f"validation {study.user_attrs.get('objective', 'objective')} (%)")
     ax.grid(alpha=0.3)
@@ -81,6 +83,32 @@ def importance_figure(study: Any) -> bytes | None:
     ax.set_xlim(0, 1)
     fig.tight_layout()
     return _png(fig)
+
+
+def trials_table(study: Any, result: TuneResult) -> str:
+    """Every trial of a study as a collapsed HTML table (state, validation value, epochs run, values)."""
+    keys = result.space
+    head = ["trial", "state", "validation", "epochs", "seconds", *(k.split(".params.")[-1] for k in keys)]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        config = t.user_attrs.get("config", {})
+        value = t.value
+        if value is None and t.intermediate_values:
+            value = t.intermediate_values[max(t.intermediate_values)]
+        cells = [
+            f"{t.number}{' (default)' if t.user_attrs.get('default') else ''}",
+            t.state.name.lower(),
+            _pct(value),
+            str(max(t.intermediate_values)) if t.intermediate_values else "",
+            f"{float(t.user_attrs.get('seconds', 0.0)):.0f}",
+            *(
+                f"{config[k]:.4g}" if isinstance(config.get(k), float) else str(config.get(k, ""))
+                for k in keys
+            ),
+        ]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    header = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    return f"<details><summary>{len(rows)} trials</summary><table>{header}{''.join(rows)}</table></details>"
 
 
 def write_tune_report(
@@ -136,7 +164,9 @@ def write_tune_report(
             f'<img alt="{html.escape(r.method)}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
             for b in imgs
         )
-        figures.append(f"<h3>{html.escape(r.method)}</h3><div class='figs'>{tags}</div>")
+        figures.append(
+            f"<h3>{html.escape(r.method)}</h3><div class='figs'>{tags}</div>{trials_table(study, r)}"
+        )
     head = [
         "method",
         "searched",
