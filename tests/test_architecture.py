@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "models": 1,
     "data": 1,
     "losses": 2,
+    "tasks": 2,  # classification / dense prediction behind gradtail.contracts.TaskContract
     "diagnostics": 2,
     "regularizers": 3,
     "optim": 3,

@@ -125,6 +125,10 @@ class DataConfig:
     # decoded images (uint8, all splits) up to this size are held in memory, larger data is decoded from
     # the files by data.num_workers processes; None = 2048 MiB
     memory_budget_mb: float | None = None
+    # Semantic segmentation (fashion_mnist_seg | ade20k | seg_folders; gradtail.data.segmentation):
+    # ignore_index, crop, scale_range, resize, frequent_threshold / rare_threshold (frequency groups),
+    # inference (whole | slide), window, stride, val_images, and the canvas settings; {} = the defaults
+    segmentation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

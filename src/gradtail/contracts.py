@@ -15,6 +15,9 @@ declared member with a default, never an attribute probed with ``getattr`` / ``h
 - :class:`PosthocAdjuster`: ``fit`` / ``transform`` on ``input_kind`` (logits or features),
   ``construction_inputs``, ``fitted_params()``, ``state_dict`` / ``load_state_dict``, ``report_note``;
 - :class:`StepObserver`: ``observe(logits, targets)``;
+- :class:`TaskContract`: ``forward(model, inputs, batch)``, ``adapt_loss``, ``evaluate(view, split)``
+  returning an :class:`EvalReport`, ``groups``, ``check``: what differs between classification and dense
+  prediction (segmentation; detection), so the trainer has no task branch;
 - :class:`TrainLoader` and :class:`RunData`: the data of a run (counts, class names, subset hash, loaders,
   the test-time preprocessing).
 
@@ -30,6 +33,8 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from gradtail.search_space import SearchSpace
 
 # --------------------------------------------------------------------------- models
 
@@ -58,11 +63,14 @@ class LossContract(nn.Module):
     - :meth:`set_epoch` at the start of every epoch (deferred schedules such as DRW read it);
     - :meth:`inference_logits`: the logits as the loss reads them at test time;
     - ``required_head``: the classifier head a loss is defined on (``"cosine"`` for LDAM), None for any;
-    - ``report_note``: a sentence the benchmark report prints under its table, or None.
+    - ``report_note``: a sentence the benchmark report prints under its table, or None;
+    - ``search_space``: the constructor parameters ``gradtail tune`` searches (:mod:`gradtail.search_space`),
+      empty for a loss without hyperparameters.
     """
 
     required_head: ClassVar[str | None] = None
     report_note: ClassVar[str | None] = None
+    search_space: ClassVar[SearchSpace] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the trainer at the start of every epoch (0-based)."""
@@ -93,11 +101,13 @@ class Regularizer(nn.Module):
       with its own parameters (projection heads) creates them there; they are trained with the model,
       checkpointed with the term's ``state_dict``, and averaged over processes under DDP.
     - ``report_note``: a sentence the benchmark report prints under its table, or None.
+    - ``search_space``: the constructor parameters ``gradtail tune`` searches (:mod:`gradtail.search_space`).
     """
 
     start_epoch: int = 0
     num_views: int = 0
     report_note: ClassVar[str | None] = None
+    search_space: ClassVar[SearchSpace] = {}
 
     def setup(self, model: nn.Module, num_classes: int) -> None:
         return None
@@ -122,6 +132,111 @@ class StepObserver(Protocol):
     """Sees (logits, targets) of every training step, logits still attached (it may hook their gradient)."""
 
     def observe(self, logits: torch.Tensor, targets: torch.Tensor) -> None: ...
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@runtime_checkable
+class EvalReport(Protocol):
+    """The evaluation of one split, whatever the task (classification's
+    :class:`gradtail.metrics.EvalResult`, dense prediction's :class:`gradtail.metrics.SegmentationResult`).
+
+    - ``primary_metric`` / :attr:`primary`: the validation metric that selects the epoch (higher is
+      better): ``balanced_accuracy`` for classification, ``miou`` for segmentation;
+    - :meth:`summary`: the compact record of an epoch (``metrics.jsonl``'s ``test``);
+    - :meth:`val_record`: the ``val`` entry of an epoch record;
+    - :meth:`to_dict`: the full record (``final.json``'s ``last_epoch``).
+    """
+
+    primary_metric: str
+
+    @property
+    def primary(self) -> float: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def val_record(self) -> dict[str, Any]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class EvalView:
+    """What a task reads to evaluate a split; built by the trainer.
+
+    ``model``: the model itself (unwrapped); ``data``: the run's :class:`RunData`; ``cfg``: the run config;
+    ``autocast``: the run's autocast context; ``loss_fn``: the training loss (its ``inference_logits``);
+    ``predict(split)``: the trainer's logits of a split (classification), ``score(logits, targets)``: its
+    metrics; ``group_rule()``: the Many / Medium / Few rule of the run's counts.
+    """
+
+    model: nn.Module
+    data: Any
+    cfg: Any
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager[Any]]
+    loss_fn: nn.Module
+    predict: Callable[[str], Any]
+    score: Callable[[torch.Tensor, torch.Tensor], Any]
+    group_rule: Callable[[], Any]
+
+
+class TaskContract:
+    """What the trainer reads from the task of a run; this base class is image classification.
+
+    A task owns what differs between classification and dense prediction (segmentation; detection
+    plugs in the same way), so the trainer has no task branch:
+
+    - :meth:`forward`: how a batch reaches the loss: ``(features, logits)`` of ``inputs`` (the batch,
+      then any extra views: ``batch`` rows are the batch's own) through ``model`` (the DDP wrapper under
+      ``torchrun``);
+    - :meth:`adapt_loss`: the loss the step calls, built from the registry's loss (dense prediction:
+      the per-pixel wrapper);
+    - :meth:`evaluate`: the :class:`EvalReport` of a split (metric state summed across processes);
+    - :meth:`groups`: the class-group rule recorded in ``final.json``;
+    - :meth:`check`: refuses settings the task does not support (one-line :class:`ConfigError`);
+    - ``supports_posthoc``: whether ``eval.posthoc`` applies.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.models import create_model
+        >>> model = create_model("small_cnn", num_classes=3)
+        >>> h, z = TaskContract().forward(model, torch.zeros(2, 1, 28, 28), 2)
+        >>> tuple(z.shape)
+        (2, 3)
+    """
+
+    name: ClassVar[str] = "classification"
+    supports_posthoc: ClassVar[bool] = True
+
+    def forward(
+        self, model: nn.Module, inputs: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        network: Any = unwrap_model(model)
+        if model is not network:  # DDP: go through the wrapper so gradients are reduced
+            h, z = model(inputs, return_features=True)
+            return h, z[:batch]
+        h = network.features(inputs)
+        return h, network.classifier(h[:batch])
+
+    def adapt_loss(self, loss: LossContract) -> LossContract:
+        return loss
+
+    def evaluate(self, view: EvalView, split: str) -> EvalReport:
+        pred = view.predict(split)
+        report: EvalReport = view.score(pred.logits, pred.targets)
+        return report
+
+    def groups(self, view: EvalView) -> dict[str, Any]:
+        record: dict[str, Any] = view.group_rule().to_dict()
+        return record
+
+    def check(self, cfg: Any) -> None:
+        return None
+
+
+CLASSIFICATION = TaskContract()
 
 
 # --------------------------------------------------------------------------- update rules
@@ -162,6 +277,7 @@ class StepContext:
     scaler: torch.amp.GradScaler | None = None
     views: torch.Tensor | None = None
     view_features: torch.Tensor | None = None
+    task: TaskContract | None = None  # how a batch is forwarded; None: the classification task
 
     @property
     def network(self) -> Any:
@@ -169,16 +285,11 @@ class StepContext:
         return unwrap_model(self.model)
 
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.network
         batch = x.shape[0]
         inputs = x if self.views is None else torch.cat([x, self.views])
+        task = self.task if self.task is not None else CLASSIFICATION
         with self.autocast():
-            if self.model is not model:  # DDP: go through the wrapper so gradients are reduced
-                h, z = self.model(inputs, return_features=True)
-                z = z[:batch]
-            else:
-                h = model.features(inputs)
-                z = model.classifier(h[:batch])
+            h, z = task.forward(self.model, inputs, batch)
         if self.views is not None:
             self.view_features = h[batch:]
         return h[:batch], z
@@ -255,6 +366,7 @@ class UpdateRule:
     """
 
     report_note: ClassVar[str | None] = None
+    search_space: ClassVar[SearchSpace] = {}  # constructor parameters gradtail tune searches
 
     def __call__(self, ctx: StepContext, x: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         h, z = ctx.forward(x, targets)
@@ -395,6 +507,9 @@ class RunData(Protocol):
 
 
 __all__ = [
+    "CLASSIFICATION",
+    "EvalReport",
+    "EvalView",
     "LossContract",
     "PosthocAdjuster",
     "Regularizer",
@@ -402,6 +517,7 @@ __all__ = [
     "StepContext",
     "StepObserver",
     "StepOutput",
+    "TaskContract",
     "TrainLoader",
     "TrainingView",
     "UpdateRule",

@@ -496,3 +496,20 @@ def _npz(cfg: DataConfig) -> Any:
 DATASETS.register("image_folder")(_image_folder)
 DATASETS.register("image_csv")(_image_csv)
 DATASETS.register("npz")(_npz)
+
+
+def _segmentation(name: str) -> Callable[[DataConfig], Any]:
+    """Semantic-segmentation datasets (:mod:`gradtail.data.segmentation`)."""
+
+    def build(cfg: DataConfig) -> Any:
+        from gradtail.data import segmentation
+
+        if name == "fashion_mnist_seg":
+            return segmentation.build_fashion_canvases(cfg)
+        return segmentation.build_file_segmentation(cfg, name)
+
+    return build
+
+
+for _name in ("fashion_mnist_seg", "ade20k", "seg_folders"):
+    DATASETS.register(_name)(_segmentation(_name))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ from torch import nn
 
 from gradtail.config import RunConfig, dump_config
 from gradtail.contracts import (
+    EvalView,
     LossContract,
     RunData,
     StepContext,
     StepObserver,
     StepOutput,
+    TaskContract,
     TrainingView,
     UpdateRule,
 )
@@ -55,6 +58,7 @@ from gradtail.rundir import (
     load_checkpoint,
     resume_config_changes,
 )
+from gradtail.tasks import create_task
 
 CHECKPOINT_VERSION = 1
 
@@ -96,6 +100,8 @@ class Trainer:
         # an unwritable output fails before any training (after the data: a run whose data is missing
         # leaves no empty output folder behind)
         self.run_dir.ensure_writable()
+        self.task: TaskContract = create_task(self.data)  # classification, or dense prediction
+        self.task.check(cfg)
         counts = self.data.class_counts
         c = self.data.num_classes
 
@@ -118,9 +124,8 @@ class Trainer:
                 self.model = self.model.convert_sync_batchnorm()  # timm's norm-act layers keep theirs
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.loss_fn: LossContract = create_loss(cfg.loss.name, c, class_counts=counts, **cfg.loss.params).to(
-            self.device
-        )
+        loss = create_loss(cfg.loss.name, c, class_counts=counts, **cfg.loss.params)
+        self.loss_fn: LossContract = self.task.adapt_loss(loss).to(self.device)
         required = self.loss_fn.required_head
         if required is not None and required != self.model.head_kind:
             raise ConfigError(
@@ -319,6 +324,7 @@ class Trainer:
             autocast=self.autocast,
             scaler=self.scaler,
             views=views,
+            task=self.task,
         )
         out = self.update_rule(ctx, x, y)
         if is_distributed() and self.regularizer is not None:
@@ -379,8 +385,15 @@ class Trainer:
     def evaluate_split(self, split: str) -> EvalResult | None:
         if not self.data.has_split(split):
             return None
-        pred = self.predict(split)
-        return self.evaluate_predictions(pred.logits, pred.targets)
+        return self.task.evaluate(self.eval_view(), split)
+
+    def eval_view(self) -> EvalView:
+        """What the run's task reads to evaluate a split (:class:`gradtail.contracts.TaskContract`)."""
+        return EvalView(
+            model=self.model, data=self.data, cfg=self.cfg, device=self.device, autocast=self.autocast,
+            loss_fn=self.loss_fn, predict=self.predict, score=self.evaluate_predictions,
+            group_rule=self.group_rule,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ run
     def fit(
@@ -388,8 +401,12 @@ class Trainer:
         resume: bool | str | Path = False,
         stop_after: int | None = None,
         overwrite: bool = False,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Train to ``optim.epochs`` (or stop after ``stop_after`` epochs of this call) and evaluate.
+
+        ``on_epoch_end(record)`` sees each epoch's record once it is written and checkpointed (the tuner
+        reports the validation metric there and may raise to stop a pruned trial).
 
         The output directory's rules (:mod:`gradtail.rundir`): without ``resume`` or ``overwrite`` a
         directory that already holds a run is refused. ``resume=True`` continues from the directory's
@@ -439,38 +456,43 @@ class Trainer:
                 self.save()
             if self.verbose and is_main_process():
                 print(_epoch_line(record, epochs), flush=True)
+            if on_epoch_end is not None:
+                on_epoch_end(record)
         return self.finish()
 
     def _epoch_eval(self) -> dict[str, Any]:
+        """The epoch's validation and test summaries; data without a test split (``gradtail tune`` hands
+        the trainer a view that has none) are evaluated on validation only."""
         rec: dict[str, Any] = {}
         val = self.evaluate_split("val")
         test = self.evaluate_split("test")
-        assert test is not None
-        rec["test"] = test.summary()
+        if test is not None:
+            rec["test"] = test.summary()
         if val is not None:
-            rec["val"] = {"top1": val.top1, "balanced_accuracy": val.balanced_accuracy}
-            if self.best is None or val.balanced_accuracy > self.best["val_balanced_accuracy"]:
+            key = f"val_{val.primary_metric}"  # the task's selection metric (balanced accuracy, mIoU)
+            rec["val"] = val.val_record()
+            if self.best is None or val.primary > self.best[key]:
                 self.best = {
                     "epoch": self.epoch + 1,
-                    "val_balanced_accuracy": val.balanced_accuracy,
-                    "test": test.summary(),
+                    key: val.primary,
+                    "test": test.summary() if test is not None else None,
                 }
         return rec
 
     def finish(self) -> dict[str, Any]:
-        """Final evaluation (last epoch, val-selected, post-hoc), written to ``final.json``."""
-        test_pred = self.predict("test")
-        test = self.evaluate_predictions(test_pred.logits, test_pred.targets)
+        """Final evaluation (last epoch, val-selected, post-hoc), written to ``final.json``. Without a test
+        split (``gradtail tune``'s trials) ``last_epoch`` is None and no post-hoc adjuster is fitted."""
+        test = self.evaluate_split("test")
         final: dict[str, Any] = {
             "name": self.cfg.name,
             "config_hash": self.cfg.hash(),
             "subset_sha256": self.data.sha256,
             "class_counts": self.data.class_counts,
-            "groups": self.group_rule().to_dict(),
+            "groups": self.task.groups(self.eval_view()),
             "epochs": self.epoch,
-            "last_epoch": test.to_dict(),
+            "last_epoch": test.to_dict() if test is not None else None,
             "val_selected": self.best,
-            "posthoc": self._posthoc(test_pred),
+            "posthoc": self._posthoc() if test is not None else {},
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
             "amp": self.precision.to_dict(),
             "update_rule_state": _jsonable(self.update_rule.state_dict()),
@@ -478,13 +500,13 @@ class Trainer:
         }
         val = self.evaluate_split("val")
         if val is not None:
-            final["val_last_epoch"] = val.summary() | {"balanced_accuracy": val.balanced_accuracy}
+            final["val_last_epoch"] = val.val_record()
         self.run_dir.write_json(FINAL, final)
         if self.diagnostics is not None:
             self.run_dir.write_json(DIAGNOSTICS, self.diagnostics.to_json(), indent=1)
         return final
 
-    def _posthoc(self, test_pred: Predictions) -> dict[str, Any]:
+    def _posthoc(self) -> dict[str, Any]:
         names = self.cfg.eval.posthoc
         if not names:
             return {}
@@ -500,8 +522,8 @@ class Trainer:
                 logits = adjuster.transform(test_feats.features)
             else:
                 adjuster.fit(val_pred.logits, val_pred.targets)
-                logits = adjuster.transform(test_pred.logits)
-            res = self.evaluate_predictions(logits, test_pred.targets)
+                logits = adjuster.transform(test_feats.logits)  # the test logits, computed with the features
+            res = self.evaluate_predictions(logits, test_feats.targets)
             results[name] = {"params": adjuster.fitted_params(), **res.to_dict(include_confusion=False)}
             state = adjuster.state_dict()
             if state is not None:  # extras/posthoc/<name>.pt: gradtail predict --posthoc applies it
@@ -611,12 +633,16 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
         f"lr {record['lr']:.4g}",
         f"{record['train_seconds']:.1f}s",
     ]
-    if "test" in record:
-        t = record["test"]
+    t = record.get("test")
+    if t is not None and "top1" in t:
         parts.append(
             f"test {_fmt(t['top1'])} "
             f"(many {_fmt(t['many'])} / med {_fmt(t['medium'])} / few {_fmt(t['few'])})"
         )
-    if "val" in record:
+    elif t is not None:  # another task's summary (segmentation: mIoU and its groups), as it is
+        parts.append("test " + " ".join(f"{k} {_fmt(v)}" for k, v in t.items()))
+    if "val" in record and "balanced_accuracy" in record["val"]:
         parts.append(f"val bal {_fmt(record['val']['balanced_accuracy'])}")
+    elif "val" in record:
+        parts.append("val " + " ".join(f"{k} {_fmt(v)}" for k, v in record["val"].items()))
     return " | ".join(parts)

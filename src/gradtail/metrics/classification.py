@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -223,6 +224,39 @@ def calibration_errors(logits: torch.Tensor, targets: torch.Tensor, num_bins: in
     }
 
 
+def classwise_calibration_error(logits: torch.Tensor, targets: torch.Tensor, num_bins: int = 15) -> float:
+    """Class-wise ECE (Kull et al. 2019): the ECE of every class's predicted probability against the
+    indicator of that class, averaged over classes.
+
+    cwECE = (1 / C) sum_j sum_b (|B_jb| / n) |mean_{i in B_jb} 1[y_i = j] - mean_{i in B_jb} p_ij|, where
+    B_jb are the samples whose probability of class j falls into bin b ((lo, hi], 0 in the first bin).
+    Unlike ECE (top-label confidence only) it sees the tail classes' probabilities on every sample.
+
+    Example:
+        >>> import torch
+        >>> from gradtail.metrics import classwise_calibration_error
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 2.0]])
+        >>> round(classwise_calibration_error(logits, torch.tensor([0, 1, 2, 2])), 4)
+        0.1844
+    """
+    c = _check(logits, targets)
+    n = int(targets.numel())
+    if n == 0:
+        return 0.0
+    probs = torch.softmax(logits.double(), dim=1)  # (n, C)
+    onehot = torch.nn.functional.one_hot(targets.long(), c).double()
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64, device=logits.device)
+    bins = torch.clamp(torch.bucketize(probs, edges[1:-1], right=False), 0, num_bins - 1)  # (n, C)
+    flat = (bins + num_bins * torch.arange(c, device=logits.device)).flatten()  # (class, bin) cells
+    size = c * num_bins
+    count = torch.zeros(size, dtype=torch.float64, device=logits.device)
+    count.index_add_(0, flat, torch.ones(flat.numel(), dtype=torch.float64, device=logits.device))
+    prob_sum = torch.zeros_like(count).index_add_(0, flat, probs.flatten())
+    hit_sum = torch.zeros_like(count).index_add_(0, flat, onehot.flatten())
+    gap = (hit_sum - prob_sum).abs()  # |B| * |acc - conf| per cell
+    return float(gap.sum() / n / c)
+
+
 def _mean_or_none(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
@@ -231,6 +265,8 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 @dataclass
 class EvalResult:
     """Everything one evaluation reports; ``to_dict`` is what runs write as JSON."""
+
+    primary_metric: ClassVar[str] = "balanced_accuracy"
 
     top1: float
     balanced_accuracy: float
@@ -242,6 +278,7 @@ class EvalResult:
     mce: float
     nll: float
     num_samples: int
+    classwise_ece: float
     confusion: list[list[int]]
     calibration_bins: dict[str, object]
 
@@ -252,6 +289,16 @@ class EvalResult:
             d.pop("calibration_bins")
         return d
 
+    @property
+    def primary(self) -> float:
+        """The validation metric that selects the epoch (:class:`gradtail.contracts.EvalReport`)."""
+        return self.balanced_accuracy
+
+    def val_record(self) -> dict[str, float | None]:
+        """The ``val`` entry of an epoch record (``gradtail tune`` reads its objective there: balanced
+        accuracy, top-1 or Few)."""
+        return self.summary() | {"balanced_accuracy": self.balanced_accuracy}
+
     def summary(self) -> dict[str, float | None]:
         return {
             "top1": self.top1,
@@ -259,6 +306,7 @@ class EvalResult:
             "medium": self.medium,
             "few": self.few,
             "ece": self.ece,
+            "classwise_ece": self.classwise_ece,
         }
 
 
@@ -313,6 +361,7 @@ def evaluate_logits(
         mce=float(calib["mce"]),  # type: ignore[arg-type]
         nll=nll,
         num_samples=n,
+        classwise_ece=classwise_calibration_error(logits, targets, num_bins),
         confusion=cm.tolist(),
         calibration_bins=calib["bins"],  # type: ignore[arg-type]
     )

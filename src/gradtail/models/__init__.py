@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradtail.models import resnet_cifar, small_cnn, timm_backbones, torchvision_backbones  # noqa: F401
+from gradtail.models import (  # noqa: F401
+    resnet_cifar,
+    segmentation,
+    small_cnn,
+    timm_backbones,
+    torchvision_backbones,
+)
 from gradtail.models.base import LongTailClassifier
 from gradtail.models.heads import CosineHead, LinearHead, create_head
 from gradtail.models.registry import MODELS, register_model
