@@ -242,7 +242,7 @@ def test_ade20k_images_of_several_sizes_stay_files(tmp_path):
     loader.dataset.reader["ignore_index"] = 255
     x, y = next(iter(loader))
     assert tuple(x.shape) == (2, 3, 8, 8) and tuple(y.shape) == (2, 8, 8)
-    (xt, yt), = list(data.eval_loader("test", run, torch.device("cpu")))
+    ((xt, yt),) = list(data.eval_loader("test", run, torch.device("cpu")))
     assert tuple(xt.shape) == (1, 3, 9, 13) and tuple(yt.shape) == (1, 9, 13)
 
 
@@ -291,7 +291,7 @@ def test_folder_reader_with_a_class_list(tmp_path):
     data = build_file_segmentation(cfg, "seg_folders")
     assert data.class_names == ["road", "car", "person"] and len(data.test) == 2  # val serves as test
     assert int(data.train.masks[0, 0, 0]) == 255
-    with pytest.raises(ConfigError, match="needs data.class_list"):
+    with pytest.raises(ConfigError, match=r"needs data\.class_list"):
         build_file_segmentation(_data_cfg(root, dataset="seg_folders"), "seg_folders")
     (root / "classes.txt").write_text("road\ncar\n")
     with pytest.raises(DataError, match="outside the class list"):
@@ -361,7 +361,9 @@ def test_segmentation_run_writes_miou_and_groups(tmp_path):
     final = trainer.fit()
     last = final["last_epoch"]
     assert 0 <= last["miou"] <= 1 and len(last["per_class_iou"]) == 11
-    assert set(last["groups"]) == {"frequent", "common", "rare"} and final["groups"]["rule"] == "pixel_frequency"
+    assert (
+        set(last["groups"]) == {"frequent", "common", "rare"} and final["groups"]["rule"] == "pixel_frequency"
+    )
     assert final["val_selected"]["val_miou"] >= 0
     assert int(trainer.loss_fn.inner.stats.steps) == 2 * 4  # one accumulated step per training step
     subset = json.loads((tmp_path / "run" / "subset.json").read_text())
@@ -377,7 +379,7 @@ def test_segmentation_refuses_classification_only_settings(tmp_path):
 
     cfg = _cfg()
     cfg.train.diagnostics = True
-    with pytest.raises(ConfigError, match="train.diagnostics"):
+    with pytest.raises(ConfigError, match=r"train\.diagnostics"):
         Trainer(cfg, output_dir=tmp_path / "a", verbose=False)
     cfg = _cfg()
     cfg.eval.posthoc = ["tau_norm"]

@@ -194,7 +194,9 @@ class _SmallEncoderDecoder(nn.Module):
         w, n = width, norm
         self.enc1 = nn.Sequential(_conv(in_channels, w, norm=n), _conv(w, w, norm=n))
         self.enc2 = nn.Sequential(_conv(w, 2 * w, stride=2, norm=n), _conv(2 * w, 2 * w, norm=n))
-        self.enc3 = nn.Sequential(_conv(2 * w, 4 * w, stride=2, norm=n), _conv(4 * w, 4 * w, dilation=2, norm=n))
+        self.enc3 = nn.Sequential(
+            _conv(2 * w, 4 * w, stride=2, norm=n), _conv(4 * w, 4 * w, dilation=2, norm=n)
+        )
         self.dec2 = _conv(6 * w, 2 * w, norm=n)
         self.dec1 = _conv(3 * w, w, norm=n)
 
