@@ -423,3 +423,29 @@ def test_two_processes_equal_one_process_for_segmentation(tmp_path, loss):
     two = got[0]["final"]["last_epoch"]
     assert two["num_pixels"] == final["last_epoch"]["num_pixels"]  # every test pixel counted once
     assert two["confusion"] == final["last_epoch"]["confusion"]
+
+
+def test_bench_and_report_of_a_segmentation_suite(tmp_path):
+    """gradtail bench's path: a two-method, two-seed suite runs, aggregates and renders its report."""
+    import yaml
+
+    from gradtail.bench import load_suite, run_suite
+    from gradtail.report.render import build_results, write_report
+
+    base = copy.deepcopy(TINY)
+    base["optim"]["epochs"] = 1
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "suite.yaml").write_text(
+        "name: seg_tiny\nbase: base.yaml\nseeds: [0, 1]\n"
+        "methods:\n  ce: {loss: {name: ce}}\n  softmax_eql: {loss: {name: softmax_eql}}\n"
+    )
+    suite = load_suite(tmp_path / "suite.yaml")
+    out = tmp_path / "bench"
+    finals = run_suite(suite, out, progress=False, log=lambda line: None)
+    results = build_results(suite, finals, out, 1.0)
+    assert [r["label"] for r in results["table"]][:2] == ["ce", "softmax_eql"]
+    assert results["table"][0]["miou"]["std"] is not None  # two seeds
+    paths = write_report(results, out)
+    page = paths["html"].read_text()
+    assert "mIoU rare" in page and "IoU per class against training pixel frequency" in page
+    assert "ground truth and predictions" in page and page.count("data:image/png;base64") == 2

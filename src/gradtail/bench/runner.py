@@ -163,6 +163,10 @@ def run_suite(
         final = trainer.fit(resume=not replace, overwrite=replace)
         durations.append(time.perf_counter() - start)
         last = final["last_epoch"]
+        if "miou" in last:  # segmentation: mIoU and its rare group
+            rare = "N/A" if last.get("miou_rare") is None else f"{100 * last['miou_rare']:.1f}"
+            log(f"{tag}: mIoU {100 * last['miou']:.1f}, rare {rare} ({_fmt_duration(durations[-1])})")
+            continue
         few = "N/A" if last.get("few") is None else f"{100 * last['few']:.1f}"
         log(f"{tag}: top-1 {100 * last['top1']:.1f}, few {few} ({_fmt_duration(durations[-1])})")
     finals = []

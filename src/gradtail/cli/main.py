@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace) -> int:
     from gradtail.config import load_config
     from gradtail.distributed import is_main_process, world_size
     from gradtail.engine.trainer import Trainer
-    from gradtail.report import format_table, run_rows
+    from gradtail.report import columns_for, format_table, run_rows
     from gradtail.rundir import FINAL, RunDirectory
 
     if args.resume and args.overwrite:
@@ -60,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
         say(f"gradtail: stopped after epoch {trainer.epoch}; resume with --resume")
         return 0
     say()
-    say(format_table(run_rows(final, cfg.name)))
+    say(format_table(run_rows(final, cfg.name), columns_for(final)))
     say(f"\ntraining time {final['train_seconds']:.1f}s; results in {trainer.run_dir.file(FINAL)}")
     return 0
 
@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gradtail.config import config_from_dict
     from gradtail.engine.trainer import Trainer
-    from gradtail.report import format_table, run_rows
+    from gradtail.report import columns_for, format_table, run_rows
     from gradtail.rundir import load_checkpoint
 
     path = Path(args.checkpoint)
@@ -84,7 +84,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, output_dir=out)
     trainer.load_state(state)
     final = trainer.finish()
-    print(format_table(run_rows(final, cfg.name)))
+    print(format_table(run_rows(final, cfg.name), columns_for(final)))
     if args.json:
         print(json.dumps(final["last_epoch"] if not args.full else final, indent=2))
     return 0
@@ -135,11 +135,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     paths = write_report(results, output)
     from gradtail.report.aggregate import METRICS, display_label, format_mean_std
 
-    rows = [[display_label(r), *(format_mean_std(r[m]) for m in METRICS)] for r in results["table"]]
+    metrics = results.get("metrics", METRICS)  # segmentation suites: mIoU and its groups
+    rows = [[display_label(r), *(format_mean_std(r[m]) for m in metrics)] for r in results["table"]]
     from gradtail.report import format_table
+    from gradtail.report.table import COLUMNS
 
     print()
-    print(format_table(rows))
+    print(format_table(rows, results.get("columns", COLUMNS)))
     print(
         f"\nwall time {wall / 60:.1f} min; report: {paths['html']} "
         f"(also {paths['markdown'].name}, results.json)"

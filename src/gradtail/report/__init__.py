@@ -1,5 +1,5 @@
 """Result tables and (later) reports."""
 
-from gradtail.report.table import format_table, run_rows
+from gradtail.report.table import columns_for, format_table, run_rows
 
-__all__ = ["format_table", "run_rows"]
+__all__ = ["columns_for", "format_table", "run_rows"]

@@ -34,7 +34,12 @@ def _jsonable(value: Any) -> Any:
 def build_results(
     suite: Any, finals: list[dict[str, Any]], output: Path, wall_seconds: float | None
 ) -> dict[str, Any]:
-    """Everything the report shows, as one JSON-serialisable record."""
+    """Everything the report shows, as one JSON-serialisable record (segmentation suites:
+    :func:`gradtail.report.segmentation.build_results`)."""
+    if finals and "miou" in (finals[0].get("last_epoch") or {}):
+        from gradtail.report import segmentation
+
+        return segmentation.build_results(suite, finals, output, wall_seconds)
     order = [m.name for m in suite.methods]
     rows = aggregate(finals, order)
     for row in rows:
@@ -342,6 +347,10 @@ def _duration(seconds: float) -> str:
 
 def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     """Write results.json, report.md (+ PNG files) and report.html; return their paths."""
+    if results.get("task") == "segmentation":
+        from gradtail.report import segmentation
+
+        return segmentation.write_report(results, output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
     figs = _figures(results, output)
