@@ -332,21 +332,47 @@ class GradientStatistics(nn.Module):
                     raise TrainingError("the C x C matrix is defined for single-label targets only")
                 # M[j, c] += sum_{i: y_i = c} |dL/dz_ij|  ==  G^T @ onehot(y)   (docs/methods/gala.md §1)
                 parts.append((g.t() @ pos_mask).reshape(-1))
-            flat = torch.cat(parts).to(self.pos.device)
-            if not (isinstance(scale, float | int) and scale == 1):
-                flat = flat * torch.as_tensor(scale, dtype=torch.float64, device=flat.device)
-            bad = (~torch.isfinite(flat)).any().to(torch.float64).view(1)
-            samples = torch.as_tensor(count, dtype=torch.float64, device=flat.device).view(1)
-            flat = torch.cat([flat, samples, bad])  # count and skip flag ride in the same collective (5, 7)
-            all_reduce_sum_(flat)
-            ok = (flat[-1] == 0) & (flat[-2] > 0)
-            zero = torch.zeros((), dtype=torch.float64, device=flat.device)
-            c = self.num_classes
-            self.pos.add_(torch.where(ok, flat[:c], zero))
-            self.neg.add_(torch.where(ok, flat[c : 2 * c], zero))
-            if self.track_matrix:
-                self.matrix.add_(torch.where(ok, flat[2 * c : -2], zero).view(c, c))
-            self.steps.add_(ok.to(torch.int64))
+            self._reduce_and_add(parts, scale, count)
+
+    @torch.no_grad()
+    def update_from_class_sums(
+        self,
+        pos_step: torch.Tensor,
+        neg_step: torch.Tensor,
+        *,
+        scale: float | torch.Tensor = 1.0,
+        count: int | torch.Tensor,
+    ) -> None:
+        """Add one step given its per-class sums of |dL/dz| over positives (``pos_step``) and negatives
+        (``neg_step``), (C,) each, computed by the loss in closed form (Softmax-EQL per pixel: sums of
+        probabilities instead of an (n, C) gradient matrix). Same scaling, sample count, all-reduce and
+        skip rules as :meth:`update_from_softmax_grad`; not with ``track_matrix``."""
+        if statistics_frozen():
+            return
+        if self.track_matrix:
+            raise TrainingError("update_from_class_sums cannot fill the C x C matrix (track_matrix)")
+        with torch.autocast(device_type=pos_step.device.type, enabled=False):
+            self._reduce_and_add([pos_step.to(torch.float64), neg_step.to(torch.float64)], scale, count)
+
+    def _reduce_and_add(
+        self, parts: list[torch.Tensor], scale: float | torch.Tensor, count: int | torch.Tensor
+    ) -> None:
+        """Scale the step's sums, all-reduce them with the sample count and the skip flag, add them."""
+        flat = torch.cat(parts).to(self.pos.device)
+        if not (isinstance(scale, float | int) and scale == 1):
+            flat = flat * torch.as_tensor(scale, dtype=torch.float64, device=flat.device)
+        bad = (~torch.isfinite(flat)).any().to(torch.float64).view(1)
+        samples = torch.as_tensor(count, dtype=torch.float64, device=flat.device).view(1)
+        flat = torch.cat([flat, samples, bad])  # count and skip flag ride in the same collective (5, 7)
+        all_reduce_sum_(flat)
+        ok = (flat[-1] == 0) & (flat[-2] > 0)
+        zero = torch.zeros((), dtype=torch.float64, device=flat.device)
+        c = self.num_classes
+        self.pos.add_(torch.where(ok, flat[:c], zero))
+        self.neg.add_(torch.where(ok, flat[c : 2 * c], zero))
+        if self.track_matrix:
+            self.matrix.add_(torch.where(ok, flat[2 * c : -2], zero).view(c, c))
+        self.steps.add_(ok.to(torch.int64))
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, track_matrix={self.track_matrix}"

@@ -695,18 +695,36 @@ class SoftmaxEQL(_EqualizationLoss):
         ignore = -100 if self.ignore_index is None else self.ignore_index  # -100: no label is ignored
         valid = y != ignore
         count = valid.sum().clamp(min=1)  # non-ignored samples, at least 1 (convention N)
-        loss = F.cross_entropy(z_adj, y, ignore_index=ignore, reduction="sum") / count
+        # CE(z~, y) as log-softmax + NLL (what F.cross_entropy computes), the log-softmax reused below
+        log_p = F.log_softmax(z_adj, dim=1)
+        loss = F.nll_loss(log_p, y, ignore_index=ignore, reduction="sum") / count
         if collect:
             with torch.no_grad():
-                prob = torch.softmax(flatten_class_dim(z_adj.detach()), dim=1)
-                yf, vf = y.reshape(-1), valid.reshape(-1)
-                y_safe = torch.where(vf, yf, torch.zeros_like(yf))
-                grad = prob.scatter_add(1, y_safe.view(-1, 1), -torch.ones_like(prob[:, :1])).abs()
-                scale = 1.0 / (count.to(torch.float64) * world_size())  # |softmax(z~) - onehot(y)| / B
-                self.stats.update_from_softmax_grad(grad, y_safe, vf, scale=scale)
+                self._collect(log_p.detach(), y, valid, count)
         if z.numel() == 0:
             return empty_batch_loss(z)  # convention E (the statistics update above still ran)
         return loss
+
+    def _collect(
+        self, log_p: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, count: torch.Tensor
+    ) -> None:
+        """Add |softmax(z~) - onehot(y)| / #samples per class (§1, §4) from per-class sums, without an
+        (n, C) gradient matrix: with p = softmax(z~) over the counted samples,
+        P_c += sum_{i: y_i = c} (1 - p_ic) = n_c - sum_{i: y_i = c} p_ic and
+        N_c += sum_{i: y_i != c} p_ic = sum_i p_ic - sum_{i: y_i = c} p_ic (float64 sums)."""
+        c = self.num_classes
+        prob = flatten_class_dim(log_p).exp()
+        yf, vf = y.reshape(-1), valid.reshape(-1)
+        y_safe = torch.where(vf, yf, torch.zeros_like(yf))
+        if self.ignore_index is not None:  # ignored samples: no row counted
+            prob = prob * vf.view(-1, 1).to(prob.dtype)
+        p_y = prob.gather(1, y_safe.view(-1, 1)).view(-1).to(torch.float64)
+        zeros = torch.zeros(c, dtype=torch.float64, device=prob.device)
+        n_c = zeros.index_add(0, y_safe, vf.to(torch.float64))
+        pos_p = zeros.index_add(0, y_safe, p_y)
+        col = prob.sum(dim=0, dtype=torch.float64)
+        scale = 1.0 / (count.to(torch.float64) * world_size())  # the 1/n of the mean, then 1/W (§1 rule 6)
+        self.stats.update_from_class_sums(n_c - pos_p, col - pos_p, scale=scale, count=vf.sum())
 
     def extra_repr(self) -> str:
         return (
