@@ -354,6 +354,7 @@ def _cfg(loss="softmax_eql", batch_size=8, **data):
     return config_from_dict(cfg)
 
 
+@pytest.mark.slow
 def test_segmentation_run_writes_miou_and_groups(tmp_path):
     from gradtail.engine.trainer import Trainer
 
@@ -402,6 +403,7 @@ def _ddp_worker(rank: int, tmp: str, loss: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("loss", ["softmax_eql"])
 def test_two_processes_equal_one_process_for_segmentation(tmp_path, loss):
@@ -425,6 +427,7 @@ def test_two_processes_equal_one_process_for_segmentation(tmp_path, loss):
     assert two["confusion"] == final["last_epoch"]["confusion"]
 
 
+@pytest.mark.slow
 def test_bench_and_report_of_a_segmentation_suite(tmp_path):
     """gradtail bench's path: a two-method, two-seed suite runs, aggregates and renders its report."""
     import yaml
@@ -449,3 +452,52 @@ def test_bench_and_report_of_a_segmentation_suite(tmp_path):
     page = paths["html"].read_text()
     assert "mIoU rare" in page and "IoU per class against training pixel frequency" in page
     assert "ground truth and predictions" in page and page.count("data:image/png;base64") == 2
+
+
+def _folder_tree(root, n_train=4, size=(32, 32), classes=("road", "car", "person")):
+    rng = np.random.default_rng(2)
+    for split, n in (("train", n_train), ("test", 2)):
+        for i in range(n):
+            _png(root / "images" / split / f"im{i}.png", rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+            _png(root / "masks" / split / f"im{i}.png", rng.integers(0, len(classes), size).astype(np.uint8))
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
+@pytest.mark.slow
+def test_a_torchvision_model_trains_with_amp_and_channels_last(tmp_path):
+    """LR-ASPP MobileNetV3 (weights=None) on a seg_folders tree through the trainer, bf16 autocast where
+    native, channels-last, per-pixel balanced softmax (pixel-frequency priors)."""
+    from gradtail.engine.trainer import Trainer
+
+    root = _folder_tree(tmp_path / "data")
+    cfg = config_from_dict({
+        "name": "tv", "data": {"dataset": "seg_folders", "data_dir": str(root), "class_list": "classes.txt"},
+        "model": {"name": "lraspp_mobilenet_v3_large"}, "loss": {"name": "balanced_softmax"},
+        "optim": {"epochs": 1, "batch_size": 2, "warmup_epochs": 0, "lr": 0.01},
+        "train": {"progress": False, "amp": "auto", "channels_last": True, "diagnostics": False},
+        "eval": {"batch_size": 2},
+    })  # fmt: skip
+    trainer = Trainer(cfg, output_dir=tmp_path / "run", verbose=False)
+    final = trainer.fit()
+    assert len(final["last_epoch"]["per_class_iou"]) == 3
+
+
+def test_torchvision_checkpoint_loads_and_bad_checkpoints_are_one_line(tmp_path):
+    from torchvision.models import segmentation as tvseg
+
+    from gradtail.models import create_model
+
+    torch.manual_seed(0)
+    ref = tvseg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=5)
+    torch.save(ref.state_dict(), tmp_path / "lraspp.pth")
+    net = create_model("lraspp_mobilenet_v3_large", 5, checkpoint=str(tmp_path / "lraspp.pth")).eval()
+    x = torch.randn(1, 3, 48, 48)
+    torch.testing.assert_close(net(x), ref.eval()(x)["out"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_model("lraspp_mobilenet_v3_large", 5, checkpoint=str(tmp_path / "missing.pth"))
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot read"):
+        create_model("lraspp_mobilenet_v3_large", 5, checkpoint=str(tmp_path / "bad.pth"))
+    with pytest.raises(ConfigError, match="RGB"):
+        create_model("fcn_resnet50", 5, in_channels=1)
