@@ -28,7 +28,15 @@ SKIPPED_MODULES = ("gradtail.__main__",)
 
 # Public objects whose docstring must have a runnable ``Example:`` section (extend as examples are added).
 DOCUMENTED = (
+    "gradtail.contracts.TaskContract",
     "gradtail.contracts.UpdateRule",
+    "gradtail.data.segmentation.make_canvases",
+    "gradtail.losses.dense.PixelLoss",
+    "gradtail.metrics.segmentation.ConfusionState",
+    "gradtail.metrics.segmentation.pixel_frequency_groups",
+    "gradtail.metrics.segmentation.segmentation_metrics",
+    "gradtail.models.segmentation.SegmentationModel",
+    "gradtail.tasks.slide_inference",
     "gradtail.contracts.unwrap_model",
     "gradtail.data.lvis.frequency_from_image_count",
     "gradtail.data.lvis.read_detection_json",
