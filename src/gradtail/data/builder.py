@@ -282,7 +282,13 @@ _OWN_DATA_SETTINGS: dict[str, Callable[[DataConfig], bool]] = {
 
 def reject_own_data_settings(cfg: DataConfig) -> None:
     """A :class:`ConfigError` when a built-in dataset's config sets a key of own data (it would be
-    ignored); the built-in datasets are long-tailed by ``data.imbalance_factor`` / ``data.profile``."""
+    ignored); the built-in datasets are long-tailed by ``data.imbalance_factor`` / ``data.profile``.
+    ``data.segmentation`` (the segmentation datasets' settings) is refused too."""
+    if cfg.segmentation:
+        raise ConfigError(
+            "data.segmentation is a setting of the segmentation datasets (fashion_mnist_seg, ade20k, "
+            f"seg_folders), not of {cfg.dataset!r}"
+        )
     for key, is_set in _OWN_DATA_SETTINGS.items():
         if is_set(cfg):
             raise ConfigError(
