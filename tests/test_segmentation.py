@@ -501,3 +501,14 @@ def test_torchvision_checkpoint_loads_and_bad_checkpoints_are_one_line(tmp_path)
         create_model("lraspp_mobilenet_v3_large", 5, checkpoint=str(tmp_path / "bad.pth"))
     with pytest.raises(ConfigError, match="RGB"):
         create_model("fcn_resnet50", 5, in_channels=1)
+
+
+def test_classification_datasets_refuse_segmentation_settings():
+    from gradtail.data.builder import build_data
+
+    cfg = config_from_dict({"data": {"dataset": "synthetic", "segmentation": {"crop": 8}}})
+    with pytest.raises(ConfigError, match=r"data\.segmentation is a setting of the segmentation datasets"):
+        build_data(cfg.data)
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) data\.segmentation\.\['crpo'\]"):
+        data = {"dataset": "fashion_mnist_seg", "segmentation": {"crpo": 8}}
+        build_data(config_from_dict({"data": data}).data)
