@@ -164,7 +164,9 @@ class ValidationOnlyData:
         self, split: str, cfg: RunConfig, device: torch.device
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         if split == "test":
-            raise ForbiddenSplitRead("the test split is not read while tuning (selection uses validation only)")
+            raise ForbiddenSplitRead(
+                "the test split is not read while tuning (selection uses validation only)"
+            )
         return self._data.eval_loader(split, cfg, device)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -352,7 +354,8 @@ def tune_method(
             gc_after_trial=True,
         )
     wall = time.perf_counter() - start
-    result = _summarise(method, name, study, space, settings, trial_epochs, directory, wall)
+    # the chosen values as best.yaml holds them (epoch fractions on the method's own schedule)
+    result = _summarise(method, name, study, space, settings, cfg.optim.epochs, directory, wall)
     if result.best_value is not None:
         best = study.best_trial
         best_config = apply_values(base, space, best.params)
