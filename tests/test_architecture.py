@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "data": 1,
     "losses": 2,
     "tasks": 2,  # classification / dense prediction behind gradtail.contracts.TaskContract
+    "detection": 3,  # gradtail losses inside torchvision's detectors (uses losses, data, metrics)
     "diagnostics": 2,
     "regularizers": 3,
     "optim": 3,

@@ -1,0 +1,327 @@
+"""gradtail losses as the classification term of torchvision's detectors (docs/detection.md §Design).
+
+Nothing of torchvision's code is copied: each head is a subclass that overrides one method.
+
+- Two-stage (Faster R-CNN): :class:`GradtailRoIHeads` subclasses ``RoIHeads``. torchvision calls the
+  module-level ``fastrcnn_loss`` inside ``RoIHeads.forward``, so there is no loss method to override.
+  The override points are the two methods ``forward`` calls through ``self``: ``select_training_samples``
+  (its result, the sampled RoIs' labels, is kept) and ``box_predictor`` (wrapped by
+  :class:`RecordingPredictor`, which keeps the class logits it returns). ``forward`` calls
+  ``super().forward`` and replaces ``loss_classifier`` by the gradtail loss on exactly those logits and
+  labels (the stock cross-entropy computed by torchvision is dropped from the loss dict, so no gradient
+  flows through it; its cost is one (n, C + 1) cross-entropy). Inference overrides
+  ``postprocess_detections``, whose only loss-specific step is the score: the same pipeline (decode, clip,
+  score threshold, small-box removal, per-class NMS, top-k) is composed from torchvision's public
+  ``box_coder`` and ``box_ops``, with the scores of the loss (:meth:`TwoStageTerm.scores`); with ``ce`` it
+  reproduces torchvision's output exactly (tested).
+- One-stage RetinaNet: :class:`GradtailRetinaNetHead` overrides ``RetinaNetHead.compute_loss`` only to
+  hand the anchors (EQFL's quality target needs the decoded boxes) to
+  :class:`GradtailRetinaNetClassificationHead`, whose ``compute_loss`` is the override of
+  ``RetinaNetClassificationHead.compute_loss``; the regression term is torchvision's.
+- One-stage FCOS: :class:`GradtailFCOSHead` overrides ``FCOSHead.compute_loss``: torchvision's terms are
+  computed by ``super()`` and the ``classification`` term is replaced.
+
+Label conventions. torchvision's two-stage heads use 0 = background, 1..C = classes, logits
+[bg, 1..C]; gradtail's detection losses use labels 0..C-1 and C = background with the background /
+objectness channel *last* (docs/methods/eql.md §2). :class:`TwoStageTerm` maps one to the other (a
+column permutation, no copy of the logits' content). One-stage heads use labels 0..C-1 directly; an
+anchor torchvision matches to no box is background (label C of the loss: all class channels 0), one
+between the IoU thresholds is ignored (label -1: out of the loss, the normaliser and the statistics).
+
+Normalisers (docs/methods/eql.md §9). EQLv2: the mean over the step's sampled RoIs (all images of the
+rank), statistics summed without it (official accumulation). EFL / EQFL: the number of positive anchors
+of the whole step, averaged over ranks (an all-reduce; the official codes do the same), so W ranks
+train on and accumulate exactly what one process with the whole batch does. The stock RetinaNet focal
+loss keeps torchvision's per-image normalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection._utils import BoxLinearCoder
+from torchvision.models.detection.fcos import FCOSHead
+from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetHead
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import boxes as box_ops
+
+from gradtail.distributed import all_reduce_sum_, world_size
+from gradtail.errors import ConfigError
+from gradtail.losses import create_loss
+from gradtail.losses.base import LongTailLoss
+from gradtail.losses.equalization import sigmoid_eql_scores
+
+TWO_STAGE_LOSSES = ("ce", "sigmoid_eql", "softmax_eql", "seesaw")
+ONE_STAGE_LOSSES = ("focal", "efl", "eqfl")
+
+
+# ------------------------------------------------------------------------------------------ two-stage
+class TwoStageTerm(nn.Module):
+    """The RoI classifier's loss and scores for ``loss_name`` in :data:`TWO_STAGE_LOSSES`.
+
+    - ``sigmoid_eql`` (EQLv2): C + 1 sigmoid channels, the last the background / objectness channel
+      (label C), ``objectness=True, background_label=True``; score_j = sigmoid(z_j) (1 - sigmoid(z_bg))
+      (docs/methods/eql.md §2, §9).
+    - ``ce``, ``softmax_eql``, ``seesaw``: a softmax over C + 1 classes, background = class C (what
+      torchvision's cross-entropy does, with the background moved last); score_j = softmax(z)_j (raw
+      logits at test time). For ``softmax_eql`` and ``seesaw`` the background is thus one more class of
+      their statistics / sample counts.
+    """
+
+    def __init__(self, loss_name: str, num_classes: int, loss_params: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if loss_name not in TWO_STAGE_LOSSES:
+            raise ConfigError(
+                f"two-stage detectors take the losses {', '.join(TWO_STAGE_LOSSES)}, got {loss_name!r}"
+            )
+        params = dict(loss_params or {})
+        self.loss_name = loss_name
+        self.num_classes = num_classes
+        if loss_name == "sigmoid_eql":
+            params.setdefault("objectness", True)
+            params.setdefault("background_label", True)
+            self.loss: LongTailLoss = create_loss("sigmoid_eql", num_classes, **params)
+        else:
+            self.loss = create_loss(loss_name, num_classes + 1, **params)
+
+    @staticmethod
+    def to_gradtail(tv_logits: torch.Tensor, tv_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """torchvision's [bg, 1..C] logits and labels (0 = bg) -> [1..C, bg] logits, labels 0..C-1 / C."""
+        c = tv_logits.shape[1] - 1
+        logits = torch.cat([tv_logits[:, 1:], tv_logits[:, :1]], dim=1)
+        labels = torch.where(tv_labels > 0, tv_labels - 1, torch.full_like(tv_labels, c))
+        return logits, labels
+
+    def forward(self, tv_logits: torch.Tensor, tv_labels: torch.Tensor) -> torch.Tensor:
+        """The classification loss of the sampled RoIs (statistics updated by the loss)."""
+        logits, labels = self.to_gradtail(tv_logits, tv_labels)
+        return self.loss(logits, labels)
+
+    def scores(self, tv_logits: torch.Tensor) -> torch.Tensor:
+        """(n, C) class scores from torchvision-ordered logits, as the loss defines them."""
+        logits = torch.cat([tv_logits[:, 1:], tv_logits[:, :1]], dim=1)
+        if self.loss_name == "sigmoid_eql":
+            return sigmoid_eql_scores(logits)
+        return F.softmax(logits, dim=-1)[:, :-1]
+
+
+class RecordingPredictor(nn.Module):
+    """Wraps a box predictor; keeps the class logits of the last training forward for the loss."""
+
+    def __init__(self, predictor: nn.Module) -> None:
+        super().__init__()
+        self.predictor = predictor
+        self.last_class_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        class_logits, box_regression = self.predictor(x)
+        if self.training:
+            self.last_class_logits = class_logits
+        return class_logits, box_regression
+
+
+class GradtailRoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` with a gradtail classification term (module docstring).
+
+    ``GradtailRoIHeads(term, **kwargs)``: ``kwargs`` are ``RoIHeads``'s own arguments; the box predictor
+    is wrapped in a :class:`RecordingPredictor`.
+    """
+
+    def __init__(self, term: TwoStageTerm, **kwargs: Any) -> None:
+        kwargs["box_predictor"] = RecordingPredictor(kwargs["box_predictor"])
+        super().__init__(**kwargs)
+        self.term = term
+        self._sampled_labels: list[torch.Tensor] | None = None
+
+    def select_training_samples(self, proposals, targets):  # type: ignore[no-untyped-def]
+        out = super().select_training_samples(proposals, targets)
+        self._sampled_labels = out[2]
+        return out
+
+    def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[no-untyped-def]
+        result, losses = super().forward(features, proposals, image_shapes, targets)
+        if self.training:
+            logits = self.box_predictor.last_class_logits
+            labels = self._sampled_labels
+            self.box_predictor.last_class_logits, self._sampled_labels = None, None
+            if logits is None or labels is None:  # pragma: no cover - torchvision changed its forward
+                raise RuntimeError(
+                    "RoIHeads.forward did not go through select_training_samples/box_predictor"
+                )
+            losses["loss_classifier"] = self.term(logits, torch.cat(labels, dim=0))
+        return result, losses
+
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):  # type: ignore[no-untyped-def]
+        """torchvision's pipeline with the loss's scores (module docstring)."""
+        boxes_per_image = [p.shape[0] for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals)[:, 1:]  # drop the background's box
+        pred_scores = self.term.scores(class_logits).to(pred_boxes.dtype)
+        out_boxes, out_scores, out_labels = [], [], []
+        for boxes, scores, shape in zip(
+            pred_boxes.split(boxes_per_image, 0),
+            pred_scores.split(boxes_per_image, 0),
+            image_shapes,
+            strict=True,
+        ):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            # torchvision's labels: 1..C (0 = background)
+            labels = torch.arange(1, scores.shape[1] + 1, device=scores.device).view(1, -1).expand_as(scores)
+            boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+            out_labels.append(labels[keep])
+        return out_boxes, out_scores, out_labels
+
+
+# ------------------------------------------------------------------------------------------ one-stage
+def global_normalizer(num_pos: torch.Tensor) -> torch.Tensor:
+    """max(1, positives of the whole step averaged over ranks): the official one-stage normaliser (§9)."""
+    total = num_pos.detach().to(torch.float64).reshape(1).clone()
+    all_reduce_sum_(total)
+    return (total[0] / world_size()).clamp(min=1.0)
+
+
+class OneStageTerm(nn.Module):
+    """EFL / EQFL on all anchors of a step (``efl``, ``eqfl``; the stock ``focal`` is torchvision's)."""
+
+    def __init__(self, loss_name: str, num_classes: int, loss_params: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if loss_name not in ("efl", "eqfl"):
+            raise ConfigError(f"one-stage gradtail terms are efl and eqfl, got {loss_name!r}")
+        params = {"background_label": True, "ignore_index": -1, **(loss_params or {})}
+        self.loss_name = loss_name
+        self.num_classes = num_classes
+        self.loss = create_loss(loss_name, num_classes, **params)
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``logits`` (n, C), ``labels`` (n,) in 0..C-1, C = background, -1 = ignored."""
+        norm = global_normalizer(((labels >= 0) & (labels < self.num_classes)).sum())
+        if self.loss_name == "eqfl":
+            return self.loss(logits, labels, quality=quality, normalizer=norm)
+        return self.loss(logits, labels, normalizer=norm)
+
+
+def anchor_labels(
+    targets: list[dict[str, torch.Tensor]], matched_idxs: list[torch.Tensor], num_classes: int, ignore: int
+) -> torch.Tensor:
+    """(sum of anchors,) labels: the matched box's class, ``num_classes`` for background (matched -1),
+    -1 for the ``ignore`` match value (torchvision's BETWEEN_THRESHOLDS)."""
+    out = []
+    for t, m in zip(targets, matched_idxs, strict=True):
+        lab = t["labels"][m.clamp(min=0)] if t["labels"].numel() else torch.zeros_like(m)
+        lab = torch.where(m >= 0, lab, torch.full_like(lab, num_classes))
+        out.append(torch.where(m == ignore, torch.full_like(lab, -1), lab))
+    return torch.cat(out)
+
+
+class GradtailRetinaNetClassificationHead(RetinaNetClassificationHead):
+    """``RetinaNetClassificationHead`` whose ``compute_loss`` is a gradtail term (module docstring)."""
+
+    def __init__(
+        self, in_channels: int, num_anchors: int, num_classes: int, term: OneStageTerm, **kwargs: Any
+    ) -> None:
+        super().__init__(in_channels, num_anchors, num_classes, **kwargs)
+        self.term = term
+
+    def compute_loss(self, targets, head_outputs, matched_idxs, quality=None):  # type: ignore[no-untyped-def]
+        logits = head_outputs["cls_logits"].reshape(-1, self.num_classes)
+        labels = anchor_labels(targets, matched_idxs, self.num_classes, self.BETWEEN_THRESHOLDS)
+        return self.term(logits, labels, quality)
+
+
+def _quality(
+    box_coder: Any,
+    bbox_regression: torch.Tensor,
+    anchors: list[torch.Tensor],
+    targets: list[dict[str, torch.Tensor]],
+    matched_idxs: list[torch.Tensor],
+) -> torch.Tensor:
+    """EQFL's quality target: IoU of each anchor's decoded box with its matched box (0 elsewhere)."""
+    out = []
+    for reg, anc, t, m in zip(bbox_regression, anchors, targets, matched_idxs, strict=True):
+        q = torch.zeros(m.shape[0], dtype=reg.dtype, device=reg.device)
+        pos = torch.where(m >= 0)[0]
+        if pos.numel():
+            if isinstance(box_coder, BoxLinearCoder):  # FCOS
+                pred = box_coder.decode(reg[pos].detach(), anc[pos])
+            else:  # RetinaNet's BoxCoder
+                pred = box_coder.decode_single(reg[pos].detach(), anc[pos])
+            gt = t["boxes"][m[pos]].to(pred.dtype)
+            q[pos] = box_ops.box_iou(pred, gt).diagonal().clamp(0, 1)
+        out.append(q)
+    return torch.cat(out)
+
+
+class GradtailRetinaNetHead(RetinaNetHead):
+    """``RetinaNetHead`` handing the anchors to the classification term (EQFL's quality)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        num_classes: int,
+        term: OneStageTerm,
+        prior_probability: float = 0.01,
+        norm_layer: Any = None,
+    ) -> None:
+        super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
+        self.classification_head = GradtailRetinaNetClassificationHead(
+            in_channels,
+            num_anchors,
+            num_classes,
+            term,
+            prior_probability=prior_probability,
+            norm_layer=norm_layer,
+        )
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[no-untyped-def]
+        quality = None
+        if self.classification_head.term.loss_name == "eqfl":
+            quality = _quality(
+                self.regression_head.box_coder,
+                head_outputs["bbox_regression"],
+                anchors,
+                targets,
+                matched_idxs,
+            )
+        return {
+            "classification": self.classification_head.compute_loss(
+                targets, head_outputs, matched_idxs, quality
+            ),
+            "bbox_regression": self.regression_head.compute_loss(
+                targets, head_outputs, anchors, matched_idxs
+            ),
+        }
+
+
+class GradtailFCOSHead(FCOSHead):
+    """``FCOSHead`` whose classification term is a gradtail loss; box and centre-ness terms from ``super``."""
+
+    def __init__(
+        self, in_channels: int, num_anchors: int, num_classes: int, term: OneStageTerm, num_convs: int = 4
+    ) -> None:
+        super().__init__(in_channels, num_anchors, num_classes, num_convs)
+        self.term = term
+
+    def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[no-untyped-def]
+        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+        num_classes = head_outputs["cls_logits"].shape[-1]
+        logits = head_outputs["cls_logits"].reshape(-1, num_classes)
+        labels = anchor_labels(targets, matched_idxs, num_classes, ignore=-2)  # FCOS ignores nothing
+        quality = None
+        if self.term.loss_name == "eqfl":
+            quality = _quality(
+                self.box_coder, head_outputs["bbox_regression"], anchors, targets, matched_idxs
+            )
+        losses["classification"] = self.term(logits, labels, quality)
+        return losses

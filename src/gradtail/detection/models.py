@@ -1,0 +1,301 @@
+"""torchvision detectors with a gradtail classification term and a backbone small enough for 2 CPU cores
+(docs/detection.md §Detectors).
+
+:func:`build_detector` returns a :class:`Detector`: torchvision's ``FasterRCNN``, ``RetinaNet`` or ``FCOS``
+(``weights=None``, ``weights_backbone=None``: nothing is downloaded), built with the heads of
+:mod:`gradtail.detection.heads` unless the stock loss is asked for, around either
+
+- ``backbone: tiny`` (default): four stride-2 conv stages (3x3 conv, GroupNorm, ReLU; GroupNorm rather
+  than BatchNorm so a rank's features do not depend on the other images of its batch, which keeps
+  W processes equal to one) and torchvision's ``FeaturePyramidNetwork`` on the last three
+  (strides 4, 8, 16, plus a max-pooled level for the two-stage RPN), ``width`` channels; or
+- ``backbone: resnet50_fpn`` (the LVIS recipes'), torchvision's ``resnet_fpn_backbone`` with
+  ``weights=None`` and FrozenBatchNorm.
+
+:class:`Detector` hides torchvision's label conventions: it takes and returns labels 0..C-1 (the
+dataset's contiguous class indices) whatever the architecture (two-stage heads reserve 0 for the
+background, so labels are shifted by one inside).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from gradtail.detection.heads import (
+    ONE_STAGE_LOSSES,
+    TWO_STAGE_LOSSES,
+    GradtailFCOSHead,
+    GradtailRetinaNetHead,
+    GradtailRoIHeads,
+    OneStageTerm,
+    TwoStageTerm,
+)
+from gradtail.errors import ConfigError
+
+ARCHS = ("faster_rcnn", "retinanet", "fcos")
+STOCK_LOSS = {"faster_rcnn": "ce", "retinanet": "focal", "fcos": "focal"}
+
+
+@dataclass
+class DetectorSpec:
+    """What :func:`build_detector` builds. Sizes in pixels of the network input."""
+
+    arch: str = "faster_rcnn"
+    num_classes: int = 10
+    loss: str | None = None  # None: the architecture's stock loss
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    backbone: str = "tiny"
+    width: int = 64
+    min_size: int = 64  # torchvision's internal resize: shortest side ...
+    max_size: int = 64  # ... and longest side (equal to the canvas: no resizing)
+    image_mean: tuple[float, float, float] = (0.1, 0.1, 0.1)
+    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    anchor_sizes: tuple[int, ...] = (12, 24, 48)
+    score_thresh: float = 1e-3
+    nms_thresh: float = 0.5
+    detections_per_img: int = 300
+    # two-stage
+    rpn_pre_nms_top_n_train: int = 300
+    rpn_post_nms_top_n_train: int = 150
+    rpn_pre_nms_top_n_test: int = 200
+    rpn_post_nms_top_n_test: int = 100
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 128
+    box_positive_fraction: float = 0.25
+    representation: int = 256
+    # one-stage
+    prior_probability: float = 0.01
+    topk_candidates: int = 300
+
+    def check(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"detector arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        allowed = TWO_STAGE_LOSSES if self.arch == "faster_rcnn" else ONE_STAGE_LOSSES
+        if self.loss is not None and self.loss not in allowed:
+            raise ConfigError(f"{self.arch} takes the losses {', '.join(allowed)}, got {self.loss!r}")
+        if self.backbone not in ("tiny", "resnet50_fpn"):
+            raise ConfigError(f"detector backbone must be tiny or resnet50_fpn, got {self.backbone!r}")
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss or STOCK_LOSS[self.arch]
+
+
+class TinyFPNBackbone(nn.Module):
+    """Four stride-2 conv stages (GroupNorm) + FPN on the last three: features '0', '1', '2' at strides
+    4, 8, 16 (and 'pool', stride 32, when ``extra_pool``), ``out_channels`` each."""
+
+    def __init__(self, width: int = 64, extra_pool: bool = True) -> None:
+        super().__init__()
+        chans = [width // 2, width, width * 3 // 2, width * 2]
+        stages, c_in = [], 3
+        for c in chans:
+            stages.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
+                    nn.GroupNorm(8 if c % 8 == 0 else 1, c),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(c, c, 3, padding=1, bias=False),
+                    nn.GroupNorm(8 if c % 8 == 0 else 1, c),
+                    nn.ReLU(inplace=True),
+                )
+            )
+            c_in = c
+        self.stages = nn.ModuleList(stages)
+        self.fpn = FeaturePyramidNetwork(
+            chans[1:], width, extra_blocks=LastLevelMaxPool() if extra_pool else None
+        )
+        self.out_channels = width
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feats = OrderedDict()
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i >= 1:
+                feats[str(i - 1)] = x
+        return self.fpn(feats)
+
+
+def _backbone(spec: DetectorSpec, extra_pool: bool) -> nn.Module:
+    if spec.backbone == "tiny":
+        return TinyFPNBackbone(spec.width, extra_pool=extra_pool)
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    extra = None if extra_pool else LastLevelP6P7(256, 256)
+    return resnet_fpn_backbone(
+        backbone_name="resnet50",
+        weights=None,
+        trainable_layers=5,
+        returned_layers=[2, 3, 4],
+        extra_blocks=extra,
+    )
+
+
+def _levels(spec: DetectorSpec, backbone: nn.Module, extra_pool: bool) -> int:
+    if spec.backbone == "tiny":
+        return 3 + int(extra_pool)
+    return 4 if extra_pool else 5
+
+
+class Detector(nn.Module):
+    """A torchvision detector taking and returning labels 0..C-1 (module docstring).
+
+    ``forward(images, targets)`` in training mode returns torchvision's loss dict; in eval mode a list of
+    ``{"boxes", "scores", "labels"}`` per image. ``loss_module`` is the gradtail loss inside (its
+    statistics: ``loss_module.stats``), ``None`` for a stock loss.
+    """
+
+    def __init__(self, model: nn.Module, spec: DetectorSpec, loss_module: nn.Module | None) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        self.loss_module = loss_module
+        self.label_offset = 1 if spec.arch == "faster_rcnn" else 0
+
+    def forward(
+        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
+    ) -> Any:
+        if targets is not None and self.label_offset:
+            targets = [{**t, "labels": t["labels"] + self.label_offset} for t in targets]
+        out = self.model(images, targets)
+        if self.training:
+            return out
+        if self.label_offset:
+            out = [{**o, "labels": o["labels"] - self.label_offset} for o in out]
+        return out
+
+
+def build_detector(spec: DetectorSpec) -> Detector:
+    """The detector of ``spec`` (module docstring)."""
+    spec.check()
+    c = spec.num_classes
+    common = {
+        "min_size": spec.min_size,
+        "max_size": spec.max_size,
+        "image_mean": list(spec.image_mean),
+        "image_std": list(spec.image_std),
+    }
+    loss_module: nn.Module | None = None
+    if spec.arch == "faster_rcnn":
+        backbone = _backbone(spec, extra_pool=True)
+        levels = _levels(spec, backbone, True)
+        sizes = tuple((s,) for s in _pad(spec.anchor_sizes, levels))
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
+        names = [str(i) for i in range(levels - 1)]
+        pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
+        ch = backbone.out_channels
+        box_head = TwoMLPHead(ch * 7 * 7, spec.representation)
+        predictor = FastRCNNPredictor(spec.representation, c + 1)
+        roi = {
+            "fg_iou_thresh": 0.5,
+            "bg_iou_thresh": 0.5,
+            "batch_size_per_image": spec.box_batch_size_per_image,
+            "positive_fraction": spec.box_positive_fraction,
+            "bbox_reg_weights": None,
+            "score_thresh": spec.score_thresh,
+            "nms_thresh": spec.nms_thresh,
+            "detections_per_img": spec.detections_per_img,
+        }
+        model = FasterRCNN(
+            backbone,
+            num_classes=None,
+            rpn_anchor_generator=anchors,
+            box_roi_pool=pool,
+            box_head=box_head,
+            box_predictor=predictor,
+            rpn_pre_nms_top_n_train=spec.rpn_pre_nms_top_n_train,
+            rpn_post_nms_top_n_train=spec.rpn_post_nms_top_n_train,
+            rpn_pre_nms_top_n_test=spec.rpn_pre_nms_top_n_test,
+            rpn_post_nms_top_n_test=spec.rpn_post_nms_top_n_test,
+            rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
+            box_score_thresh=spec.score_thresh,
+            box_nms_thresh=spec.nms_thresh,
+            box_detections_per_img=spec.detections_per_img,
+            box_batch_size_per_image=spec.box_batch_size_per_image,
+            box_positive_fraction=spec.box_positive_fraction,
+            **common,
+        )
+        # every loss (stock CE included) goes through GradtailRoIHeads: one code path for scores and NMS
+        term = TwoStageTerm(spec.loss_name, c, spec.loss_params)
+        model.roi_heads = GradtailRoIHeads(
+            term, box_roi_pool=pool, box_head=box_head, box_predictor=predictor, **roi
+        )
+        loss_module = term.loss if spec.loss_name != "ce" else None
+    else:
+        backbone = _backbone(spec, extra_pool=False)
+        levels = _levels(spec, backbone, False)
+        if spec.arch == "retinanet":
+            base = _pad(spec.anchor_sizes, levels)
+            sizes = tuple((s, round(s * 2 ** (1 / 2))) for s in base)
+            anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
+        else:
+            sizes = tuple((s,) for s in _pad(tuple(s // 2 for s in spec.anchor_sizes), levels))
+            anchors = AnchorGenerator(sizes, ((1.0,),) * levels)
+        n_anchors = anchors.num_anchors_per_location()[0]
+        term = (
+            None
+            if spec.loss is None or spec.loss == "focal"
+            else OneStageTerm(spec.loss, c, spec.loss_params)
+        )
+        ch = backbone.out_channels
+        if spec.arch == "retinanet":
+            head: nn.Module | None = None
+            if term is not None:
+                head = GradtailRetinaNetHead(ch, n_anchors, c, term, prior_probability=spec.prior_probability)
+            model = RetinaNet(
+                backbone,
+                num_classes=c,
+                anchor_generator=anchors,
+                head=head,
+                score_thresh=spec.score_thresh,
+                nms_thresh=spec.nms_thresh,
+                detections_per_img=spec.detections_per_img,
+                topk_candidates=spec.topk_candidates,
+                **common,
+            )
+            if term is None:  # stock: torchvision's head, only the prior adjusted
+                _set_prior(model.head.classification_head.cls_logits, spec.prior_probability)
+        else:
+            head = GradtailFCOSHead(ch, n_anchors, c, term) if term is not None else None
+            model = FCOS(
+                backbone,
+                num_classes=c,
+                anchor_generator=anchors,
+                head=head,
+                score_thresh=spec.score_thresh,
+                nms_thresh=spec.nms_thresh,
+                detections_per_img=spec.detections_per_img,
+                topk_candidates=spec.topk_candidates,
+                **common,
+            )
+            _set_prior(model.head.classification_head.cls_logits, spec.prior_probability)
+        loss_module = term.loss if term is not None else None
+    return Detector(model, spec, loss_module)
+
+
+def _pad(sizes: tuple[int, ...], levels: int) -> tuple[int, ...]:
+    """One anchor size per level: the given ones, doubled for the extra levels."""
+    out = list(sizes[:levels])
+    while len(out) < levels:
+        out.append(out[-1] * 2)
+    return tuple(out)
+
+
+def _set_prior(conv: nn.Conv2d, prior: float) -> None:
+    import math
+
+    with torch.no_grad():
+        conv.bias.fill_(-math.log((1 - prior) / prior))
