@@ -134,20 +134,19 @@ def _backbone(spec: DetectorSpec, extra_pool: bool) -> nn.Module:
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+    # two-stage: C2-C5 + max-pool (P2-P6, torchvision's Faster R-CNN); one-stage: C3-C5 + P6, P7 (RetinaNet)
     extra = None if extra_pool else LastLevelP6P7(256, 256)
     return resnet_fpn_backbone(
         backbone_name="resnet50",
         weights=None,
         trainable_layers=5,
-        returned_layers=[2, 3, 4],
+        returned_layers=[1, 2, 3, 4] if extra_pool else [2, 3, 4],
         extra_blocks=extra,
     )
 
 
 def _levels(spec: DetectorSpec, backbone: nn.Module, extra_pool: bool) -> int:
-    if spec.backbone == "tiny":
-        return 3 + int(extra_pool)
-    return 4 if extra_pool else 5
+    return 3 + int(extra_pool) if spec.backbone == "tiny" else 5
 
 
 class Detector(nn.Module):
