@@ -95,13 +95,14 @@ def main() -> int:
     seeds = args.seeds if args.seeds else suite["seeds"]
     records: dict[str, list[dict[str, Any]]] = {}
     t0 = time.perf_counter()
-    for method, cfg_path in suite["methods"].items():
-        for seed in seeds:
+    for seed in seeds:  # seeds outer: a suite stopped early still has every method for the first seeds
+        for method, cfg_path in suite["methods"].items():
             over = {**suite.get("overrides", {})}
             over["train"] = {**over.get("train", {}), "seed": seed}
             cfg = load_detection_config(suite_path.parent / cfg_path, over)
             run_dir = out / method / f"seed{seed}"
             records.setdefault(method, []).append(run_detection(cfg, run_dir))
+            summarize(records, out)  # the summary so far, rewritten after every run
     summary = summarize(records, out)
     total = time.perf_counter() - t0
     (out / "suite_time.json").write_text(json.dumps({"wall_time_s": total}))

@@ -212,8 +212,8 @@ def draw_detections(
     outputs: list[dict[str, torch.Tensor]],
     path: Path,
     count: int = 6,
-    top: int = 5,
-    min_score: float = 0.3,
+    top: int = 4,
+    min_score: float = 0.1,
 ) -> None:
     """A row of ``count`` test images with ground truth (green) and the top predictions (red, labelled)."""
     import matplotlib
