@@ -1,7 +1,7 @@
 """Any gradtail loss applied per pixel: dense logits (N, C, H, W), label maps (N, H, W), an ignore label.
 
 :class:`PixelLoss` flattens the non-ignored pixels into samples and calls the wrapped classification loss
-on them (../shared/specs/eql.md §9: "the flattened non-ignored pixels are the samples"). So every loss of
+on them (docs/methods/eql.md §9: "the flattened non-ignored pixels are the samples"). So every loss of
 the registry works per pixel with the same meaning it has per image: ``ce``, ``focal``, ``seesaw``,
 ``softmax_eql`` (whose statistics then come from the non-ignored pixels only, synchronised across
 processes by :mod:`gradtail.gradstats` as in classification), ``balanced_softmax`` / ``logit_adjust``

@@ -1,8 +1,8 @@
-"""Semantic-segmentation metrics from a confusion matrix (docs/segmentation.md; ../shared/specs/eql.md §9).
+"""Semantic-segmentation metrics from a confusion matrix (docs/segmentation.md; docs/methods/eql.md §9).
 
 mIoU, mAcc and aAcc over a whole split come from one C x C confusion matrix accumulated over every
-non-ignored pixel of the split (never averaged per image, eql.md §9), summed across processes. With
-``M[t, p]`` the pixels of true class t predicted as p:
+non-ignored pixel of the split (never averaged per image, docs/methods/eql.md §9), summed across
+processes. With ``M[t, p]`` the pixels of true class t predicted as p:
 
 - IoU_c = M[c, c] / (sum_p M[c, p] + sum_t M[t, c] - M[c, c]); mIoU = mean over classes present in the
   ground truth or the predictions (a class absent from both has no IoU: ``None``, left out of the mean);
