@@ -6,6 +6,24 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+REPO = Path(__file__).resolve().parent.parent
+# Detection runs read their own YAML schema (gradtail.detection.training, docs/detection.md), not
+# gradtail train's RunConfig: those files are checked by tests/test_detection_training.py.
+DETECTION_FILES = ("configs/detection/", "suites/detection_")
+
+
+def shipped_run_configs() -> list[Path]:
+    """Every shipped ``gradtail train`` config (configs/**/*.yaml but the detection runs' files)."""
+    paths = sorted((REPO / "configs").rglob("*.yaml"))
+    return [p for p in paths if not str(p.relative_to(REPO)).startswith(DETECTION_FILES)]
+
+
+def shipped_suites() -> list[Path]:
+    """Every shipped ``gradtail bench`` suite (suites/*.yaml but the detection runs' suite)."""
+    paths = sorted((REPO / "suites").glob("*.yaml"))
+    return [p for p in paths if not str(p.relative_to(REPO)).startswith(DETECTION_FILES)]
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from conftest import shipped_run_configs
 from gradtail.config import RunConfig, apply_overrides, config_from_dict, load_config
 from gradtail.errors import ConfigError
 
@@ -17,7 +18,7 @@ def test_shipped_configs_load(repo_root):
     from gradtail.optim import create_update_rule
     from gradtail.regularizers import create_regularizer
 
-    paths = sorted((repo_root / "configs").rglob("*.yaml"))
+    paths = shipped_run_configs()
     assert len(paths) >= 40
     for path in paths:
         cfg = load_config(path)

@@ -7,6 +7,7 @@ import re
 import pytest
 import yaml
 
+from conftest import shipped_run_configs
 from gradtail.bench import load_suite
 from gradtail.cli.main import main
 from gradtail.config import config_from_dict, dump_config, load_config, parse_yaml
@@ -367,7 +368,7 @@ def test_registry_check_params_signatures():
 
 
 def test_shipped_configs_pass_the_parameter_check(repo_root):
-    paths = sorted((repo_root / "configs").rglob("*.yaml"))
+    paths = shipped_run_configs()
     assert paths
     for path in paths:
         check_component_params(load_config(path))

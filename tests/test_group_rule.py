@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shipped_run_configs, shipped_suites
 from gradtail.bench import load_suite
 from gradtail.config import config_from_dict, load_config
 from gradtail.data.longtail import longtail_counts
@@ -167,9 +168,9 @@ POOL = {"cifar10": (10, 5000), "cifar100": (100, 500), "fashion_mnist": (10, 600
 
 
 def _shipped_configs():
-    configs = [(str(p.relative_to(REPO)), load_config(p)) for p in sorted((REPO / "configs").rglob("*.yaml"))]
-    for path in sorted((REPO / "suites").glob("*.yaml")):
-        suite = load_suite(path)
+    configs = [(str(p.relative_to(REPO)), load_config(p)) for p in shipped_run_configs()]
+    for path in shipped_suites():
+        suite = load_suite(path, tuned=False)
         configs += [(f"{path.name}:{m.name}", suite.run_config(m, suite.seeds[0])) for m in suite.methods]
     return configs
 
