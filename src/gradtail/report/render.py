@@ -345,6 +345,22 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 59.5 else f"{seconds / 60:.1f} min"
 
 
+def write_figures(figures: list[tuple[str, bytes, str]], output: Path, md: list[str]) -> list[str]:
+    """Write each (title, PNG, caption) as ``figure_<k>.png``, append its Markdown to ``md`` and return its
+    HTML (the PNG inlined), for every report page (classification, segmentation)."""
+    html_figs = []
+    for k, (title, png, caption) in enumerate(figures):
+        name = f"figure_{k + 1}.png"
+        (output / name).write_bytes(png)
+        md += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
+        b64 = base64.b64encode(png).decode()
+        html_figs.append(
+            f"<h3>{html.escape(title)}</h3><figure><img alt='{html.escape(title)}' "
+            f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return html_figs
+
+
 def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     """Write results.json, report.md (+ PNG files) and report.html; return their paths."""
     if results.get("task") == "segmentation":
@@ -381,16 +397,7 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
         "## Figures",
         "",
     ]
-    html_figs = []
-    for k, (title, (png, caption)) in enumerate(figs.items()):
-        name = f"figure_{k + 1}.png"
-        (output / name).write_bytes(png)
-        md += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
-        b64 = base64.b64encode(png).decode()
-        html_figs.append(
-            f"<h3>{html.escape(title)}</h3><figure><img alt='{html.escape(title)}' "
-            f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+    html_figs = write_figures([(title, png, caption) for title, (png, caption) in figs.items()], output, md)
     (output / "report.md").write_text("\n".join(md))
     notes_html = "".join(
         f"<p class='protocol'><b>Note:</b> {_code_spans(html.escape(n))}</p>"

@@ -7,7 +7,6 @@ runs (``final.json`` ``last_epoch`` holds ``miou``) to :func:`build_results` / :
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import html
 import json
@@ -20,6 +19,7 @@ import torch
 
 from gradtail.report.aggregate import format_mean_std, mean_std
 from gradtail.report.plots import _png
+from gradtail.report.render import write_figures
 
 METRICS = ("miou", "macc", "aacc", "miou_frequent", "miou_common", "miou_rare")
 HEADERS = ("method", "mIoU", "mAcc", "aAcc", "mIoU frequent", "mIoU common", "mIoU rare")
@@ -267,16 +267,7 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     md = [f"# gradtail bench: {results['suite']}", "", results.get("description", ""), "", "## Results", ""]
     md += [*rows_md, "", "## Protocol", "", _protocol(results), "", f"Environment: {env_line}", ""]
     md += ["## Figures", ""]
-    html_figs = []
-    for k, (title, png, caption) in enumerate(figs):
-        name = f"figure_{k + 1}.png"
-        (output / name).write_bytes(png)
-        md += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
-        b64 = base64.b64encode(png).decode()
-        html_figs.append(
-            f"<h3>{html.escape(title)}</h3><figure><img alt='{html.escape(title)}' "
-            f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+    html_figs = write_figures(list(figs), output, md)
     (output / "report.md").write_text("\n".join(md))
     head = "".join(f"<th>{h}</th>" for h in HEADERS)
     page = f"""<!doctype html>
