@@ -163,16 +163,9 @@ class TorchvisionSegmentation(SegmentationModel):
 
 
 def _load_checkpoint(net: nn.Module, path: Path, arch: str) -> None:
-    if not path.is_file():
-        raise ConfigError(f"model.params.checkpoint: {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"model.params.checkpoint: cannot read {path} ({type(exc).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ConfigError(f"model.params.checkpoint: {path} does not hold a state dict")
+    from gradtail.models.timm_backbones import read_state_dict_file  # the one state-dict file reader
+
+    state = read_state_dict_file(path.expanduser())
     own = net.state_dict()
     kept = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     if not kept:

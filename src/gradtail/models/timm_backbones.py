@@ -165,8 +165,11 @@ def _load_failure(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.split('. ')[0][:200]}"
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a state-dict file (``.safetensors``, or ``torch.load`` with ``weights_only``)."""
+def read_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state-dict file (``.safetensors``, or ``torch.load`` with ``weights_only``; a
+    ``state_dict`` / ``model`` wrapper and a DDP ``module.`` prefix removed), or a one-line
+    :class:`ConfigError` naming ``model.params.checkpoint`` and the file. Shared by every model family that
+    takes a local checkpoint (timm backbones, torchvision segmentation models)."""
     where = f"config key {CHECKPOINT_KEY!r}: {path}"
     if not path.is_file():
         raise ConfigError(f"{where}: no such file")
@@ -213,7 +216,7 @@ def load_backbone_checkpoint(net: nn.Module, path: str | Path, timm_name: str) -
     """Load the local state-dict file ``path`` into the head-less timm network ``net`` (module docstring):
     the checkpoint's classifier keys are dropped, a first convolution for other input channels is adapted,
     and every remaining key must match the network's in name and shape (else a one-line ConfigError)."""
-    state = _read_state_dict(Path(path).expanduser())
+    state = read_state_dict_file(Path(path).expanduser())
     own = net.state_dict()
     cfg = dict(getattr(net, "pretrained_cfg", None) or {})
     heads = _as_tuple(cfg.get("classifier"))
