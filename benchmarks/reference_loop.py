@@ -6,8 +6,14 @@ Reference: a ``torch.utils.data.Dataset`` returning PIL images through torchvisi
 gradtail: the same model, batch size, optimizer and number of steps through ``Trainer.train_step``
 fed by the in-memory :class:`~gradtail.data.loader.BatchLoader`, once in float32 (as the original
 repositories train) and once with ``train.amp: auto`` (bfloat16 autocast where the machine computes it
-natively). All run on the same long-tailed Fashion-MNIST subset in the same process, alternating, and the
+natively). All run on the same long-tailed Fashion-MNIST subset, alternating trial by trial, and the
 figures are ratios of images/s against the reference loop.
+
+The reference runs in a process of its own, as a script from the original repositories would: gradtail's
+trainer retunes the process's allocator on CPU (``train.cpu_allocator: auto``,
+:func:`gradtail.engine.environment.configure_cpu_allocator`), which would otherwise speed the reference up
+too. The same reference loop is also timed inside gradtail's process (``reference_retained_allocator``)
+so the JSON shows how much of the speed-up the allocator setting alone gives.
 
     python benchmarks/reference_loop.py --output runs/bench/reference_loop.json
 """
@@ -15,10 +21,12 @@ figures are ratios of images/s against the reference loop.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from gradtail.config import load_config
+from gradtail.data.builder import build_data
 from gradtail.engine.environment import environment_info
 from gradtail.engine.trainer import Trainer
 from gradtail.models import create_model
@@ -48,6 +57,56 @@ class PILDataset(Dataset):
         return self.transform(img), int(self.labels[i])
 
 
+def _reference_model_and_loader(
+    spec: dict[str, Any],
+) -> tuple[Callable[[int], float], Callable[[], None]]:
+    """The reference loop (PIL dataset, DataLoader with workers, plain step) as a timing function."""
+    torch.set_num_threads(spec["threads"])
+    tf = transforms.Compose([
+        transforms.RandomCrop(spec["size"], padding=spec["pad"]),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(spec["mean"], spec["std"]),
+    ])  # fmt: skip
+    dataset = PILDataset(spec["images"], spec["labels"], tf)
+    loader = DataLoader(dataset, batch_size=spec["batch_size"], shuffle=True, num_workers=spec["workers"],
+                        drop_last=True, persistent_workers=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = create_model(spec["model"], spec["num_classes"], in_channels=1, **spec["model_params"])
+    o = spec["optim"]
+    opt = torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"], nesterov=o["nesterov"],
+                          weight_decay=o["weight_decay"])  # fmt: skip
+    model.train()
+    state = {"it": iter(loader)}
+
+    def run(steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            try:
+                x, y = next(state["it"])
+            except StopIteration:
+                state["it"] = iter(loader)
+                x, y = next(state["it"])
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return time.perf_counter() - start
+
+    def close() -> None:
+        state.pop("it", None)
+
+    return run, close
+
+
+def _reference_process(conn: Any, spec: dict[str, Any]) -> None:
+    """A fresh interpreter (spawn) with the system allocator: times ``steps`` on request, until 0."""
+    run, close = _reference_model_and_loader(spec)
+    conn.send("ready")
+    while (steps := conn.recv()) > 0:
+        conn.send(run(steps))
+    close()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/fashion_mnist_lt/base.yaml")
@@ -59,41 +118,34 @@ def main() -> None:
 
     common = ["train.progress=false", "train.diagnostics=false"]
     cfg = load_config(args.config, [*common, "train.amp=none"])
-    trainer = Trainer(cfg, output_dir=tempfile.mkdtemp(prefix="gradtail_ref_"), verbose=False)
-    auto_cfg = load_config(args.config, [*common, "train.amp=auto"])
-    auto_dir = tempfile.mkdtemp(prefix="gradtail_ref_")
-    auto = Trainer(auto_cfg, data=trainer.data, output_dir=auto_dir, verbose=False)
-    data = trainer.data
-    bs = cfg.optim.batch_size
-    pad = cfg.data.augment.crop_padding
-    size = data.train.images.shape[-1]
-    tf = transforms.Compose([
-        transforms.RandomCrop(size, padding=pad),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(data.mean, data.std),
-    ])  # fmt: skip
-    dataset = PILDataset(data.train.images[:, 0].numpy(), data.train.labels.numpy(), tf)
-    loader = DataLoader(dataset, batch_size=bs, shuffle=True, num_workers=args.workers, drop_last=True,
-                        persistent_workers=True)  # fmt: skip
-    ref_model = create_model(cfg.model.name, data.num_classes, in_channels=1, **cfg.model.params)
-    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                              nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)  # fmt: skip
-    ref_model.train()
+    data = build_data(cfg.data)
+    o = cfg.optim
+    spec = {
+        "images": data.train.images[:, 0].numpy(), "labels": data.train.labels.numpy(),
+        "mean": data.mean, "std": data.std, "size": data.train.images.shape[-1],
+        "pad": cfg.data.augment.crop_padding, "batch_size": o.batch_size, "workers": args.workers,
+        "model": cfg.model.name, "model_params": cfg.model.params, "num_classes": data.num_classes,
+        "optim": {"lr": o.lr, "momentum": o.momentum, "nesterov": o.nesterov, "weight_decay": o.weight_decay},
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    # the reference's own process starts before gradtail's trainer touches this process's allocator
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_reference_process, args=(child, spec))
+    proc.start()
+    if parent.recv() != "ready":
+        raise RuntimeError("the reference process did not start")
 
     def reference(steps: int) -> float:
-        it = iter(loader)
-        start = time.perf_counter()
-        for _ in range(steps):
-            try:
-                x, y = next(it)
-            except StopIteration:
-                it = iter(loader)
-                x, y = next(it)
-            ref_opt.zero_grad(set_to_none=True)
-            F.cross_entropy(ref_model(x), y).backward()
-            ref_opt.step()
-        return time.perf_counter() - start
+        parent.send(steps)
+        return float(parent.recv())
+
+    trainer = Trainer(cfg, data=data, output_dir=tempfile.mkdtemp(prefix="gradtail_ref_"), verbose=False)
+    auto_cfg = load_config(args.config, [*common, "train.amp=auto"])
+    auto_dir = tempfile.mkdtemp(prefix="gradtail_ref_")
+    auto = Trainer(auto_cfg, data=data, output_dir=auto_dir, verbose=False)
+    retained, close_retained = _reference_model_and_loader(spec)  # same loop, gradtail's allocator setting
+    bs = o.batch_size
 
     def gradtail_loop(t: Trainer) -> Callable[[int], float]:
         t.model.train()
@@ -114,13 +166,21 @@ def main() -> None:
 
         return run
 
-    loops = {"reference": reference, "float32": gradtail_loop(trainer), "auto": gradtail_loop(auto)}
+    loops = {
+        "reference": reference,
+        "reference_retained_allocator": retained,
+        "float32": gradtail_loop(trainer),
+        "auto": gradtail_loop(auto),
+    }
     times: dict[str, list[float]] = {name: [] for name in loops}
     for loop in loops.values():
         loop(5)  # warm-up: workers started, first batches, oneDNN kernels chosen
     for _ in range(args.trials):
         for name, loop in loops.items():  # round-robin, so a slow spell of the machine hits all
             times[name].append(loop(args.steps))
+    parent.send(0)
+    proc.join(timeout=60)
+    close_retained()
     ips = {name: args.steps * bs / statistics.median(t) for name, t in times.items()}
     ref_ips, gt_ips = ips["reference"], ips["float32"]
     result = {
@@ -134,11 +194,15 @@ def main() -> None:
         "gradtail_images_per_s": gt_ips,
         "speedup": gt_ips / ref_ips,
         "auto_precision": auto.precision.to_dict(),
+        "cpu_allocator": trainer.allocator,
         "gradtail_auto_images_per_s": ips["auto"],
         "speedup_auto": ips["auto"] / ref_ips,
         "auto_vs_float32": ips["auto"] / gt_ips,
+        "reference_retained_allocator_images_per_s": ips["reference_retained_allocator"],
+        "reference_retained_allocator_vs_reference": ips["reference_retained_allocator"] / ref_ips,
         "note": "same model, batch, optimizer; neither side runs the gradient-ratio diagnostics; the "
-        "reference and `speedup` are float32, `speedup_auto` uses train.amp=auto",
+        "reference (its own process, system allocator) and `speedup` are float32, `speedup_auto` uses "
+        "train.amp=auto; `reference_retained_allocator` is the reference loop run in gradtail's process",
         "environment": environment_info(trainer.device),
     }
     write_result(result, args.output)

@@ -170,6 +170,7 @@ class OptimConfig:
 
 
 AMP_SETTINGS = ("auto", "none", "bf16", "fp16")
+CPU_ALLOCATOR_SETTINGS = ("auto", "system")
 
 
 @dataclass
@@ -179,6 +180,9 @@ class TrainConfig:
     # auto: bfloat16 autocast where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 /
     # AMX), float32 elsewhere (gradtail.engine.environment.resolve_amp) | none | bf16 | fp16 (CUDA)
     amp: str = "auto"
+    # auto: on a CPU run under glibc, freed tensor memory stays in the process heap instead of being handed
+    # back to the OS after every step (gradtail.engine.environment.configure_cpu_allocator) | system
+    cpu_allocator: str = "auto"
     channels_last: bool = False
     compile: bool = False
     eval_every: int = 1  # evaluate on val/test every N epochs (the last epoch is always evaluated)
@@ -464,6 +468,10 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.warmup_epochs must be in [0, epochs], got {o.warmup_epochs}")
     if t.amp not in AMP_SETTINGS:
         raise ConfigError(f"train.amp must be one of {', '.join(AMP_SETTINGS)}, got {t.amp!r}")
+    if t.cpu_allocator not in CPU_ALLOCATOR_SETTINGS:
+        raise ConfigError(
+            f"train.cpu_allocator must be one of {', '.join(CPU_ALLOCATOR_SETTINGS)}, got {t.cpu_allocator!r}"
+        )
     if d.profile not in ("exp", "step"):
         raise ConfigError(f"data.profile must be exp or step, got {d.profile!r}")
     if d.imbalance_factor < 1:

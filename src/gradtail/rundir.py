@@ -66,6 +66,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.progress",
         "train.device",
         "train.threads",
+        "train.cpu_allocator",
         "train.compile",
         "train.checkpoint_every",
         "train.keep_checkpoints",

@@ -39,7 +39,12 @@ from gradtail.data.samplers import create_sampler
 from gradtail.distributed import average_gradients_, is_distributed, is_main_process, rank, world_size
 from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state, seed_everything
 from gradtail.engine.components import check_component_params
-from gradtail.engine.environment import environment_info, resolve_amp, resolve_device
+from gradtail.engine.environment import (
+    configure_cpu_allocator,
+    environment_info,
+    resolve_amp,
+    resolve_device,
+)
 from gradtail.engine.schedule import LRSchedule
 from gradtail.errors import ConfigError, TrainingError
 from gradtail.losses import create_loss
@@ -93,6 +98,7 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         self.device = resolve_device(t.device)
+        self.allocator = configure_cpu_allocator(t.cpu_allocator, self.device)  # process-wide, speed only
         self.out = Path(output_dir) if output_dir is not None else cfg.output_path()
         self.run_dir = RunDirectory(self.out, writer=is_main_process())
         seed_everything(t.seed)
@@ -592,7 +598,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ files
     def _write_run_header(self) -> None:
-        env = environment_info(self.device) | {"world_size": world_size(), "amp": self.precision.to_dict()}
+        env = environment_info(self.device) | {
+            "world_size": world_size(),
+            "amp": self.precision.to_dict(),
+            "cpu_allocator": self.allocator,
+        }
         subset = {
             "dataset": self.cfg.data.dataset,
             "imbalance_factor": self.cfg.data.imbalance_factor,
