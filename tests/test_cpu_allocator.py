@@ -62,5 +62,5 @@ def test_refused_mallopt_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_setting_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="train.cpu_allocator must be one of auto, system, got 'jemalloc'"):
+    with pytest.raises(ConfigError, match=r"cpu_allocator must be one of auto, system, got 'jemalloc'"):
         load_config("configs/fashion_mnist_lt/ce.yaml", ["train.cpu_allocator=jemalloc"])

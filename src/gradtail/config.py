@@ -442,6 +442,8 @@ def load_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
         )
     where = f" (extended by {_seen[-1]})" if _seen else ""
     data = read_yaml_mapping(path, "config file", where)
+    if data.get("task") in ("classification", "segmentation"):  # the trainer takes the task from the data
+        data.pop("task")
     parent = data.pop("extends", None)
     if parent is not None:
         base = load_config_dict(path.parent / str(parent), (*_seen, path))
@@ -449,6 +451,30 @@ def load_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
         data = deep_merge(base, data)
     data.setdefault("name", path.stem)
     return data
+
+
+TASKS = ("classification", "segmentation", "detection")
+
+
+def config_task(path: str | Path, _seen: tuple[Path, ...] = ()) -> str:
+    """The task a config file is for: its ``task`` key, else that of the file it extends (``extends:``,
+    or ``base:`` in detection configs), else ``detection`` when it has a ``detector`` section, else
+    ``classification`` (segmentation configs are run configs: the trainer takes the task from the data).
+    ``gradtail train`` picks the runner with it."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(map(str, (*_seen, path)))
+        raise ConfigError(f"config files extend each other in a cycle: {chain}")
+    data = read_yaml_mapping(path, "config file", f" (extended by {_seen[-1]})" if _seen else "")
+    task = data.get("task")
+    if task is not None:
+        if task not in TASKS:
+            raise ConfigError(f"{path}: task must be one of {', '.join(TASKS)}, got {task!r}")
+        return str(task)
+    if "detector" in data:
+        return "detection"
+    parent = data.get("extends") or data.get("base")
+    return config_task(path.parent / str(parent), (*_seen, path)) if parent is not None else "classification"
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

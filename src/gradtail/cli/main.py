@@ -29,7 +29,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from gradtail.config import load_config
+    from gradtail.config import config_task, load_config
     from gradtail.distributed import is_main_process, world_size
     from gradtail.engine.trainer import Trainer
     from gradtail.report import columns_for, format_table, run_rows
@@ -37,6 +37,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
+    if config_task(args.config) == "detection":
+        return _train_detection(args)
 
     overrides = list(args.set or [])
     if args.output:
@@ -65,6 +67,66 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_detection(args: argparse.Namespace) -> int:
+    """``gradtail train`` of a detection config (docs/detection.md): its own loop around a torchvision
+    detector, in a run directory with the same refuse / resume / overwrite rules."""
+    from gradtail.detection.training import DetectionRun, load_detection_config
+    from gradtail.distributed import is_main_process
+    from gradtail.rundir import FINAL, RunDirectory
+
+    cfg = load_detection_config(args.config, sets=args.set)
+    cfg.detector.check()
+    out = Path(args.output) if args.output else Path("runs") / cfg.name
+    if not (args.resume or args.overwrite):
+        RunDirectory(out).refuse_existing_run()  # before the data is built
+    run = DetectionRun(cfg, out, verbose=is_main_process())
+    say = print if is_main_process() else (lambda *a, **k: None)
+    spec = cfg.detector
+    say(
+        f"gradtail: detection run {cfg.name!r} -> {out} ({spec.arch}, loss {spec.loss}, "
+        f"{len(run.train_set)} train images, {run.splits.train.num_classes} classes, "
+        f"{cfg.train.epochs} epochs x {run.per_epoch} iterations)",
+        flush=True,
+    )
+    record = run.fit(resume=args.resume or False, overwrite=args.overwrite, stop_after=args.stop_after)
+    if "metrics" not in record:
+        say(f"gradtail: stopped after epoch {run.epoch}; resume with --resume")
+        return 0
+    say(_detection_table([(cfg.name, record)]))
+    say(f"\ntraining time {record['train_seconds']:.1f}s; results in {run.run_dir.file(FINAL)}")
+    return 0
+
+
+def _detection_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    from gradtail.report import format_table
+
+    keys = ("AP", "AP50", "APr", "APc", "APf")
+
+    def cell(v: float) -> str:
+        return "N/A" if v != v else f"{100 * v:.1f}"  # NaN: no ground truth in that group
+
+    body = [[name, *(cell(r["metrics"][k]) for k in keys)] for name, r in rows]
+    return format_table(body, ["run", *keys])
+
+
+def _eval_detection(args: argparse.Namespace, path: Path) -> int:
+    from gradtail.detection.training import evaluate_checkpoint
+
+    if args.posthoc:
+        raise ConfigError("--posthoc adjusters fit classification logits; not for a detection checkpoint")
+    out = Path(args.output) if args.output else path.parent.parent / "eval"
+    over: dict[str, Any] = {}
+    if args.split:
+        over["eval_split"] = args.split
+    if args.data_dir:
+        over["image_root"] = args.data_dir
+    record = evaluate_checkpoint(path, out, over or None)
+    print(_detection_table([(record["name"], record)]))
+    if args.json:
+        print(json.dumps(record if args.full else record["metrics"], indent=2))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gradtail.config import config_from_dict
     from gradtail.engine.trainer import Trainer
@@ -73,6 +135,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     path = Path(args.checkpoint)
     state = load_checkpoint(path)
+    if state.get("task") == "detection":
+        return _eval_detection(args, path)
+    if args.split:
+        raise ConfigError("--split is for detection checkpoints (classification evaluates val and test)")
     cfg_dict: dict[str, Any] = state["config"]
     if args.posthoc:
         cfg_dict["eval"]["posthoc"] = list(args.posthoc)
@@ -121,8 +187,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import time
 
     from gradtail.bench import load_suite, run_suite
+    from gradtail.bench.detection import suite_task
     from gradtail.report.render import build_results, write_report
 
+    if suite_task(args.suite) == "detection" or _has_detection_methods(args.suite):
+        return _bench_detection(args)
     suite = load_suite(args.suite)  # validated completely before any training
     output = Path(args.output) if args.output else Path("runs") / "bench" / suite.name
     if args.seeds:
@@ -142,6 +211,47 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     print()
     print(format_table(rows, results.get("columns", COLUMNS)))
+    print(
+        f"\nwall time {wall / 60:.1f} min; report: {paths['html']} "
+        f"(also {paths['markdown'].name}, results.json)"
+    )
+    return 0
+
+
+def _has_detection_methods(path: str) -> bool:
+    """A suite without ``task`` whose methods are detection configs (``method: config.yaml``)."""
+    from gradtail.config import config_task, read_yaml_mapping
+
+    suite = Path(path)
+    methods = read_yaml_mapping(suite, "suite file").get("methods")
+    if not isinstance(methods, dict) or not methods:
+        return False
+    first = next(iter(methods.values()))
+    ref = first if isinstance(first, str) else first.get("config") if isinstance(first, dict) else None
+    return ref is not None and config_task(suite.parent / str(ref)) == "detection"
+
+
+def _bench_detection(args: argparse.Namespace) -> int:
+    import time
+
+    from gradtail.bench.detection import load_detection_suite, run_detection_suite
+    from gradtail.report import detection as report
+    from gradtail.report.aggregate import format_mean_std
+    from gradtail.report.table import format_table
+
+    suite = load_detection_suite(args.suite)  # every method's config built and checked first
+    output = Path(args.output) if args.output else Path("runs") / "bench" / suite.name
+    if args.seeds:
+        suite.seeds = list(args.seeds)
+    only = args.only.split(",") if args.only else None
+    start = time.perf_counter()
+    finals = run_detection_suite(suite, output, only=only, overwrite=args.overwrite)
+    wall = time.perf_counter() - start
+    results = report.build_results(suite, finals, output, wall)
+    paths = report.write_report(results, output)
+    rows = [[r["label"], *(format_mean_std(r[m]) for m in report.METRICS)] for r in results["table"]]
+    print()
+    print(format_table(rows, list(report.HEADERS)))
     print(
         f"\nwall time {wall / 60:.1f} min; report: {paths['html']} "
         f"(also {paths['markdown'].name}, results.json)"
@@ -228,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test split (and validation, post-hoc)")
     e.add_argument("checkpoint")
     e.add_argument("--posthoc", nargs="*", help="post-hoc adjusters to fit on validation and apply")
-    e.add_argument("--data-dir", help="override data.data_dir")
+    e.add_argument("--data-dir", help="override data.data_dir (detection: data.image_root)")
+    e.add_argument("--split", choices=["val", "test"], help="detection: the split to evaluate")
     e.add_argument("--output", help="where to write final.json (default: <run>/eval)")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--full", action="store_true", help="with --json: everything, not only the last epoch")

@@ -14,6 +14,7 @@ samplers of :mod:`gradtail.data.samplers`), and rank 0 evaluates and writes the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from gradtail.data.fm_detection import FMDetectionSpec, build_fm_detection
 from gradtail.data.lvis import (
@@ -36,9 +38,20 @@ from gradtail.data.lvis import (
 from gradtail.data.samplers import RepeatFactorSampler, sampler_seed
 from gradtail.detection.models import Detector, DetectorSpec, build_detector
 from gradtail.distributed import is_distributed, is_main_process, rank, world_size
-from gradtail.errors import ConfigError
+from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state
+from gradtail.engine.environment import environment_info
+from gradtail.errors import ConfigError, TrainingError
 from gradtail.gradstats import GradientStatistics
 from gradtail.metrics.detection import DetectionMetrics, detection_records, evaluate_detections
+from gradtail.rundir import (
+    CONFIG,
+    ENVIRONMENT,
+    FINAL,
+    RunDirectory,
+    config_changes,
+    describe_changes,
+    load_checkpoint,
+)
 
 
 @dataclass
@@ -223,8 +236,9 @@ def draw_detections(
     from matplotlib.patches import Rectangle
 
     names = [c.name for c in dataset.annotations.categories]
-    fig, axes = plt.subplots(1, count, figsize=(2.6 * count, 2.9))
-    for k, ax in enumerate(np.atleast_1d(axes)):
+    count = min(count, len(dataset), len(outputs))
+    fig, axes = plt.subplots(1, count, figsize=(2.6 * count, 2.9), squeeze=False)
+    for k, ax in enumerate(axes[0]):
         image, target = dataset[k]
         ax.imshow(image.permute(1, 2, 0).numpy().clip(0, 1))
         for x1, y1, x2, y2 in target["boxes"].tolist():
@@ -251,75 +265,206 @@ def draw_detections(
     plt.close(fig)
 
 
-def run_detection(cfg: DetectionRunConfig, out_dir: str | Path, verbose: bool = True) -> dict[str, Any]:
-    """Train and evaluate one detector (module docstring); returns the run record written to final.json."""
-    t_start = time.perf_counter()
-    out = Path(out_dir)
-    ts = cfg.train
-    if ts.threads:
-        torch.set_num_threads(ts.threads)
-    if ts.sampler not in ("uniform", "repeat_factor"):
-        raise ConfigError(f"train.sampler must be uniform or repeat_factor, got {ts.sampler!r}")
-    torch.manual_seed(ts.seed)
-    np.random.seed(ts.seed)
-    splits = load_splits(cfg.data)
-    spec = DetectorSpec(**{**asdict(cfg.detector), "num_classes": splits.train.num_classes})
-    detector = build_detector(spec)
-    model: torch.nn.Module = detector
-    if is_distributed():
-        model = torch.nn.parallel.DistributedDataParallel(detector)
-    train_tf = detection_transforms(True, ts.min_size, ts.max_size, 0.5 if ts.flip else 0.0)
-    train_set = DetectionDataset(splits.train, splits.image_root, train_tf)
-    eval_set = DetectionDataset(splits.eval, splits.image_root, detection_transforms(False))
-    rfs = (
-        RepeatFactorSampler(splits.train.image_categories(), ts.rfs_threshold, ts.seed)
-        if ts.sampler == "repeat_factor"
-        else None
-    )
-    params = [p for p in detector.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=ts.lr, momentum=ts.momentum, weight_decay=ts.weight_decay)
-    per_epoch = math.ceil(len(_epoch_order(len(train_set), ts, 0, rfs)) / ts.batch_size)
-    total = per_epoch * ts.epochs
-    it, step_times, history = 0, [], []
-    for epoch in range(ts.epochs):
-        detector.train()
-        order = _epoch_order(len(train_set), ts, epoch, rfs).tolist()
+# Keys of a detection config a resumed run may change (where and how it runs, never what it trains).
+DETECTION_RESUME_SAFE_KEYS = frozenset({"train.threads", "name"})
+CHECKPOINT_VERSION = 1
+
+
+def config_hash(cfg: DetectionRunConfig) -> str:
+    """SHA-256 (16 hex digits) of the config without its resume-safe keys: a suite's run is *done* when its
+    ``final.json`` carries the hash of the run it would be now."""
+    d = cfg.to_dict()
+    d.pop("name", None)
+    d["train"].pop("threads", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class DetectionRun:
+    """One detection run in its :class:`~gradtail.rundir.RunDirectory` (the same layout and the same
+    refuse / resume / overwrite rules as a classification run, docs/runs.md): ``config.yaml``,
+    ``environment.json``, ``metrics.jsonl`` (one record per epoch: the mean of each loss term),
+    ``checkpoints/last.pt`` after every epoch (model, optimizer, iteration, history, RNG; the loss's
+    gradient statistics are buffers of the model), ``final.json`` and ``detections.png`` at the end.
+
+    Each epoch's image order is a function of (seed, epoch) and the flips draw from the checkpointed RNG,
+    so a run resumed from any epoch continues as if it had not stopped.
+    """
+
+    def __init__(self, cfg: DetectionRunConfig, out_dir: str | Path, verbose: bool = True) -> None:
+        self.cfg = cfg
+        self.verbose = verbose
+        ts = cfg.train
+        if ts.sampler not in ("uniform", "repeat_factor"):
+            raise ConfigError(f"train.sampler must be uniform or repeat_factor, got {ts.sampler!r}")
+        if ts.epochs < 1 or ts.batch_size < 1 or ts.lr <= 0:
+            raise ConfigError("train.epochs, train.batch_size and train.lr must be positive")
+        if ts.threads:
+            torch.set_num_threads(ts.threads)
+        self.run_dir = RunDirectory(out_dir, writer=is_main_process())
+        torch.manual_seed(ts.seed)
+        np.random.seed(ts.seed)
+        self.splits = load_splits(cfg.data)
+        self.run_dir.ensure_writable()
+        spec = DetectorSpec(**{**asdict(cfg.detector), "num_classes": self.splits.train.num_classes})
+        self.detector = build_detector(spec)
+        self.model: torch.nn.Module = self.detector
+        if is_distributed():
+            self.model = torch.nn.parallel.DistributedDataParallel(self.detector)
+        train_tf = detection_transforms(True, ts.min_size, ts.max_size, 0.5 if ts.flip else 0.0)
+        self.train_set = DetectionDataset(self.splits.train, self.splits.image_root, train_tf)
+        self.eval_set = DetectionDataset(
+            self.splits.eval, self.splits.image_root, detection_transforms(False)
+        )
+        self.rfs = (
+            RepeatFactorSampler(self.splits.train.image_categories(), ts.rfs_threshold, ts.seed)
+            if ts.sampler == "repeat_factor"
+            else None
+        )
+        self.params = [p for p in self.detector.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(
+            self.params, lr=ts.lr, momentum=ts.momentum, weight_decay=ts.weight_decay
+        )
+        self.per_epoch = math.ceil(len(_epoch_order(len(self.train_set), ts, 0, self.rfs)) / ts.batch_size)
+        self.total = self.per_epoch * ts.epochs
+        self.epoch = 0
+        self.iteration = 0
+        self.history: list[dict[str, Any]] = []
+        self.step_times: list[float] = []
+        self.resumes: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": CHECKPOINT_VERSION,
+            "task": "detection",
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "model": self.detector.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+            "step_times": self.step_times,
+            "resumes": self.resumes,
+            "rng": capture_rng_state(),
+            "data_sha256": self.splits.sha256,
+            "category_ids": self.splits.train.category_ids,
+        }
+
+    def load_state(self, state: dict[str, Any], where: Path) -> None:
+        if state.get("task") != "detection":
+            raise ConfigError(f"{where} is not a detection checkpoint")
+        if state.get("data_sha256") != self.splits.sha256:
+            raise ConfigError(f"{where} was trained on other data (data hash mismatch)")
+        changes = config_changes(state["config"], self.cfg.to_dict())
+        unsafe = {k: v for k, v in changes.items() if k not in DETECTION_RESUME_SAFE_KEYS}
+        if unsafe:
+            raise ConfigError(
+                f"cannot resume {where}: the config differs from the checkpoint's in "
+                f"{describe_changes(unsafe)}; train under another --output or start again with --overwrite"
+            )
+        self.detector.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.iteration = int(state["iteration"])
+        self.history = list(state["history"])
+        self.step_times = list(state["step_times"])
+        self.resumes = [*state.get("resumes", []), {"at_epoch": self.epoch, "changed": changes}]
+        restore_rng_state(state["rng"])
+        self.run_dir.rewrite_metrics(self.history)
+
+    # ------------------------------------------------------------------ training
+    def train_epoch(self) -> dict[str, Any]:
+        ts = self.cfg.train
+        self.detector.train()
+        order = _epoch_order(len(self.train_set), ts, self.epoch, self.rfs).tolist()
         sums: dict[str, float] = {}
+        start = time.perf_counter()
         for b in range(0, len(order), ts.batch_size):
             t0 = time.perf_counter()
-            images, targets = collate_detection([train_set[i] for i in order[b : b + ts.batch_size]])
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(it, total, ts)
-            losses = model(images, targets)
+            images, targets = collate_detection([self.train_set[i] for i in order[b : b + ts.batch_size]])
+            for group in self.optimizer.param_groups:
+                group["lr"] = _lr_at(self.iteration, self.total, ts)
+            losses = self.model(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
-                parts = {k: float(v) for k, v in losses.items()}
-                raise ConfigError(f"non-finite detection loss at iteration {it}: {parts}")
-            opt.zero_grad(set_to_none=True)
+                parts = {k: round(float(v), 4) for k, v in losses.items()}
+                raise TrainingError(
+                    f"non-finite detection loss at iteration {self.iteration} (epoch {self.epoch + 1}): "
+                    f"{parts}; lower train.lr or check the boxes"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if ts.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, ts.grad_clip)
-            opt.step()
-            step_times.append(time.perf_counter() - t0)
+                torch.nn.utils.clip_grad_norm_(self.params, ts.grad_clip)
+            self.optimizer.step()
+            self.step_times.append(time.perf_counter() - t0)
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
-            it += 1
+            self.iteration += 1
         n_b = max(1, math.ceil(len(order) / ts.batch_size))
-        history.append({"epoch": epoch + 1, **{k: v / n_b for k, v in sums.items()}})
-        if verbose and is_main_process():
-            print(
-                f"[{cfg.name}] epoch {epoch + 1}/{ts.epochs} "
-                + " ".join(f"{k} {v / n_b:.3f}" for k, v in sums.items()),
-                flush=True,
-            )
-    train_time = time.perf_counter() - t_start
-    record: dict[str, Any] = {}
-    if is_main_process():
-        freqs = splits.train.frequencies()
-        metrics, outputs = evaluate_detector(detector, eval_set, cfg.data.protocol, cfg.data.max_dets, freqs)
-        out.mkdir(parents=True, exist_ok=True)
+        record: dict[str, Any] = {"epoch": self.epoch + 1, **{k: v / n_b for k, v in sums.items()}}
+        record["train_loss"] = sum(v / n_b for v in sums.values())
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["train_seconds"] = time.perf_counter() - start
+        return record
+
+    def fit(
+        self, resume: bool | str | Path = False, overwrite: bool = False, stop_after: int | None = None
+    ) -> dict[str, Any]:
+        """Train to ``train.epochs`` (or stop after ``stop_after`` epochs of this call), then evaluate and
+        write ``final.json``; the rules of ``resume`` / ``overwrite`` are :meth:`Trainer.fit`'s."""
+        if resume and overwrite:
+            raise ConfigError("resume and overwrite exclude each other")
+        if overwrite:
+            self.run_dir.start("overwrite")
+        elif resume:
+            path = None if resume is True else Path(resume)
+            state = self.run_dir.load_resume_checkpoint(path)
+            if state is None:
+                self.run_dir.start("new")
+            else:
+                self.run_dir.start("resume")
+                self.load_state(state, path or self.run_dir.last_checkpoint)
+        else:
+            self.run_dir.start("new")
+        self.run_dir.write_text(CONFIG, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        env = environment_info(torch.device("cpu")) | {"world_size": world_size()}
+        self.run_dir.write_json(ENVIRONMENT, env)
+        ts = self.cfg.train
+        ran = 0
+        while self.epoch < ts.epochs:
+            if stop_after is not None and ran >= stop_after:
+                return self.history[-1] if self.history else {}
+            record = self.train_epoch()
+            self.history.append(record)
+            self.epoch += 1
+            ran += 1
+            self.run_dir.append_metrics(record)
+            self.run_dir.save_checkpoint(self.state_dict(), self.epoch, keep=0)
+            if self.verbose and is_main_process():
+                skip = ("epoch", "lr", "train_seconds")
+                parts = " ".join(f"{k} {v:.3f}" for k, v in record.items() if k not in skip)
+                print(
+                    f"[{self.cfg.name}] epoch {self.epoch}/{ts.epochs} {parts} "
+                    f"({record['train_seconds']:.0f} s)",
+                    flush=True,
+                )
+        return self.finish()
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> tuple[DetectionMetrics, list[dict[str, torch.Tensor]]]:
+        d = self.cfg.data
+        freqs = self.splits.train.frequencies()
+        return evaluate_detector(self.detector, self.eval_set, d.protocol, d.max_dets, freqs)
+
+    def finish(self, draw: bool = True) -> dict[str, Any]:
+        """Evaluate the eval split and write ``final.json`` (and ``detections.png``); rank 0 only."""
+        if not is_main_process():
+            return {}
+        metrics, outputs = self.evaluate()
+        splits = self.splits
         stats = None
-        st = getattr(detector.loss_module, "stats", None)
+        st = self.detector.loss_module.stats if self.detector.loss_module is not None else None
         if isinstance(st, GradientStatistics):
             stats = {
                 "pos": st.pos.tolist(),
@@ -327,16 +472,19 @@ def run_detection(cfg: DetectionRunConfig, out_dir: str | Path, verbose: bool = 
                 "ratio": st.ratio().tolist(),
                 "steps": int(st.steps),
             }
-        record = {
-            "config": cfg.to_dict(),
+        train_seconds = sum(r.get("train_seconds", 0.0) for r in self.history)
+        record: dict[str, Any] = {
             "task": "detection",
+            "name": self.cfg.name,
+            "config": self.cfg.to_dict(),
+            "config_hash": config_hash(self.cfg),
             "protocol": metrics.protocol,
             "metrics": metrics.summary,
             "per_class": [
                 {"class": c.name, "category_id": c.id, "frequency": f, "train_images": int(n), "ap": ap}
                 for c, f, n, ap in zip(
                     splits.train.categories,
-                    freqs,
+                    splits.train.frequencies(),
                     splits.train.image_counts(),
                     metrics.per_class_ap.tolist(),
                     strict=True,
@@ -344,29 +492,71 @@ def run_detection(cfg: DetectionRunConfig, out_dir: str | Path, verbose: bool = 
             ],
             "num_detections": metrics.num_detections,
             "data_sha256": splits.sha256,
-            "train_images": len(train_set),
-            "eval_split": cfg.data.eval_split,
-            "iterations": it,
-            "wall_time_s": time.perf_counter() - t_start,
-            "train_time_s": train_time,
-            "mean_step_s": float(np.mean(step_times)) if step_times else None,
-            "history": history,
+            "train_images": len(self.train_set),
+            "eval_split": self.cfg.data.eval_split,
+            "epochs": self.epoch,
+            "iterations": self.iteration,
+            "train_seconds": train_seconds,
+            "wall_time_s": train_seconds,  # the training time summed over this run's invocations
+            "mean_step_s": float(np.mean(self.step_times)) if self.step_times else None,
+            "history": self.history,
             "gradient_statistics": stats,
             "world_size": world_size(),
+            "resumes": self.resumes,
         }
-        (out / "final.json").write_text(json.dumps(record, indent=1, default=float))
-        try:
-            draw_detections(eval_set, outputs, out / "detections.png")
-        except Exception as e:  # pragma: no cover - drawing is a convenience
-            print(f"[{cfg.name}] could not draw detections: {e}")
-        if verbose:
-            m = metrics.summary
+        self.run_dir.write_json(FINAL, record, indent=1)
+        if draw:
+            try:
+                draw_detections(self.eval_set, outputs, self.run_dir.file(DETECTIONS_FIGURE))
+            except Exception as e:  # pragma: no cover - drawing is a convenience
+                print(f"[{self.cfg.name}] could not draw detections: {e}")
+        if self.verbose:
+            m = {k: f"{100 * v:.1f}" for k, v in metrics.summary.items()}
             print(
-                f"[{cfg.name}] AP {m['AP']:.3f} APr {m['APr']:.3f} APc {m['APc']:.3f} APf {m['APf']:.3f} "
-                f"({record['wall_time_s']:.0f} s)",
+                f"[{self.cfg.name}] {self.cfg.data.eval_split}: AP {m['AP']} APr {m['APr']} APc {m['APc']} "
+                f"APf {m['APf']} (training {train_seconds:.0f} s)",
                 flush=True,
             )
-    return record
+        return record
+
+
+DETECTIONS_FIGURE = "detections.png"
+
+
+def run_detection(
+    cfg: DetectionRunConfig,
+    out_dir: str | Path,
+    verbose: bool = True,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one detector (:class:`DetectionRun`); returns the record written to final.json."""
+    return DetectionRun(cfg, out_dir, verbose).fit(resume=resume, overwrite=overwrite, stop_after=stop_after)
+
+
+def is_detection_checkpoint(state: dict[str, Any]) -> bool:
+    return state.get("task") == "detection"
+
+
+def evaluate_checkpoint(
+    path: str | Path, output: str | Path, data_overrides: dict[str, Any] | None = None, verbose: bool = True
+) -> dict[str, Any]:
+    """``gradtail eval`` of a detection checkpoint: rebuild the run from the checkpoint's config (data
+    settings may be overridden, e.g. another ``eval_split``), load the weights and write ``final.json``
+    into ``output``."""
+    state = load_checkpoint(Path(path))
+    if not is_detection_checkpoint(state):
+        raise ConfigError(f"{path} is not a detection checkpoint")
+    raw = _merge(state["config"], {"data": data_overrides or {}})
+    run = DetectionRun(DetectionRunConfig.from_dict(raw), output, verbose)
+    if data_overrides is None and state.get("data_sha256") != run.splits.sha256:
+        raise ConfigError(f"{path} was trained on other data (data hash mismatch)")
+    run.detector.load_state_dict(state["model"])
+    run.epoch, run.iteration = int(state["epoch"]), int(state["iteration"])
+    run.history, run.step_times = list(state["history"]), list(state["step_times"])
+    run.run_dir.ensure_writable()
+    return run.finish()
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -376,23 +566,36 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_detection_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DetectionRunConfig:
-    """A detection YAML config; ``base: other.yaml`` (relative to the file) is merged under it."""
-    import yaml
+def load_detection_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a detection config file; ``extends: other.yaml`` (or ``base:``, its older
+    spelling; relative to the file) is merged under it, section by section."""
+    from gradtail.config import read_yaml_mapping
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config must be a mapping")
-    base = raw.pop("base", None)
-    if base is not None:
-        raw = _merge(load_detection_config(path.parent / base).to_dict(), raw)
-    return DetectionRunConfig.from_dict(_merge(raw, overrides or {}))
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(
+            f"detection configs extend each other in a cycle: {' -> '.join(map(str, (*_seen, path)))}"
+        )
+    raw = read_yaml_mapping(path, "config file", f" (extended by {_seen[-1]})" if _seen else "")
+    parent = raw.pop("extends", None) or raw.pop("base", None)
+    raw.pop("base", None)
+    if parent is not None:
+        base = load_detection_dict(path.parent / str(parent), (*_seen, path))
+        base.pop("name", None)
+        raw = _merge(base, raw)
+    return raw
+
+
+def load_detection_config(
+    path: str | Path, overrides: dict[str, Any] | None = None, sets: Sequence[str] | None = None
+) -> DetectionRunConfig:
+    """A detection YAML config (:func:`load_detection_dict`), then ``overrides`` (a nested mapping) and
+    ``sets`` (``a.b=value`` strings, as ``gradtail train --set``) on top."""
+    from gradtail.config import apply_overrides
+
+    raw = _merge(load_detection_dict(path), overrides or {})
+    raw.setdefault("name", Path(path).stem)
+    return DetectionRunConfig.from_dict(apply_overrides(raw, list(sets or [])))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -367,6 +367,10 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
         from gradtail.report import segmentation
 
         return segmentation.write_report(results, output)
+    if results.get("task") == "detection":
+        from gradtail.report import detection
+
+        return detection.write_report(results, output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
     figs = _figures(results, output)

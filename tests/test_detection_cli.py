@@ -1,0 +1,175 @@
+"""Detection through the harness: ``gradtail train`` / ``eval`` / ``bench`` on detection configs, with the
+run directory's rules (refuse, resume bit-identically, overwrite), the suite's skip / conflict rules, the
+report, and one-line errors. Tiny Fashion-MNIST detection data (50 training canvases) so it stays fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gradtail.bench.detection import load_detection_suite, suite_task
+from gradtail.cli.main import main
+from gradtail.config import config_task
+from gradtail.errors import ConfigError
+
+pytest.importorskip("lvis")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "detection"
+TINY_FM = {"train_counts": [30, 20, 14, 11, 8, 6, 4, 3, 2, 1], "val_per_class": 1, "test_per_class": 3}
+
+
+@pytest.fixture(scope="module")
+def fm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fm_detection")
+
+
+def _config(tmp_path: Path, fm_root: Path, base: str, epochs: int = 2) -> Path:
+    path = tmp_path / f"{base}.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "extends": str(CONFIGS / f"{base}.yaml"),
+                "data": {"root": str(fm_root), "fm": TINY_FM},
+                "detector": {"width": 16, "representation": 64},
+                "train": {"epochs": epochs, "batch_size": 8, "threads": 2},
+            }
+        )
+    )
+    return path
+
+
+def test_config_task(tmp_path: Path) -> None:
+    assert config_task(CONFIGS / "fm_retinanet_efl.yaml") == "detection"  # through base:, the detector
+    assert config_task(REPO / "configs" / "fashion_mnist_lt" / "ce.yaml") == "classification"
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {CONFIGS / 'fm_faster_rcnn_ce.yaml'}\ntrain: {{epochs: 1}}\n")
+    assert config_task(child) == "detection"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: tracking\n")
+    with pytest.raises(ConfigError, match="task must be one of classification, segmentation, detection"):
+        config_task(bad)
+
+
+def test_train_stop_resume_equals_uninterrupted(tmp_path: Path, fm_root: Path, capsys) -> None:
+    cfg = _config(tmp_path, fm_root, "fm_retinanet_efl")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert main(["train", str(cfg), "--output", str(straight)]) == 0
+    assert main(["train", str(cfg), "--output", str(stopped), "--stop-after", "1"]) == 0
+    assert "resume with --resume" in capsys.readouterr().out
+    # a directory with a run is never trained over silently
+    assert main(["train", str(cfg), "--output", str(stopped)]) == 2
+    assert "already holds an unfinished run" in capsys.readouterr().err
+    # a resume may not change what is trained
+    assert main(["train", str(cfg), "--output", str(stopped), "--resume", "--set", "train.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr: 0.02 -> 0.1" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", str(cfg), "--output", str(stopped), "--resume", "--set", "name=renamed"]) == 0
+    a = json.loads((straight / "final.json").read_text())
+    b = json.loads((stopped / "final.json").read_text())
+    assert a["metrics"] == b["metrics"] and a["config_hash"] == b["config_hash"]
+    assert b["resumes"] == [{"at_epoch": 1, "changed": {"name": ["fm_retinanet_efl", "renamed"]}}]
+    sa = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)["model"]
+    sb = torch.load(stopped / "checkpoints" / "last.pt", weights_only=False)["model"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    lines = (stopped / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert (stopped / "config.yaml").is_file() and (stopped / "environment.json").is_file()
+
+
+def test_eval_reproduces_the_final_metrics(tmp_path: Path, fm_root: Path, capsys) -> None:
+    cfg = _config(tmp_path, fm_root, "fm_faster_rcnn_eqlv2", epochs=1)
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--output", str(run)]) == 0
+    final = json.loads((run / "final.json").read_text())
+    assert final["gradient_statistics"]["steps"] == final["iterations"] > 0
+    ckpt = run / "checkpoints" / "last.pt"
+    assert main(["eval", str(ckpt), "--json"]) == 0
+    again = json.loads((run / "eval" / "final.json").read_text())
+    assert again["metrics"] == final["metrics"] and again["eval_split"] == "test"
+    assert main(["eval", str(ckpt), "--split", "val", "--output", str(tmp_path / "val")]) == 0
+    assert json.loads((tmp_path / "val" / "final.json").read_text())["eval_split"] == "val"
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), "--posthoc", "tau_norm"]) == 2
+    assert "not for a detection checkpoint" in capsys.readouterr().err
+
+
+def _suite(tmp_path: Path, fm_root: Path, lr: float = 0.02) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny_detection",
+                "task": "detection",
+                "seeds": [0, 1],
+                "overrides": {
+                    "data": {"root": str(fm_root), "fm": TINY_FM},
+                    "detector": {"width": 16, "representation": 64},
+                    "train": {"epochs": 1, "batch_size": 8, "lr": lr, "threads": 2},
+                },
+                "methods": {
+                    "ce": {"config": str(CONFIGS / "fm_faster_rcnn_ce.yaml")},
+                    "eqlv2": {"config": str(CONFIGS / "fm_faster_rcnn_eqlv2.yaml"), "label": "EQLv2"},
+                },
+            }
+        )
+    )
+    return path
+
+
+def test_bench_runs_skips_and_reports(tmp_path: Path, fm_root: Path, capsys) -> None:
+    suite, out = _suite(tmp_path, fm_root), tmp_path / "bench"
+    assert suite_task(suite) == "detection"
+    assert main(["bench", str(suite), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| EQLv2 " in printed and "report:" in printed
+    results = json.loads((out / "results.json").read_text())
+    finals = {
+        (m, s): json.loads((out / m / f"seed{s}" / "final.json").read_text())
+        for m in ("ce", "eqlv2")
+        for s in (0, 1)
+    }
+    for row in results["table"]:
+        values = [finals[(row["method"], s)]["metrics"]["AP"] for s in (0, 1)]
+        assert row["AP"]["values"] == values and row["AP"]["mean"] == pytest.approx(sum(values) / 2)
+    assert [row["label"] for row in results["table"]] == ["ce", "EQLv2"]
+    assert len(results["classes"]) == 10 and set(results["per_class_ap"]) == {"ce", "eqlv2"}
+    page = (out / "report.html").read_text()
+    assert "AP per class against training frequency" in page and "Test images: EQLv2 (seed 0)" in page
+    # a second call trains nothing
+    assert main(["bench", str(suite), "--output", str(out)]) == 0
+    assert "4 runs (4 already done)" in capsys.readouterr().out
+    # an edited suite is an error before any training, unless --overwrite (then those runs retrain)
+    edited = _suite(tmp_path, fm_root, lr=0.01)
+    argv = ["bench", str(edited), "--output", str(out), "--only", "ce", "--seeds", "0"]
+    assert main(argv) == 2
+    assert "hold a run of another config" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((out / "ce" / "seed0" / "final.json").read_text())["config"]["train"]["lr"] == 0.01
+
+
+def test_suite_errors_are_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    a = "{a: {config: " + str(CONFIGS / "fm_faster_rcnn_ce.yaml")
+    cases = {
+        f"task: detection\nmethods: {a}}}}}\nbogus: 1\n": r"unknown suite key\(s\) \['bogus'\]",
+        "task: detection\nmethods: {a: {}}\n": "methods.a needs a config",
+        f"task: detection\nmethods: {a}, lr: 1}}}}\n": r"methods.a: unknown key\(s\) \['lr'\]",
+        f"task: detection\nmethods: {a}, detector: {{arch: yolo}}}}}}\n": "method 'a': detector arch",
+        f"task: detection\nseeds: [a]\nmethods: {a}}}}}\n": "seeds must be a non-empty list",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_detection_suite(path)
+
+
+def test_shipped_detection_suite_loads() -> None:
+    suite = load_detection_suite(REPO / "suites" / "detection_3seeds.yaml")
+    names = {"faster_rcnn_ce", "faster_rcnn_eqlv2", "retinanet_focal", "retinanet_efl"}
+    assert {m.name for m in suite.methods} >= names
+    assert suite.run_config(suite.method("faster_rcnn_eqlv2"), 2).train.seed == 2
