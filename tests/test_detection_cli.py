@@ -173,3 +173,23 @@ def test_shipped_detection_suite_loads() -> None:
     names = {"faster_rcnn_ce", "faster_rcnn_eqlv2", "retinanet_focal", "retinanet_efl"}
     assert {m.name for m in suite.methods} >= names
     assert suite.run_config(suite.method("faster_rcnn_eqlv2"), 2).train.seed == 2
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes(tmp_path: Path, fm_root: Path) -> None:
+    """``gradtail train`` of a detection config under torchrun (gloo): DDP, rank-strided images, rank 0
+    writes the run once, the loss's statistics summed across both processes."""
+    import subprocess
+    import sys
+
+    cfg = _config(tmp_path, fm_root, "fm_faster_rcnn_eqlv2", epochs=1)
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, "-m", "gradtail", "train", str(cfg), "--output", str(out), "--set", "train.threads=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("gradtail: detection run") == 1
+    final = json.loads((out / "final.json").read_text())
+    assert final["world_size"] == 2 and final["iterations"] == 4  # 50 images / 2 ranks / batch 8
+    assert final["gradient_statistics"]["steps"] == 4
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
