@@ -543,14 +543,14 @@ def evaluate_checkpoint(
     path: str | Path, output: str | Path, data_overrides: dict[str, Any] | None = None, verbose: bool = True
 ) -> dict[str, Any]:
     """``gradtail eval`` of a detection checkpoint: rebuild the run from the checkpoint's config (data
-    settings may be overridden, e.g. another ``eval_split``), load the weights and write ``final.json``
-    into ``output``."""
+    settings may be overridden: another ``eval_split``, the images under another ``image_root``; the
+    data must hash as at training), load the weights and write ``final.json`` into ``output``."""
     state = load_checkpoint(Path(path))
     if not is_detection_checkpoint(state):
         raise ConfigError(f"{path} is not a detection checkpoint")
     raw = _merge(state["config"], {"data": data_overrides or {}})
     run = DetectionRun(DetectionRunConfig.from_dict(raw), output, verbose)
-    if data_overrides is None and state.get("data_sha256") != run.splits.sha256:
+    if state.get("data_sha256") != run.splits.sha256:
         raise ConfigError(f"{path} was trained on other data (data hash mismatch)")
     run.detector.load_state_dict(state["model"])
     run.epoch, run.iteration = int(state["epoch"]), int(state["iteration"])
