@@ -28,7 +28,9 @@ LAYERS: dict[str, int] = {
     "data": 1,
     "losses": 2,
     "tasks": 2,  # classification / dense prediction behind gradtail.contracts.TaskContract
-    "detection": 3,  # gradtail losses inside torchvision's detectors (uses losses, data, metrics)
+    # gradtail losses inside torchvision's detectors, and the detection run loop (an engine of its own:
+    # it reuses the engine's checkpoint RNG capture and environment record)
+    "detection": 4,
     "diagnostics": 2,
     "regularizers": 3,
     "optim": 3,
