@@ -343,6 +343,32 @@ class RunDirectory:
             self.clear()
         self.ensure_writable()
 
+    def begin(
+        self,
+        resume: bool | str | Path = False,
+        overwrite: bool = False,
+        map_location: str | torch.device = "cpu",
+    ) -> dict[str, Any] | None:
+        """Start a run from a caller's ``resume`` / ``overwrite`` flags (``gradtail train --resume
+        [CHECKPOINT]`` / ``--overwrite``): the checkpoint to continue from, or None for a fresh start.
+
+        ``overwrite`` clears the run first; ``resume=True`` loads this directory's last checkpoint (a
+        directory without one starts fresh), a path loads that checkpoint; neither refuses a directory
+        that holds a run. The caller restores its state from the returned checkpoint.
+        """
+        if resume and overwrite:
+            raise ConfigError("resume and overwrite exclude each other")
+        if overwrite:
+            self.start("overwrite")
+            return None
+        if resume:
+            path = None if resume is True else Path(resume)
+            state = self.load_resume_checkpoint(path, map_location=map_location)
+            self.start("new" if state is None else "resume")
+            return state
+        self.start("new")
+        return None
+
     def ensure_writable(self) -> None:
         """Create the directory and probe it with a write: an :class:`OutputError` when it cannot be
         created or written (read-only, a path through a file), before any work is done."""

@@ -413,20 +413,9 @@ class DetectionRun:
     ) -> dict[str, Any]:
         """Train to ``train.epochs`` (or stop after ``stop_after`` epochs of this call), then evaluate and
         write ``final.json``; the rules of ``resume`` / ``overwrite`` are :meth:`Trainer.fit`'s."""
-        if resume and overwrite:
-            raise ConfigError("resume and overwrite exclude each other")
-        if overwrite:
-            self.run_dir.start("overwrite")
-        elif resume:
-            path = None if resume is True else Path(resume)
-            state = self.run_dir.load_resume_checkpoint(path)
-            if state is None:
-                self.run_dir.start("new")
-            else:
-                self.run_dir.start("resume")
-                self.load_state(state, path or self.run_dir.last_checkpoint)
-        else:
-            self.run_dir.start("new")
+        state = self.run_dir.begin(resume, overwrite)
+        if state is not None:
+            self.load_state(state, self.run_dir.path if resume is True else Path(str(resume)))
         self.run_dir.write_text(CONFIG, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         env = environment_info(torch.device("cpu")) | {"world_size": world_size()}
         self.run_dir.write_json(ENVIRONMENT, env)

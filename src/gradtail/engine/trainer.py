@@ -422,22 +422,12 @@ class Trainer:
         Returns the final metrics (also written to ``final.json``) once training is done, or the last
         epoch record when stopped early.
         """
-        if resume and overwrite:
-            raise ConfigError("resume and overwrite exclude each other")
-        if overwrite:
-            self.run_dir.start("overwrite")
-        elif resume:
-            path = None if resume is True else Path(resume)
-            state = self.run_dir.load_resume_checkpoint(path, map_location=self.device)
-            if state is None:
-                self.run_dir.start("new")
-            else:
-                changes = resume_config_changes(state["config"], self.cfg.to_dict(), path or self.out)
-                self.run_dir.start("resume")
-                self.load_state(state)
-                self.resumes.append({"at_epoch": self.epoch, "changed": changes})
-        else:
-            self.run_dir.start("new")
+        state = self.run_dir.begin(resume, overwrite, map_location=self.device)
+        if state is not None:
+            where = self.out if resume is True else Path(str(resume))
+            changes = resume_config_changes(state["config"], self.cfg.to_dict(), where)
+            self.load_state(state)
+            self.resumes.append({"at_epoch": self.epoch, "changed": changes})
         self._write_run_header()
         progress = self.cfg.train.progress and is_main_process()
         epochs = self.cfg.optim.epochs

@@ -345,6 +345,38 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 59.5 else f"{seconds / 60:.1f} min"
 
 
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+table { border-collapse: collapse; font-size: 14px; }
+th, td { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+tr.posthoc td { color: #345; background: #f5f8fb; }
+tr.val_selected td { color: #666; font-style: italic; }
+img { max-width: 100%; } .protocol { font-size: 14px; line-height: 1.5; }
+figure { margin: 0 0 1.5em 0; }
+figcaption { font-size: 13px; line-height: 1.45; color: #444; max-width: 900px; }
+span.params { font-size: 12px; color: #567; }
+"""
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained report page: ``title`` (escaped here) and ``body`` (HTML) in the shared style."""
+    t = html.escape(title)
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{t}</title>\n'
+        f"<style>{PAGE_STYLE}</style></head><body>\n<h1>{t}</h1>\n{body}\n</body></html>\n"
+    )
+
+
+def report_paths(output: Path) -> dict[str, Path]:
+    """The files every report writes into ``output``."""
+    return {
+        "results": output / "results.json",
+        "markdown": output / "report.md",
+        "html": output / "report.html",
+    }
+
+
 def write_figures(figures: list[tuple[str, bytes, str]], output: Path, md: list[str]) -> list[str]:
     """Write each (title, PNG, caption) as ``figure_<k>.png``, append its Markdown to ``md`` and return its
     HTML (the PNG inlined), for every report page (classification, segmentation)."""
@@ -420,33 +452,13 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
             cells.append(f"{r['published']:.1f}" if r.get("published") is not None else "")
         cls = f" class='{r['kind']}'"
         body_rows.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>gradtail bench: {html.escape(results["suite"])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; font-size: 14px; }}
-th, td {{ padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-tr.posthoc td {{ color: #345; background: #f5f8fb; }}
-tr.val_selected td {{ color: #666; font-style: italic; }}
-img {{ max-width: 100%; }} .protocol {{ font-size: 14px; line-height: 1.5; }}
-figure {{ margin: 0 0 1.5em 0; }}
-figcaption {{ font-size: 13px; line-height: 1.45; color: #444; max-width: 900px; }}
-span.params {{ font-size: 12px; color: #567; }}
-</style></head><body>
-<h1>gradtail bench: {html.escape(results["suite"])}</h1>
-<p>{html.escape(results.get("description", ""))}</p>
+    body = f"""<p>{html.escape(results.get("description", ""))}</p>
 <h2>Results</h2>
 <table><thead><tr>{head_cells}</tr></thead><tbody>{"".join(body_rows)}</tbody></table>
 {notes_html}
 <h2>Protocol</h2><p class="protocol">{html.escape(protocol_paragraph(results))}</p>
 <p class="protocol">Environment: {html.escape(env_line)}.{wall_text}</p>
-<h2>Figures</h2>{"".join(html_figs)}
-</body></html>
-"""
+<h2>Figures</h2>{"".join(html_figs)}"""
+    page = html_page(f"gradtail bench: {results['suite']}", body)
     (output / "report.html").write_text(page)
-    return {
-        "results": output / "results.json",
-        "markdown": output / "report.md",
-        "html": output / "report.html",
-    }
+    return report_paths(output)

@@ -19,7 +19,7 @@ import torch
 
 from gradtail.report.aggregate import format_mean_std, mean_std
 from gradtail.report.plots import _png
-from gradtail.report.render import write_figures
+from gradtail.report.render import html_page, report_paths, write_figures
 
 METRICS = ("miou", "macc", "aacc", "miou_frequent", "miou_common", "miou_rare")
 HEADERS = ("method", "mIoU", "mAcc", "aAcc", "mIoU frequent", "mIoU common", "mIoU rare")
@@ -270,28 +270,12 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     html_figs = write_figures(list(figs), output, md)
     (output / "report.md").write_text("\n".join(md))
     head = "".join(f"<th>{h}</th>" for h in HEADERS)
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>gradtail bench: {html.escape(results["suite"])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; font-size: 14px; }}
-th, td {{ padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-tr.val_selected td {{ color: #666; font-style: italic; }}
-img {{ max-width: 100%; }} .protocol {{ font-size: 14px; line-height: 1.5; }}
-figcaption {{ font-size: 13px; color: #444; }}
-</style></head><body>
-<h1>gradtail bench: {html.escape(results["suite"])}</h1>
-<p>{html.escape(results.get("description", ""))}</p>
+    body = f"""<p>{html.escape(results.get("description", ""))}</p>
 <h2>Results</h2>
 <table><thead><tr>{head}</tr></thead><tbody>{"".join(rows_html)}</tbody></table>
 <h2>Protocol</h2><p class='protocol'>{html.escape(_protocol(results))}</p>
 <p class='protocol'>Environment: {html.escape(env_line)}</p>
-<h2>Figures</h2>{"".join(html_figs)}
-</body></html>"""
+<h2>Figures</h2>{"".join(html_figs)}"""
+    page = html_page(f"gradtail bench: {results['suite']}", body)
     (output / "report.html").write_text(page)
-    return {
-        "results": output / "results.json",
-        "markdown": output / "report.md",
-        "html": output / "report.html",
-    }
+    return report_paths(output)
