@@ -200,6 +200,48 @@ def test_one_stage_efl_equals_the_standalone_loss(arch: str) -> None:
         torch.testing.assert_close(after.state_dict()[key], buf, rtol=1e-6, atol=1e-12, msg=key)
 
 
+def _efl_by_autograd(z: torch.Tensor, y: torch.Tensor, loss: EqualizedFocalLoss, norm: float) -> torch.Tensor:
+    """EFL written out with autograd-differentiated torch ops (eql.md §3): the reference for the fused
+    closed-form backward of ``EqualizedFocalLoss`` (statistics through t-1 taken from ``loss``)."""
+    gamma, omega = (v.to(z.dtype) for v in loss.focusing())
+    valid = (y != -1).view(-1, 1)
+    t = F.one_hot(torch.where(valid.view(-1), y, C), C + 1)[:, :C].to(z.dtype)
+    p = torch.sigmoid(z)
+    p_t = p * t + (1 - p) * (1 - t)
+    alpha_t = 0.25 * t + 0.75 * (1 - t)
+    elem = -alpha_t * omega * (1 - p_t) ** gamma * torch.log(p_t)
+    return torch.where(valid, elem, torch.zeros((), dtype=z.dtype)).sum() / norm
+
+
+def test_efl_fused_backward_equals_autograd_and_supports_double_backward() -> None:
+    """The speed-up of docs/detection.md §Step cost (one closed-form pass for value, gradient and
+    statistics) changes no value: loss, gradient and second derivatives equal autograd through the
+    formula, with background, ignored rows and non-empty statistics."""
+    g = torch.Generator().manual_seed(0)
+    loss = EqualizedFocalLoss(C, background_label=True, ignore_index=-1, s=4.0)
+    y = torch.tensor([0, 1, C, C, -1, 3, C, 2, -1, C])
+    for _ in range(2):  # statistics away from their initial values (g_hat != 1)
+        z0 = (torch.randn(10, C, generator=g, dtype=torch.float64) * 3).requires_grad_()
+        loss(z0, y[torch.randperm(10, generator=g)])
+    assert int(loss.stats.steps) == 2 and float(loss.effective_ratio().min()) < 0.9
+    z = (torch.randn(10, C, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    ref = _efl_by_autograd(z, y, loss, norm=2.5)  # the weights of the statistics through t-1
+    loss32 = copy.deepcopy(loss)  # the same statistics for the float32 check below
+    value = loss(z, y, normalizer=2.5)
+    assert value.item() == pytest.approx(ref.item(), rel=1e-12)
+    (grad,) = torch.autograd.grad(value, z, create_graph=True)
+    (ref_grad,) = torch.autograd.grad(ref, z, create_graph=True)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+    assert torch.equal(grad[4], torch.zeros(C, dtype=torch.float64))  # ignored row
+    v = torch.randn(10, C, generator=g, dtype=torch.float64)
+    (hv,) = torch.autograd.grad((grad * v).sum(), z)
+    (ref_hv,) = torch.autograd.grad((ref_grad * v).sum(), z)
+    torch.testing.assert_close(hv, ref_hv, rtol=1e-8, atol=1e-12)
+    z32 = z.detach().float().requires_grad_()
+    loss32(z32, y, normalizer=2.5).backward()  # float32: the same gradient to float32 precision
+    torch.testing.assert_close(z32.grad, ref_grad.detach().float(), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_eqfl_and_stock_heads_train() -> None:
     torch.manual_seed(3)
