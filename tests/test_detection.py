@@ -267,6 +267,24 @@ def test_bad_combinations() -> None:
         build_detector(spec("retinanet", "sigmoid_eql"))
     with pytest.raises(ConfigError, match="two-stage detectors take"):
         TwoStageTerm("focal", C)
+    with pytest.raises(ConfigError, match="box_loss must be one of"):
+        build_detector(spec("retinanet", "efl", box_loss="iou"))
+    with pytest.raises(ConfigError, match="anchor_scales must be >= 1"):
+        build_detector(spec("retinanet", "efl", anchor_scales=0))
+
+
+@pytest.mark.parametrize("loss", [None, "efl"])
+def test_retinanet_anchor_scales_and_box_loss(loss: str | None) -> None:
+    """The one-stage recipe's knobs (docs/detection.md §One-stage recipe): anchor_scales sizes per level
+    s 2^(k / scales) with 3 aspect ratios each; box_loss reaches torchvision's regression head."""
+    det = build_detector(spec("retinanet", loss, anchor_sizes=(12, 24, 48), anchor_scales=3, box_loss="giou"))
+    gen = det.model.anchor_generator
+    assert gen.sizes == ((12, 15, 19), (24, 30, 38), (48, 60, 76))
+    assert gen.num_anchors_per_location() == [9, 9, 9]
+    assert det.model.head.regression_head._loss_type == "giou"
+    det.train()
+    losses = det(*batch([31, 32]))
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["bbox_regression"].item() > 0
 
 
 # ------------------------------------------------------------------ 2 gloo processes == 1 process

@@ -12,6 +12,10 @@
 - ``backbone: resnet50_fpn`` (the LVIS recipes'), torchvision's ``resnet_fpn_backbone`` with
   ``weights=None`` and FrozenBatchNorm.
 
+One-stage options: RetinaNet's ``anchor_scales`` anchors per level and size s (s 2^(k / anchor_scales),
+each with aspect ratios 0.5, 1, 2) and ``box_loss``, the loss of torchvision's regression head (``l1`` by
+default, ``giou`` in the Fashion-MNIST one-stage recipe, docs/detection.md §One-stage recipe).
+
 :class:`Detector` hides torchvision's label conventions: it takes and returns labels 0..C-1 (the
 dataset's contiguous class indices) whatever the architecture (two-stage heads reserve 0 for the
 background, so labels are shifted by one inside).
@@ -44,6 +48,7 @@ from gradtail.errors import ConfigError
 
 ARCHS = ("faster_rcnn", "retinanet", "fcos")
 STOCK_LOSS = {"faster_rcnn": "ce", "retinanet": "focal", "fcos": "focal"}
+BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")  # torchvision.models.detection._utils._box_loss
 
 
 @dataclass
@@ -76,6 +81,8 @@ class DetectorSpec:
     # one-stage
     prior_probability: float = 0.01
     topk_candidates: int = 300
+    anchor_scales: int = 2  # RetinaNet anchors per level: s 2^(k / scales), k < scales (2: s, s sqrt(2))
+    box_loss: str = "l1"  # RetinaNet's box loss: one of BOX_LOSSES (torchvision's _box_loss)
 
     def check(self) -> None:
         if self.arch not in ARCHS:
@@ -87,6 +94,12 @@ class DetectorSpec:
             raise ConfigError(f"detector backbone must be tiny or resnet50_fpn, got {self.backbone!r}")
         if self.num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}")
+        if self.box_loss not in BOX_LOSSES:
+            raise ConfigError(
+                f"detector box_loss must be one of {', '.join(BOX_LOSSES)}, got {self.box_loss!r}"
+            )
+        if self.anchor_scales < 1:
+            raise ConfigError(f"detector anchor_scales must be >= 1, got {self.anchor_scales}")
 
     @property
     def loss_name(self) -> str:
@@ -238,7 +251,8 @@ def build_detector(spec: DetectorSpec) -> Detector:
         levels = _levels(spec, backbone, False)
         if spec.arch == "retinanet":
             base = _pad(spec.anchor_sizes, levels)
-            sizes = tuple((s, round(s * 2 ** (1 / 2))) for s in base)
+            k = spec.anchor_scales
+            sizes = tuple(tuple(round(s * 2 ** (i / k)) for i in range(k)) for s in base)
             anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
         else:
             sizes = tuple((s,) for s in _pad(tuple(s // 2 for s in spec.anchor_sizes), levels))
@@ -267,6 +281,7 @@ def build_detector(spec: DetectorSpec) -> Detector:
             )
             if term is None:  # stock: torchvision's head, only the prior adjusted
                 _set_prior(model.head.classification_head.cls_logits, spec.prior_probability)
+            model.head.regression_head._loss_type = spec.box_loss
         else:
             head = GradtailFCOSHead(ch, n_anchors, c, term) if term is not None else None
             model = FCOS(
