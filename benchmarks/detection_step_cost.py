@@ -1,9 +1,11 @@
 """Per-step cost of EQLv2 / EFL against the stock loss in the same process, same detector and batches.
 
-For each pair (Faster R-CNN: ce vs sigmoid_eql; RetinaNet: focal vs efl) both detectors are built from
-the same seed (identical weights), then timed on the same fixed training batches of the Fashion-MNIST
-detection benchmark, alternating stock / gradtail step by step (so slow drifts of the machine hit both),
-after warm-up steps. Reported: median seconds per step (forward + backward + SGD step) and the ratio.
+For each pair (Faster R-CNN: ce vs sigmoid_eql; RetinaNet and FCOS: focal vs efl) both detectors are built
+from the ``detector`` sections of the shipped configs (configs/detection/fm_*.yaml: the detectors the
+suite trains; FCOS: the RetinaNet configs' sections with ``arch: fcos``) and the same seed (identical
+weights), then timed on the same fixed training batches of the Fashion-MNIST detection benchmark,
+alternating stock / gradtail step by step (so slow drifts of the machine hit both), after warm-up steps.
+Reported: median seconds per step (forward + backward + SGD step) and the ratio gradtail / stock.
 
     flock /tmp/gradtail_cpu.lock .venv/bin/python benchmarks/detection_step_cost.py --out step_cost.json
 """
@@ -14,6 +16,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,18 +24,34 @@ import torch
 from gradtail.data.fm_detection import build_fm_detection
 from gradtail.data.lvis import DetectionDataset, collate_detection, detection_transforms, read_detection_json
 from gradtail.detection import DetectorSpec, build_detector
+from gradtail.detection.training import load_detection_config
 
-PAIRS = {"faster_rcnn": ("ce", "sigmoid_eql"), "retinanet": (None, "efl")}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
+# arch: (stock config, gradtail config, arch override)
+PAIRS = {
+    "faster_rcnn": ("fm_faster_rcnn_ce", "fm_faster_rcnn_eqlv2", None),
+    "retinanet": ("fm_retinanet_focal", "fm_retinanet_efl", None),
+    "fcos": ("fm_retinanet_focal", "fm_retinanet_efl", "fcos"),
+}
+
+
+def detector_spec(config: str, arch: str | None) -> DetectorSpec:
+    """The ``detector`` section of a shipped config (10 classes), ``arch`` replaced when given."""
+    values = asdict(load_detection_config(CONFIGS / f"{config}.yaml").detector)
+    values["num_classes"] = 10
+    if arch is not None:
+        values["arch"] = arch
+    return DetectorSpec(**values)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default="data/fm_detection")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--archs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--width", type=int, default=32)
     p.add_argument("--out", default="detection_step_cost.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -49,31 +68,34 @@ def main() -> int:
         "batch_size": args.batch_size,
         "threads": args.threads,
         "torch": torch.__version__,
-        "width": args.width,
     }
-    for arch, (stock, ours) in PAIRS.items():
+    for arch in args.archs:
+        stock_cfg, ours_cfg, override = PAIRS[arch]
+        specs = {"stock": detector_spec(stock_cfg, override), "gradtail": detector_spec(ours_cfg, override)}
         dets, opts, times = {}, {}, {}
-        for name in (stock, ours):
+        for key, spec in specs.items():
             torch.manual_seed(0)
-            det = build_detector(DetectorSpec(arch=arch, loss=name, width=args.width, representation=128))
+            det = build_detector(spec)
             det.train()
-            dets[name], opts[name], times[name] = det, torch.optim.SGD(det.parameters(), lr=0.005), []
+            dets[key], opts[key], times[key] = det, torch.optim.SGD(det.parameters(), lr=0.005), []
         for step in range(args.warmup + args.steps):
             images, targets = batches[step % len(batches)]
-            for name in (stock, ours) if step % 2 == 0 else (ours, stock):
+            for key in ("stock", "gradtail") if step % 2 == 0 else ("gradtail", "stock"):
                 t0 = time.perf_counter()
-                loss = sum(dets[name](images, targets).values())
-                opts[name].zero_grad()
+                loss = sum(dets[key](images, targets).values())
+                opts[key].zero_grad()
                 loss.backward()
-                opts[name].step()
+                opts[key].step()
                 if step >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
-        med = {str(k): statistics.median(v) for k, v in times.items()}
+                    times[key].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        names = {k: s.loss_name for k, s in specs.items()}
         result[arch] = {
-            "stock": stock or "focal",
-            "gradtail": ours,
-            "median_step_s": {str(stock or "focal"): med[str(stock)], ours: med[ours]},
-            "ratio": med[ours] / med[str(stock)],
+            "stock": names["stock"],
+            "gradtail": names["gradtail"],
+            "configs": [stock_cfg, ours_cfg],
+            "median_step_s": {names[k]: med[k] for k in ("stock", "gradtail")},
+            "ratio": med["gradtail"] / med["stock"],
         }
         print(arch, result[arch], flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
