@@ -147,7 +147,7 @@ def test_bench_runs_skips_and_reports(tmp_path: Path, fm_root: Path, capsys) -> 
     edited = _suite(tmp_path, fm_root, lr=0.01)
     argv = ["bench", str(edited), "--output", str(out), "--only", "ce", "--seeds", "0"]
     assert main(argv) == 2
-    assert "hold a run of another config" in capsys.readouterr().err
+    assert "holds a run of another config" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
     assert json.loads((out / "ce" / "seed0" / "final.json").read_text())["config"]["train"]["lr"] == 0.01
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradtail.bench.runner import SuiteRun, check_conflicts, collect_finals
 from gradtail.config import deep_merge, read_yaml_mapping
-from gradtail.errors import ConfigError, OutputError
-from gradtail.rundir import CONFIG, RunDirectory, config_changes, describe_changes
+from gradtail.errors import ConfigError
 
 DETECTION_SUITE_KEYS = ("name", "task", "description", "overrides", "seeds", "methods")
 DETECTION_METHOD_KEYS = ("config", "label", "data", "detector", "train")
@@ -131,33 +131,24 @@ def load_detection_suite(path: str | Path) -> DetectionSuite:
 
 
 @dataclass
-class PlannedDetectionRun:
+class PlannedDetectionRun(SuiteRun):
     method: DetectionMethod
     seed: int
     directory: Path
-    config: Any
+    config: Any  # gradtail.detection.training.DetectionRunConfig
 
-    @property
-    def run_dir(self) -> RunDirectory:
-        return RunDirectory(self.directory)
-
-    def is_done(self) -> bool:
+    def config_hash(self) -> str:
         from gradtail.detection.training import config_hash
 
-        final = self.run_dir.read_final()
-        return final is not None and final.get("config_hash") == config_hash(self.config)
+        return config_hash(self.config)
 
-    def conflict(self) -> str | None:
-        """Why the directory cannot be resumed as this run (it holds a run of another config), or None."""
+    def config_dict(self) -> dict[str, Any]:
+        return dict(self.config.to_dict())
+
+    def unsafe(self, changes: dict[str, list[Any]]) -> dict[str, list[Any]]:
         from gradtail.detection.training import DETECTION_RESUME_SAFE_KEYS
 
-        run = self.run_dir
-        saved = run.file(CONFIG)
-        if self.is_done() or not run.holds_run() or not saved.is_file():
-            return None
-        changes = config_changes(read_yaml_mapping(saved, "run config"), self.config.to_dict())
-        unsafe = {k: v for k, v in changes.items() if k not in DETECTION_RESUME_SAFE_KEYS}
-        return f"its config differs in {describe_changes(unsafe)}" if unsafe else None
+        return {k: v for k, v in changes.items() if k not in DETECTION_RESUME_SAFE_KEYS}
 
 
 def plan_detection_runs(
@@ -193,14 +184,7 @@ def run_detection_suite(
             print(line, flush=True)
 
     runs = plan_detection_runs(suite, output, only)
-    conflicts = {id(r): reason for r in runs if (reason := r.conflict()) is not None}
-    if conflicts and not overwrite:
-        first = next(r for r in runs if id(r) in conflicts)
-        raise OutputError(
-            f"{len(conflicts)} run director{'y' if len(conflicts) == 1 else 'ies'} of this suite hold a run "
-            f"of another config (first: {first.directory}: {conflicts[id(first)]}); rerun with --overwrite "
-            "to retrain them, or use another --output"
-        )
+    conflicts = check_conflicts(runs, overwrite)
     done = sum(r.is_done() for r in runs)
     log(f"gradtail bench: detection suite {suite.name!r}: {len(runs)} runs ({done} already done) -> {output}")
     for i, run in enumerate(runs, start=1):
@@ -221,13 +205,7 @@ def run_detection_suite(
             f"{tag}: AP {100 * m['AP']:.1f}, APr {100 * m['APr']:.1f}, APc {100 * m['APc']:.1f}, "
             f"APf {100 * m['APf']:.1f} ({time.perf_counter() - start:.0f} s)"
         )
-    finals = []
-    for r in runs:
-        final = r.run_dir.read_final()
-        if final is None:
-            raise OutputError(f"{r.run_dir.file('final.json')} is missing or unreadable after the run")
-        finals.append(final | {"method": r.method.name, "seed": r.seed})
-    return finals
+    return collect_finals(runs)
 
 
 __all__ = [

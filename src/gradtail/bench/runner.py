@@ -25,20 +25,30 @@ from gradtail.errors import ConfigError, OutputError
 from gradtail.rundir import CONFIG, RunDirectory, config_changes, describe_changes, unsafe_changes
 
 
-@dataclass
-class PlannedRun:
-    method: MethodSpec
-    seed: int
+class SuiteRun:
+    """What the runners of every task share about one planned run: where it lives, whether it is done
+    (its ``final.json`` carries the config hash of the run it would be now) and whether its directory
+    holds a run of another config. Subclasses give the hash, the config mapping and the resume-safe keys.
+    """
+
     directory: Path
-    config: RunConfig
 
     @property
     def run_dir(self) -> RunDirectory:
         return RunDirectory(self.directory)
 
+    def config_hash(self) -> str:
+        raise NotImplementedError
+
+    def config_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def unsafe(self, changes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return unsafe_changes(changes)
+
     def is_done(self) -> bool:
         final = self.run_dir.read_final()
-        return final is not None and final.get("config_hash") == self.config.hash()
+        return final is not None and final.get("config_hash") == self.config_hash()
 
     def conflict(self) -> str | None:
         """Why the directory cannot be resumed as this run (it holds a run of another config), or None."""
@@ -46,8 +56,52 @@ class PlannedRun:
         saved = run.file(CONFIG)
         if self.is_done() or not run.holds_run() or not saved.is_file():
             return None
-        unsafe = unsafe_changes(config_changes(read_yaml_mapping(saved, "run config"), self.config.to_dict()))
+        unsafe = self.unsafe(config_changes(read_yaml_mapping(saved, "run config"), self.config_dict()))
         return f"its config differs in {describe_changes(unsafe)}" if unsafe else None
+
+
+def check_conflicts(runs: list[Any], overwrite: bool) -> dict[int, str]:
+    """``{id(run): reason}`` of the runs whose directory holds another config's run; an
+    :class:`OutputError` naming the first, before any training, unless ``overwrite``."""
+    conflicts = {id(r): reason for r in runs if (reason := r.conflict()) is not None}
+    if conflicts and not overwrite:
+        first = next(r for r in runs if id(r) in conflicts)
+        n = len(conflicts)
+        what = (
+            "1 run directory of this suite holds a run"
+            if n == 1
+            else f"{n} run directories of this suite hold runs"
+        )
+        raise OutputError(
+            f"{what} of another config (first: {first.directory}: {conflicts[id(first)]}); "
+            "rerun with --overwrite to retrain them, or use another --output"
+        )
+    return conflicts
+
+
+def collect_finals(runs: list[Any]) -> list[dict[str, Any]]:
+    """Every planned run's ``final.json``, with its ``method`` and ``seed``."""
+    finals = []
+    for r in runs:
+        final = r.run_dir.read_final()
+        if final is None:
+            raise OutputError(f"{r.run_dir.file('final.json')} is missing or unreadable after the run")
+        finals.append(final | {"method": r.method.name, "seed": r.seed})
+    return finals
+
+
+@dataclass
+class PlannedRun(SuiteRun):
+    method: MethodSpec
+    seed: int
+    directory: Path
+    config: RunConfig
+
+    def config_hash(self) -> str:
+        return self.config.hash()
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
 
 
 def _ordered(methods: list[MethodSpec]) -> list[MethodSpec]:
@@ -126,19 +180,7 @@ def run_suite(
             print(line, flush=True)
 
     runs = plan_runs(suite, output, only)
-    conflicts = {id(r): reason for r in runs if (reason := r.conflict()) is not None}
-    if conflicts and not overwrite:
-        first = next(r for r in runs if id(r) in conflicts)
-        n = len(conflicts)
-        what = (
-            "1 run directory of this suite holds a run"
-            if n == 1
-            else f"{n} run directories of this suite hold runs"
-        )
-        raise OutputError(
-            f"{what} of another config (first: {first.directory}: {conflicts[id(first)]}); "
-            "rerun with --overwrite to retrain them, or use another --output"
-        )
+    conflicts = check_conflicts(runs, overwrite)
     todo = [r for r in runs if not r.is_done()]
     log(
         f"gradtail bench: suite {suite.name!r}: {len(runs)} runs ({len(runs) - len(todo)} already done) "
@@ -169,10 +211,4 @@ def run_suite(
             continue
         few = "N/A" if last.get("few") is None else f"{100 * last['few']:.1f}"
         log(f"{tag}: top-1 {100 * last['top1']:.1f}, few {few} ({_fmt_duration(durations[-1])})")
-    finals = []
-    for r in runs:
-        final = r.run_dir.read_final()
-        if final is None:
-            raise OutputError(f"{r.run_dir.file('final.json')} is missing or unreadable after the run")
-        finals.append(final | {"method": r.method.name, "seed": r.seed})
-    return finals
+    return collect_finals(runs)
