@@ -113,6 +113,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="timed steps per trial")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--untimed", type=int, default=8, help="steps run before each timed trial")
+    p.add_argument("--settle", type=float, default=0.5, help="seconds of rest before each trial")
     p.add_argument("--output", default="runs/bench/reference_loop.json")
     args = p.parse_args()
 
@@ -177,6 +179,11 @@ def main() -> None:
         loop(5)  # warm-up: workers started, first batches, oneDNN kernels chosen
     for _ in range(args.trials):
         for name, loop in loops.items():  # round-robin, so a slow spell of the machine hits all
+            # The DataLoader workers of the loop timed before keep prefetching for a moment: let them finish
+            # so their work does not land in this timing; then this loop's own head start (batches its
+            # workers prefetched while it was idle) is consumed untimed, so each trial is steady state.
+            time.sleep(args.settle)
+            loop(args.untimed)
             times[name].append(loop(args.steps))
     parent.send(0)
     proc.join(timeout=60)
@@ -190,6 +197,7 @@ def main() -> None:
         "steps": args.steps,
         "trials": args.trials,
         "reference_workers": args.workers,
+        "untimed_steps_per_trial": args.untimed,
         "reference_images_per_s": ref_ips,
         "gradtail_images_per_s": gt_ips,
         "speedup": gt_ips / ref_ips,
