@@ -7,8 +7,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 REPO = Path(__file__).resolve().parent.parent
-# Detection runs read their own YAML schema (gradtail.detection.training, docs/detection.md), not
-# gradtail train's RunConfig: those files are checked by tests/test_detection_training.py.
+# Detection configs and suites (task: detection) have their own schema (gradtail.detection.training,
+# gradtail.bench.detection, docs/detection.md), not RunConfig's: tests/test_detection_training.py and
+# tests/test_detection_cli.py check them.
 DETECTION_FILES = ("configs/detection/", "suites/detection_")
 
 

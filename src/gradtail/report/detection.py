@@ -19,7 +19,7 @@ import numpy as np
 
 from gradtail.report.aggregate import format_mean_std, mean_std
 from gradtail.report.plots import _png
-from gradtail.report.render import html_page, report_paths, write_figures
+from gradtail.report.render import _duration, html_page, report_paths, write_figures
 
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 HEADERS = ("method", "AP", "AP50", "APr", "APc", "APf")
@@ -204,9 +204,9 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
             f"<tr><td>{html.escape(row['label'])}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
         )
     env = results["environment"]
-    timing = f"Training time summed over runs: {results['train_seconds_total'] / 60:.1f} min."
-    if results.get("wall_seconds"):
-        timing += f" Wall time of the last invocation: {results['wall_seconds'] / 60:.1f} min."
+    timing = f"Training time summed over runs: {_duration(results['train_seconds_total'])}."
+    if results.get("wall_seconds") is not None:  # finished runs are skipped: a re-run takes seconds
+        timing += f" Wall time of the last invocation: {_duration(results['wall_seconds'])}."
     env_line = (
         f"gradtail {env.get('gradtail')} ({(env.get('git_commit') or '')[:10]}), torch {env.get('torch')}, "
         f"torchvision {env.get('torchvision')}, {env.get('device')}, {env.get('cpu_count')} CPUs. {timing}"
