@@ -1,11 +1,13 @@
-"""Training and evaluating a detector on COCO / LVIS-format data (docs/detection.md §Training).
+"""Training and evaluating a detector on COCO / LVIS-format data (docs/detection.md, "Runs").
 
-:func:`run_detection` is one run: data (a COCO/LVIS annotation file + image folder per split, or the
-Fashion-MNIST detection benchmark built on the fly), :func:`~gradtail.detection.build_detector`, SGD with
-momentum, linear warm-up and step decay (the LVIS recipes' schedule), uniform or repeat-factor image
-sampling, evaluation through :mod:`gradtail.metrics.detection`, and a run record ``final.json`` (metrics,
-per-class AP with the training image counts and groups, the data hash, wall time, per-step time, the
-loss's final gradient statistics) plus ``detections.png`` (a few test images with their top boxes).
+:class:`DetectionRun` is one run, driven by ``gradtail train`` / ``eval`` / ``bench``: data (a COCO/LVIS
+annotation file + image folder per split, or the Fashion-MNIST detection benchmark built on the fly),
+:func:`~gradtail.detection.build_detector`, SGD with momentum, linear warm-up and step decay (the LVIS
+recipes' schedule), uniform or repeat-factor image sampling, evaluation through
+:mod:`gradtail.metrics.detection`. It lives in a :class:`~gradtail.rundir.RunDirectory` (the refuse /
+resume / overwrite rules of every run, a checkpoint per epoch) and ends with ``final.json`` (metrics,
+per-class AP with the training image counts and groups, the data and config hashes, per-step time, the
+loss's final gradient statistics) and ``detections.png`` (a few test images with their top boxes).
 
 Multi-process: under ``torchrun`` (a process group initialised from the environment) the model is wrapped
 in ``DistributedDataParallel``, each rank takes its strided part of the epoch's global image order (the
@@ -585,35 +587,3 @@ def load_detection_config(
     raw = _merge(load_detection_dict(path), overrides or {})
     raw.setdefault("name", Path(path).stem)
     return DetectionRunConfig.from_dict(apply_overrides(raw, list(sets or [])))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m gradtail.detection.training CONFIG OUT_DIR [--seed N] [--epochs N]``."""
-    import argparse
-
-    from gradtail.errors import GradtailError
-
-    p = argparse.ArgumentParser(prog="python -m gradtail.detection.training", description=main.__doc__)
-    p.add_argument("config")
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--epochs", type=int)
-    args = p.parse_args(argv)
-    over: dict[str, Any] = {"train": {}}
-    if args.seed is not None:
-        over["train"]["seed"] = args.seed
-    if args.epochs is not None:
-        over["train"]["epochs"] = args.epochs
-    try:
-        from gradtail.distributed import init_from_environment
-
-        init_from_environment()
-        run_detection(load_detection_config(args.config, over), args.out_dir)
-    except GradtailError as e:
-        print(f"error: {e}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
