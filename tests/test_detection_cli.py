@@ -193,3 +193,23 @@ def test_torchrun_two_processes(tmp_path: Path, fm_root: Path) -> None:
     assert final["world_size"] == 2 and final["iterations"] == 4  # 50 images / 2 ranks / batch 8
     assert final["gradient_statistics"]["steps"] == 4
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_device_setting(tmp_path: Path, fm_root: Path, capsys) -> None:
+    """train.device: cpu trains there (recorded); cuda where there is none is a one-line error."""
+    cfg = _config(tmp_path, fm_root, "fm_faster_rcnn_ce", epochs=1)
+    assert main(["train", str(cfg), "--output", str(tmp_path / "cpu"), "--set", "train.device=cpu"]) == 0
+    assert json.loads((tmp_path / "cpu" / "environment.json").read_text())["device"] == "cpu"
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert main(["train", str(cfg), "--output", str(tmp_path / "gpu"), "--set", "train.device=cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_matches_its_record(tmp_path: Path, fm_root: Path) -> None:
+    cfg = _config(tmp_path, fm_root, "fm_retinanet_efl", epochs=1)
+    assert main(["train", str(cfg), "--output", str(tmp_path / "gpu"), "--set", "train.device=cuda"]) == 0
+    final = json.loads((tmp_path / "gpu" / "final.json").read_text())
+    assert final["gradient_statistics"]["steps"] == final["iterations"] > 0
+    assert json.loads((tmp_path / "gpu" / "environment.json").read_text())["device"].startswith("cuda")

@@ -41,7 +41,7 @@ from gradtail.data.samplers import RepeatFactorSampler, sampler_seed
 from gradtail.detection.models import Detector, DetectorSpec, build_detector
 from gradtail.distributed import is_distributed, is_main_process, rank, world_size
 from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state
-from gradtail.engine.environment import environment_info
+from gradtail.engine.environment import environment_info, resolve_device
 from gradtail.errors import ConfigError, TrainingError
 from gradtail.gradstats import GradientStatistics
 from gradtail.metrics.detection import DetectionMetrics, detection_records, evaluate_detections
@@ -75,6 +75,7 @@ class DetectionTrainSpec:
     min_size: tuple[int, ...] | None = None  # multi-scale training sizes (None: the canvas as it is)
     max_size: int | None = None
     threads: int | None = None
+    device: str = "auto"  # auto: the local GPU under torchrun, else cuda if present, else cpu | cpu | cuda:N
     grad_clip: float | None = 10.0
 
 
@@ -196,17 +197,19 @@ def predict_records(
 ) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
     """COCO/LVIS result records of every image of ``dataset`` (and the raw outputs, for drawing)."""
     detector.eval()
+    device = next(detector.parameters()).device
     ann = dataset.annotations
     records: list[dict[str, Any]] = []
     outputs: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        outs = detector([im for im, _ in items])
+        outs = detector([im.to(device) for im, _ in items])
         for (_, target), out in zip(items, outs, strict=True):
+            out = {k: v.detach().cpu() for k, v in out.items()}
             records += detection_records(
                 target["image_id"], out["boxes"], out["scores"], out["labels"], ann.category_ids
             )
-            outputs.append({k: v.detach().cpu() for k, v in out.items()})
+            outputs.append(out)
     return records, outputs
 
 
@@ -268,7 +271,7 @@ def draw_detections(
 
 
 # Keys of a detection config a resumed run may change (where and how it runs, never what it trains).
-DETECTION_RESUME_SAFE_KEYS = frozenset({"train.threads", "name"})
+DETECTION_RESUME_SAFE_KEYS = frozenset({"train.threads", "train.device", "name"})
 CHECKPOINT_VERSION = 1
 
 
@@ -278,6 +281,7 @@ def config_hash(cfg: DetectionRunConfig) -> str:
     d = cfg.to_dict()
     d.pop("name", None)
     d["train"].pop("threads", None)
+    d["train"].pop("device", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -308,10 +312,12 @@ class DetectionRun:
         self.splits = load_splits(cfg.data)
         self.run_dir.ensure_writable()
         spec = DetectorSpec(**{**asdict(cfg.detector), "num_classes": self.splits.train.num_classes})
-        self.detector = build_detector(spec)
+        self.device = resolve_device(ts.device)
+        self.detector = build_detector(spec).to(self.device)
         self.model: torch.nn.Module = self.detector
         if is_distributed():
-            self.model = torch.nn.parallel.DistributedDataParallel(self.detector)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.detector, device_ids=ids)
         train_tf = detection_transforms(True, ts.min_size, ts.max_size, 0.5 if ts.flip else 0.0)
         self.train_set = DetectionDataset(self.splits.train, self.splits.image_root, train_tf)
         self.eval_set = DetectionDataset(
@@ -384,6 +390,9 @@ class DetectionRun:
         for b in range(0, len(order), ts.batch_size):
             t0 = time.perf_counter()
             images, targets = collate_detection([self.train_set[i] for i in order[b : b + ts.batch_size]])
+            if self.device.type != "cpu":
+                images = [im.to(self.device, non_blocking=True) for im in images]
+                targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
             for group in self.optimizer.param_groups:
                 group["lr"] = _lr_at(self.iteration, self.total, ts)
             losses = self.model(images, targets)
@@ -419,7 +428,7 @@ class DetectionRun:
         if state is not None:
             self.load_state(state, self.run_dir.path if resume is True else Path(str(resume)))
         self.run_dir.write_text(CONFIG, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        env = environment_info(torch.device("cpu")) | {"world_size": world_size()}
+        env = environment_info(self.device) | {"world_size": world_size()}
         self.run_dir.write_json(ENVIRONMENT, env)
         ts = self.cfg.train
         ran = 0
