@@ -39,7 +39,7 @@ from gradtail.data.lvis import (
 )
 from gradtail.data.samplers import RepeatFactorSampler, sampler_seed
 from gradtail.detection.models import Detector, DetectorSpec, build_detector
-from gradtail.distributed import is_distributed, is_main_process, rank, world_size
+from gradtail.distributed import barrier, is_distributed, is_main_process, rank, world_size
 from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state
 from gradtail.engine.environment import environment_info, resolve_device
 from gradtail.errors import ConfigError, TrainingError
@@ -309,7 +309,12 @@ class DetectionRun:
         self.run_dir = RunDirectory(out_dir, writer=is_main_process())
         torch.manual_seed(ts.seed)
         np.random.seed(ts.seed)
+        # under torchrun rank 0 builds (or checks) the benchmark's files first, the others then read them
+        if is_distributed() and not is_main_process():
+            barrier()
         self.splits = load_splits(cfg.data)
+        if is_distributed() and is_main_process():
+            barrier()
         self.run_dir.ensure_writable()
         spec = DetectorSpec(**{**asdict(cfg.detector), "num_classes": self.splits.train.num_classes})
         self.device = resolve_device(ts.device)
