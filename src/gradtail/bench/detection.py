@@ -23,13 +23,12 @@ before any training unless ``overwrite``. Every run config is built and checked 
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradtail.bench.runner import SuiteRun, check_conflicts, collect_finals
+from gradtail.bench.runner import SuiteRun, check_conflicts, collect_finals, execute_runs
 from gradtail.config import deep_merge, read_yaml_mapping
 from gradtail.errors import ConfigError
 
@@ -178,33 +177,21 @@ def run_detection_suite(
     (with ``method`` and ``seed``)."""
     from gradtail.detection.training import DetectionRun
 
-    if log is None:
-
-        def log(line: str) -> None:
-            print(line, flush=True)
-
     runs = plan_detection_runs(suite, output, only)
     conflicts = check_conflicts(runs, overwrite)
-    done = sum(r.is_done() for r in runs)
-    log(f"gradtail bench: detection suite {suite.name!r}: {len(runs)} runs ({done} already done) -> {output}")
-    for i, run in enumerate(runs, start=1):
-        tag = f"[{i}/{len(runs)}] {run.method.name} seed {run.seed}"
-        if run.is_done():
-            log(f"{tag}: done, skipped")
-            continue
-        replace = id(run) in conflicts
-        resumed = not replace and run.run_dir.last_checkpoint.is_file()
-        doing = "retraining (another config)" if replace else "resuming" if resumed else "training"
-        log(f"{tag}: {doing} ({run.config.train.epochs} epochs)")
-        start = time.perf_counter()
+
+    def train(run: PlannedDetectionRun, replace: bool) -> str:
         record = DetectionRun(run.config, run.directory, verbose=False).fit(
             resume=not replace, overwrite=replace
         )
-        m = record["metrics"]
-        log(
-            f"{tag}: AP {100 * m['AP']:.1f}, APr {100 * m['APr']:.1f}, APc {100 * m['APc']:.1f}, "
-            f"APf {100 * m['APf']:.1f} ({time.perf_counter() - start:.0f} s)"
-        )
+        m = {k: f"{100 * v:.1f}" for k, v in record["metrics"].items()}
+        return f"AP {m['AP']}, APr {m['APr']}, APc {m['APc']}, APf {m['APf']}"
+
+    def describe(run: PlannedDetectionRun) -> str:
+        d = run.config.detector
+        return f"{d.arch}, loss {d.loss or 'stock'}, {run.config.train.epochs} epochs"
+
+    execute_runs(f"detection suite {suite.name!r}", runs, conflicts, describe, train, log, output)
     return collect_finals(runs)
 
 

@@ -159,6 +159,45 @@ def _fmt_duration(seconds: float) -> str:
     )
 
 
+def execute_runs(
+    what: str,
+    runs: list[Any],
+    conflicts: dict[int, str],
+    describe: Callable[[Any], str],
+    train: Callable[[Any, bool], str],
+    log: Callable[[str], None] | None,
+    output: Path,
+) -> None:
+    """The loop every suite runner shares: runs in order, the done ones skipped, the others resumed from
+    their checkpoint or (``conflicts``: another config's run) retrained, with an ETA from the runs so far.
+    ``describe(run)`` says what a run trains, ``train(run, replace)`` trains it and returns its headline
+    metrics for the log. ``log`` defaults to a print flushed per line (the progress must show when stdout
+    is a file or a pipe)."""
+    if log is None:
+
+        def log(line: str) -> None:
+            print(line, flush=True)
+
+    todo = sum(not r.is_done() for r in runs)
+    log(f"gradtail bench: {what}: {len(runs)} runs ({len(runs) - todo} already done) -> {output}")
+    durations: list[float] = []
+    for i, run in enumerate(runs, start=1):
+        tag = f"[{i}/{len(runs)}] {run.method.name} seed {run.seed}"
+        if run.is_done():
+            log(f"{tag}: done, skipped")
+            continue
+        replace = id(run) in conflicts
+        resumed = not replace and run.run_dir.last_checkpoint.is_file()
+        remaining = sum(1 for r in runs[i - 1 :] if not r.is_done())
+        eta = f", ETA {_fmt_duration(remaining * sum(durations) / len(durations))}" if durations else ""
+        doing = "retraining (another config)" if replace else "resuming" if resumed else "training"
+        log(f"{tag}: {doing} ({describe(run)}{eta})")
+        start = time.perf_counter()
+        headline = train(run, replace)
+        durations.append(time.perf_counter() - start)
+        log(f"{tag}: {headline} ({_fmt_duration(durations[-1])})")
+
+
 def run_suite(
     suite: Suite,
     output: Path,
@@ -172,43 +211,25 @@ def run_suite(
     Before the first run, every planned directory is checked: one that holds a run of another config is
     an :class:`OutputError` naming it, unless ``overwrite`` (then that run is retrained from scratch).
     """
+    from gradtail.engine.environment import resolve_amp, resolve_device
     from gradtail.engine.trainer import Trainer
-
-    if log is None:  # flushed per line: the progress must show when stdout is a file or a pipe
-
-        def log(line: str) -> None:
-            print(line, flush=True)
 
     runs = plan_runs(suite, output, only)
     conflicts = check_conflicts(runs, overwrite)
-    todo = [r for r in runs if not r.is_done()]
-    log(
-        f"gradtail bench: suite {suite.name!r}: {len(runs)} runs ({len(runs) - len(todo)} already done) "
-        f"-> {output}"
-    )
-    durations: list[float] = []
-    for i, run in enumerate(runs, start=1):
-        tag = f"[{i}/{len(runs)}] {run.method.name} seed {run.seed}"
-        if run.is_done():
-            log(f"{tag}: done, skipped")
-            continue
-        replace = id(run) in conflicts
-        resumed = not replace and run.run_dir.last_checkpoint.is_file()
-        remaining = sum(1 for r in runs[i - 1 :] if not r.is_done())
-        eta = f", ETA {_fmt_duration(remaining * sum(durations) / len(durations))}" if durations else ""
-        doing = "retraining (another config)" if replace else "resuming" if resumed else "training"
-        start = time.perf_counter()
+
+    def describe(run: PlannedRun) -> str:
+        t = run.config.train
+        return f"{run.config.optim.epochs} epochs, {resolve_amp(t.amp, resolve_device(t.device)).describe()}"
+
+    def train(run: PlannedRun, replace: bool) -> str:
         run.config.train.progress = progress and sys.stderr.isatty()
         trainer = Trainer(run.config, output_dir=run.directory, verbose=False)
-        precision = trainer.precision.describe()
-        log(f"{tag}: {doing} ({run.config.optim.epochs} epochs, {precision}{eta})")
-        final = trainer.fit(resume=not replace, overwrite=replace)
-        durations.append(time.perf_counter() - start)
-        last = final["last_epoch"]
+        last = trainer.fit(resume=not replace, overwrite=replace)["last_epoch"]
         if "miou" in last:  # segmentation: mIoU and its rare group
             rare = "N/A" if last.get("miou_rare") is None else f"{100 * last['miou_rare']:.1f}"
-            log(f"{tag}: mIoU {100 * last['miou']:.1f}, rare {rare} ({_fmt_duration(durations[-1])})")
-            continue
+            return f"mIoU {100 * last['miou']:.1f}, rare {rare}"
         few = "N/A" if last.get("few") is None else f"{100 * last['few']:.1f}"
-        log(f"{tag}: top-1 {100 * last['top1']:.1f}, few {few} ({_fmt_duration(durations[-1])})")
+        return f"top-1 {100 * last['top1']:.1f}, few {few}"
+
+    execute_runs(f"suite {suite.name!r}", runs, conflicts, describe, train, log, output)
     return collect_finals(runs)
