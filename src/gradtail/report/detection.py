@@ -8,7 +8,6 @@ self-contained ``report.html``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import html
 import json
 from collections import defaultdict
@@ -19,7 +18,7 @@ import numpy as np
 
 from gradtail.report.aggregate import format_mean_std, mean_std
 from gradtail.report.plots import _png
-from gradtail.report.render import _duration, html_page, report_paths, write_figures
+from gradtail.report.render import _duration, html_page, report_paths, results_header, write_figures
 
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 HEADERS = ("method", "AP", "AP50", "APr", "APc", "APf")
@@ -56,7 +55,6 @@ def build_results(
     """Everything the detection report shows, as one JSON-serialisable record."""
     first = finals[0]
     run_dir = output / first["method"] / f"seed{first['seed']}"
-    environment = json.loads((run_dir / "environment.json").read_text())
     per_class: dict[str, list[float | None]] = {}
     for m in suite.methods:
         runs = [f for f in finals if f["method"] == m.name]
@@ -70,12 +68,7 @@ def build_results(
     cfg = first["config"]
     return {
         "task": "detection",
-        "suite": suite.name,
-        "description": suite.description,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": wall_seconds,
-        "train_seconds_total": sum(f.get("train_seconds") or 0.0 for f in finals),
-        "environment": environment,
+        **results_header(suite, finals, run_dir, wall_seconds),
         "protocol": first.get("protocol"),
         "data": {
             **cfg["data"],

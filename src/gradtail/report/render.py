@@ -31,6 +31,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def results_header(
+    suite: Any, finals: list[dict[str, Any]], run_dir: Path, wall_seconds: float | None
+) -> dict[str, Any]:
+    """The record every report's ``results.json`` starts with: the suite, when, how long, and the machine
+    (``environment.json`` of ``run_dir``, the suite's first run)."""
+    return {
+        "suite": suite.name,
+        "description": suite.description,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": wall_seconds,
+        "train_seconds_total": sum(f.get("train_seconds") or 0.0 for f in finals),
+        "environment": json.loads((run_dir / "environment.json").read_text()),
+    }
+
+
 def build_results(
     suite: Any, finals: list[dict[str, Any]], output: Path, wall_seconds: float | None
 ) -> dict[str, Any]:
@@ -48,16 +63,10 @@ def build_results(
     first = finals[0]
     run_dir = output / first["method"] / f"seed{first['seed']}"
     subset = json.loads((run_dir / "subset.json").read_text())
-    environment = json.loads((run_dir / "environment.json").read_text())
     config = suite.run_config(suite.method(first["method"]), first["seed"])
     return {
         "notes": method_notes(suite),
-        "suite": suite.name,
-        "description": suite.description,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": wall_seconds,
-        "train_seconds_total": sum(f.get("train_seconds") or 0.0 for f in finals),
-        "environment": environment,
+        **results_header(suite, finals, run_dir, wall_seconds),
         "subset": subset,
         "recipe": {
             "model": config.model.name,

@@ -7,7 +7,6 @@ runs (``final.json`` ``last_epoch`` holds ``miou``) to :func:`build_results` / :
 
 from __future__ import annotations
 
-import datetime as _dt
 import html
 import json
 from collections import defaultdict
@@ -19,7 +18,7 @@ import torch
 
 from gradtail.report.aggregate import format_mean_std, mean_std
 from gradtail.report.plots import _png
-from gradtail.report.render import html_page, report_paths, write_figures
+from gradtail.report.render import html_page, report_paths, results_header, write_figures
 
 METRICS = ("miou", "macc", "aacc", "miou_frequent", "miou_common", "miou_rare")
 HEADERS = ("method", "mIoU", "mAcc", "aAcc", "mIoU frequent", "mIoU common", "mIoU rare")
@@ -56,7 +55,6 @@ def build_results(
     first = finals[0]
     run_dir = output / first["method"] / f"seed{first['seed']}"
     subset = json.loads((run_dir / "subset.json").read_text())
-    environment = json.loads((run_dir / "environment.json").read_text())
     config = suite.run_config(suite.method(first["method"]), first["seed"])
     per_class: dict[str, list[float | None]] = {}
     for method in order:
@@ -65,12 +63,7 @@ def build_results(
             per_class[method] = [mean_std([v[k] for v in ious])["mean"] for k in range(len(ious[0]))]
     return {
         "task": "segmentation",
-        "suite": suite.name,
-        "description": suite.description,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": wall_seconds,
-        "train_seconds_total": sum(f.get("train_seconds") or 0.0 for f in finals),
-        "environment": environment,
+        **results_header(suite, finals, run_dir, wall_seconds),
         "subset": subset,
         "groups": first.get("groups"),
         "recipe": {
