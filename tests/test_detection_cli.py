@@ -187,7 +187,7 @@ def test_torchrun_two_processes(tmp_path: Path, fm_root: Path) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*launcher, "-m", "gradtail", "train", str(cfg), "--output", str(out), "--set", "train.threads=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[:6000]
     assert r.stdout.count("gradtail: detection run") == 1
     final = json.loads((out / "final.json").read_text())
     assert final["world_size"] == 2 and final["iterations"] == 4  # 50 images / 2 ranks / batch 8

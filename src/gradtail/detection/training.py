@@ -463,9 +463,17 @@ class DetectionRun:
         return evaluate_detector(self.detector, self.eval_set, d.protocol, d.max_dets, freqs)
 
     def finish(self, draw: bool = True) -> dict[str, Any]:
-        """Evaluate the eval split and write ``final.json`` (and ``detections.png``); rank 0 only."""
-        if not is_main_process():
-            return {}
+        """Evaluate the eval split and write ``final.json`` (and ``detections.png``): rank 0 does, the
+        other ranks wait for it (a rank that left early and tore its process group down while rank 0 was
+        still evaluating aborted now and then), and get ``{}``."""
+        record: dict[str, Any] = {}
+        if is_main_process():
+            record = self._evaluate_and_write(draw)
+        if is_distributed():
+            barrier()
+        return record
+
+    def _evaluate_and_write(self, draw: bool) -> dict[str, Any]:
         metrics, outputs = self.evaluate()
         splits = self.splits
         stats = None
