@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtail.bench.runner import SuiteRun, check_conflicts, collect_finals, execute_runs
+from gradtail.bench.suite import find_method
 from gradtail.config import deep_merge, read_yaml_mapping
 from gradtail.errors import ConfigError
 
@@ -52,12 +53,7 @@ class DetectionSuite:
     path: Path | None = None
 
     def method(self, name: str) -> DetectionMethod:
-        for m in self.methods:
-            if m.name == name:
-                return m
-        raise ConfigError(
-            f"suite {self.name!r} has no method {name!r}; methods: {[m.name for m in self.methods]}"
-        )
+        return find_method(self.methods, name, self.name)
 
     def run_config(self, method: DetectionMethod, seed: int) -> Any:
         """The :class:`~gradtail.detection.training.DetectionRunConfig` of one (method, seed) run."""

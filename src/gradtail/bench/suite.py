@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from gradtail.config import (
     RunConfig,
@@ -63,6 +63,18 @@ SUITE_KEYS = (
 METHOD_KEYS = ("after", "label", "config")  # method-level keys that are not run-config sections
 
 
+M = TypeVar("M")
+
+
+def find_method(methods: list[M], name: str, suite: str) -> M:
+    """The method called ``name`` of a suite (any task's method records have a ``name``)."""
+    for m in methods:
+        if m.name == name:  # type: ignore[attr-defined]
+            return m
+    names = [m.name for m in methods]  # type: ignore[attr-defined]
+    raise ConfigError(f"suite {suite!r} has no method {name!r}; methods: {names}")
+
+
 @dataclass
 class MethodSpec:
     name: str
@@ -85,12 +97,7 @@ class Suite:
     path: Path | None = None
 
     def method(self, name: str) -> MethodSpec:
-        for m in self.methods:
-            if m.name == name:
-                return m
-        raise ConfigError(
-            f"suite {self.name!r} has no method {name!r}; methods: {[m.name for m in self.methods]}"
-        )
+        return find_method(self.methods, name, self.name)
 
     def run_config(self, method: MethodSpec, seed: int) -> RunConfig:
         """The resolved config of one (method, seed) run."""
