@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gradtail.bench.runner import SuiteRun, check_conflicts, collect_finals, execute_runs
-from gradtail.bench.suite import find_method
+from gradtail.bench.suite import find_method, suite_seeds
 from gradtail.config import deep_merge, read_yaml_mapping
 from gradtail.errors import ConfigError
 
@@ -84,13 +84,7 @@ def load_detection_suite(path: str | Path) -> DetectionSuite:
             f"unknown suite key(s) {unknown} in {path}; valid for a detection suite: "
             f"{', '.join(DETECTION_SUITE_KEYS)}"
         )
-    seeds = raw.get("seeds", [0])
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise ConfigError(f"suite {path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    seeds = suite_seeds(raw, path)
     overrides = raw.get("overrides") or {}
     methods_raw = raw.get("methods")
     if not isinstance(overrides, dict) or not isinstance(methods_raw, dict) or not methods_raw:

@@ -120,13 +120,7 @@ def load_suite(path: str | Path, tuned: bool = True) -> Suite:
     if raw.get("base") is not None:
         base = load_config_dict(path.parent / str(raw["base"]))
     overrides = _mapping(raw.get("overrides") or {}, "overrides", path)
-    seeds = raw.get("seeds", [0])
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise ConfigError(f"suite {path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    seeds = suite_seeds(raw, path)
     methods_raw = _mapping(raw.get("methods"), "methods", path)
     if not methods_raw:
         raise ConfigError(f"suite {path}: no methods")
@@ -159,6 +153,18 @@ def load_suite(path: str | Path, tuned: bool = True) -> Suite:
         suite.methods = [x for m in suite.methods for x in (m, twins.get(f"{m.name}_tuned")) if x is not None]
     validate_suite(suite)
     return suite
+
+
+def suite_seeds(raw: dict[str, Any], path: Path) -> list[int]:
+    """A suite file's ``seeds`` (default [0]): a non-empty list of integers, else a one-line error."""
+    seeds = raw.get("seeds", [0])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise ConfigError(f"suite {path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    return list(seeds)
 
 
 def tuned_twins(suite: Suite, tune_dir: Path) -> list[MethodSpec]:

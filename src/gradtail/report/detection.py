@@ -18,7 +18,14 @@ import numpy as np
 
 from gradtail.report.aggregate import format_mean_std, mean_std
 from gradtail.report.plots import _png
-from gradtail.report.render import _duration, html_page, report_paths, results_header, write_figures
+from gradtail.report.render import (
+    _duration,
+    html_page,
+    report_body,
+    report_paths,
+    results_header,
+    write_figures,
+)
 
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 HEADERS = ("method", "AP", "AP50", "APr", "APc", "APf")
@@ -210,13 +217,9 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     html_figs = write_figures(figs, output, md)
     (output / "report.md").write_text("\n".join(md))
     head = "".join(f"<th>{h}</th>" for h in headers)
-    body = f"""<p>{html.escape(results.get("description", ""))}</p>
-<h2>Results</h2>
-<p class='protocol'>Test AP (%) at the last epoch, mean ± sample std over seeds {results["seeds"]}.</p>
-<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows_html)}</tbody></table>
-<h2>Protocol</h2><p class='protocol'>{html.escape(_protocol(results))}</p>
-<p class='protocol'>Environment: {html.escape(env_line)}</p>
-<h2>Figures</h2>{"".join(html_figs)}"""
+    seeds = results["seeds"]
+    lead = f"\n<p class='protocol'>Test AP (%) at the last epoch, mean ± sample std over seeds {seeds}.</p>"
+    body = report_body(results, head, "".join(rows_html), _protocol(results), env_line, html_figs, lead)
     page = html_page(f"gradtail bench: {results['suite']}", body)
     (output / "report.html").write_text(page)
     return report_paths(output)

@@ -377,6 +377,25 @@ def html_page(title: str, body: str) -> str:
     )
 
 
+def report_body(
+    results: dict[str, Any],
+    table_head: str,
+    table_rows: str,
+    protocol: str,
+    env_line: str,
+    figures: list[str],
+    lead: str = "",
+) -> str:
+    """The body of the segmentation and detection pages: description, results table (``lead``: a line
+    above it), protocol, environment, figures."""
+    return f"""<p>{html.escape(results.get("description", ""))}</p>
+<h2>Results</h2>{lead}
+<table><thead><tr>{table_head}</tr></thead><tbody>{table_rows}</tbody></table>
+<h2>Protocol</h2><p class='protocol'>{html.escape(protocol)}</p>
+<p class='protocol'>Environment: {html.escape(env_line)}</p>
+<h2>Figures</h2>{"".join(figures)}"""  # fmt: skip
+
+
 def report_paths(output: Path) -> dict[str, Path]:
     """The files every report writes into ``output``."""
     return {

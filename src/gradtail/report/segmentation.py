@@ -18,7 +18,7 @@ import torch
 
 from gradtail.report.aggregate import format_mean_std, mean_std
 from gradtail.report.plots import _png
-from gradtail.report.render import html_page, report_paths, results_header, write_figures
+from gradtail.report.render import html_page, report_body, report_paths, results_header, write_figures
 
 METRICS = ("miou", "macc", "aacc", "miou_frequent", "miou_common", "miou_rare")
 HEADERS = ("method", "mIoU", "mAcc", "aAcc", "mIoU frequent", "mIoU common", "mIoU rare")
@@ -263,12 +263,7 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     html_figs = write_figures(list(figs), output, md)
     (output / "report.md").write_text("\n".join(md))
     head = "".join(f"<th>{h}</th>" for h in HEADERS)
-    body = f"""<p>{html.escape(results.get("description", ""))}</p>
-<h2>Results</h2>
-<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows_html)}</tbody></table>
-<h2>Protocol</h2><p class='protocol'>{html.escape(_protocol(results))}</p>
-<p class='protocol'>Environment: {html.escape(env_line)}</p>
-<h2>Figures</h2>{"".join(html_figs)}"""
+    body = report_body(results, head, "".join(rows_html), _protocol(results), env_line, html_figs)
     page = html_page(f"gradtail bench: {results['suite']}", body)
     (output / "report.html").write_text(page)
     return report_paths(output)
