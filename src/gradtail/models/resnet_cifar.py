@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradtail.models.base import LongTailClassifier
+from gradtail.models.base import LongTailClassifier, global_avg_pool
 from gradtail.models.registry import register_model
 
 
@@ -61,7 +61,7 @@ class CifarResNetBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layers(out)
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return global_avg_pool(out)
 
 
 class CifarResNet(LongTailClassifier):
