@@ -111,7 +111,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/fashion_mnist_lt/base.yaml")
     p.add_argument("--steps", type=int, default=60, help="timed steps per trial")
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--untimed", type=int, default=8, help="steps run before each timed trial")
     p.add_argument("--settle", type=float, default=0.5, help="seconds of rest before each trial")
