@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
     if not (args.resume or args.overwrite):
         RunDirectory(cfg.output_path()).refuse_existing_run()  # before the data is loaded
     trainer = Trainer(cfg, verbose=is_main_process())
-    say = print if is_main_process() else (lambda *a, **k: None)
+    say = _main_process_print()
     counts = trainer.data.class_counts
     say(
         f"gradtail: run {cfg.name!r} -> {trainer.out} (config {cfg.hash()}, "
@@ -67,6 +68,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main_process_print() -> Callable[..., None]:
+    """``print`` on the main process, nothing on the others (one copy of the output under torchrun)."""
+    from gradtail.distributed import is_main_process
+
+    return print if is_main_process() else (lambda *a, **k: None)
+
+
 def _train_detection(args: argparse.Namespace) -> int:
     """``gradtail train`` of a detection config (docs/detection.md): its own loop around a torchvision
     detector, in a run directory with the same refuse / resume / overwrite rules."""
@@ -80,7 +88,7 @@ def _train_detection(args: argparse.Namespace) -> int:
     if not (args.resume or args.overwrite):
         RunDirectory(out).refuse_existing_run()  # before the data is built
     run = DetectionRun(cfg, out, verbose=is_main_process())
-    say = print if is_main_process() else (lambda *a, **k: None)
+    say = _main_process_print()
     spec = cfg.detector
     say(
         f"gradtail: detection run {cfg.name!r} -> {out} ({spec.arch}, loss {spec.loss}, "
