@@ -21,10 +21,15 @@ from pathlib import Path
 
 import torch
 
-from gradtail.data.fm_detection import build_fm_detection
-from gradtail.data.lvis import DetectionDataset, collate_detection, detection_transforms, read_detection_json
-from gradtail.detection import DetectorSpec, build_detector
+from gradtail.data.detection.fm_benchmark import build_fm_detection
+from gradtail.data.detection.lvis import (
+    DetectionDataset,
+    collate_detection,
+    detection_transforms,
+    read_detection_json,
+)
 from gradtail.detection.training import load_detection_config
+from gradtail.models.detection import DetectorSpec, build_detector
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
 # arch: (stock config, gradtail config, arch override)

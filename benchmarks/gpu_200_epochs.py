@@ -17,7 +17,7 @@ import torch
 from bench_output import write_result
 
 from gradtail.config import load_config
-from gradtail.engine.environment import environment_info
+from gradtail.environment import environment_info
 from gradtail.engine.trainer import Trainer
 
 

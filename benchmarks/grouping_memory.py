@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from bench_output import write_result
 
-from gradtail.engine.environment import environment_info
+from gradtail.environment import environment_info
 
 
 def resnet50_backbone_size() -> int:

@@ -18,7 +18,7 @@ from gradtail.config import DataConfig
 from gradtail.data.builder import build_data
 from gradtail.data.loader import BatchAugment, BatchLoader
 from gradtail.data.samplers import create_sampler
-from gradtail.engine.environment import environment_info, resolve_device
+from gradtail.environment import environment_info, resolve_device
 from gradtail.errors import DataError
 from gradtail.models import create_model
 

@@ -11,7 +11,7 @@ figures are ratios of images/s against the reference loop.
 
 The reference runs in a process of its own, as a script from the original repositories would: gradtail's
 trainer retunes the process's allocator on CPU (``train.cpu_allocator: auto``,
-:func:`gradtail.engine.environment.configure_cpu_allocator`), which would otherwise speed the reference up
+:func:`gradtail.environment.configure_cpu_allocator`), which would otherwise speed the reference up
 too. The same reference loop is also timed inside gradtail's process (``reference_retained_allocator``)
 so the JSON shows how much of the speed-up the allocator setting alone gives.
 
@@ -38,7 +38,7 @@ from torchvision import transforms
 
 from gradtail.config import load_config
 from gradtail.data.builder import build_data
-from gradtail.engine.environment import environment_info
+from gradtail.environment import environment_info
 from gradtail.engine.trainer import Trainer
 from gradtail.models import create_model
 

@@ -28,7 +28,7 @@ from bench_output import write_result
 from gradtail.bench import load_suite
 from gradtail.config import apply_overrides, config_from_dict
 from gradtail.data.builder import build_data
-from gradtail.engine.environment import environment_info
+from gradtail.environment import environment_info
 from gradtail.engine.trainer import Trainer
 
 

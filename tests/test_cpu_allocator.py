@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gradtail.config import load_config
-from gradtail.engine import environment
-from gradtail.engine.environment import configure_cpu_allocator
+from gradtail import environment
+from gradtail.environment import configure_cpu_allocator
 from gradtail.errors import ConfigError
 
 

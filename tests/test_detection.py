@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from gradtail.detection import DetectorSpec, build_detector
-from gradtail.detection.heads import TwoStageTerm
 from gradtail.errors import ConfigError
 from gradtail.losses.equalization import EqualizedFocalLoss, SigmoidEQL, sigmoid_eql_scores
+from gradtail.models.detection import DetectorSpec, build_detector
+from gradtail.models.detection.heads import TwoStageTerm
 
 C = 4
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradtail.data.lvis import DetectionDataset, detection_transforms, read_detection_json
+from gradtail.data.detection.lvis import DetectionDataset, detection_transforms, read_detection_json
 from gradtail.errors import DataError
 from gradtail.metrics.detection import (
     evaluate_coco,

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gradtail.data.detection.fm_benchmark import FMDetectionSpec, build_fm_detection
+from gradtail.data.detection.lvis import read_detection_json
 from gradtail.data.fashion_mnist import resolve_fashion_mnist_dir
-from gradtail.data.fm_detection import FMDetectionSpec, build_fm_detection
-from gradtail.data.lvis import read_detection_json
 from gradtail.errors import ConfigError, DataError
 
 try:

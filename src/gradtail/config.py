@@ -178,10 +178,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # auto: bfloat16 autocast where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 /
-    # AMX), float32 elsewhere (gradtail.engine.environment.resolve_amp) | none | bf16 | fp16 (CUDA)
+    # AMX), float32 elsewhere (gradtail.environment.resolve_amp) | none | bf16 | fp16 (CUDA)
     amp: str = "auto"
     # auto: on a CPU run under glibc, freed tensor memory stays in the process heap instead of being handed
-    # back to the OS after every step (gradtail.engine.environment.configure_cpu_allocator) | system
+    # back to the OS after every step (gradtail.environment.configure_cpu_allocator) | system
     cpu_allocator: str = "auto"
     channels_last: bool = False
     compile: bool = False

@@ -40,7 +40,7 @@ from torch import nn
 from gradtail.config import RunConfig, config_from_dict
 from gradtail.contracts import LossContract, PosthocAdjuster
 from gradtail.data.preprocess import check_preprocessing, input_channels, load_images
-from gradtail.engine.environment import resolve_amp, resolve_device
+from gradtail.environment import resolve_amp, resolve_device
 from gradtail.errors import ConfigError, DataError, GradtailError
 from gradtail.losses import create_loss
 from gradtail.models import LongTailClassifier, create_model

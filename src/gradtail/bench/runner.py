@@ -211,7 +211,7 @@ def run_suite(
     Before the first run, every planned directory is checked: one that holds a run of another config is
     an :class:`OutputError` naming it, unless ``overwrite`` (then that run is retrained from scratch).
     """
-    from gradtail.engine.environment import resolve_amp, resolve_device
+    from gradtail.environment import resolve_amp, resolve_device
     from gradtail.engine.trainer import Trainer
 
     runs = plan_runs(suite, output, only)

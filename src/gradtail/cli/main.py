@@ -314,7 +314,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("regularizers: ", ", ".join(regularizer_names()))
     print("update rules: ", ", ".join(update_rule_names()))
     print("post-hoc:     ", ", ".join(posthoc_names()))
-    from gradtail.detection.heads import ONE_STAGE_LOSSES, TWO_STAGE_LOSSES
+    from gradtail.models.detection.heads import ONE_STAGE_LOSSES, TWO_STAGE_LOSSES
 
     print(
         "detection:     faster_rcnn (losses " + ", ".join(TWO_STAGE_LOSSES) + "); retinanet, fcos (losses "

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 import yaml
 
-from gradtail.data.fm_detection import FMDetectionSpec, build_fm_detection
-from gradtail.data.lvis import (
+from gradtail.data.detection.fm_benchmark import FMDetectionSpec, build_fm_detection
+from gradtail.data.detection.lvis import (
     DetectionAnnotations,
     DetectionDataset,
     collate_detection,
@@ -38,13 +38,13 @@ from gradtail.data.lvis import (
     read_detection_json,
 )
 from gradtail.data.samplers import RepeatFactorSampler, sampler_seed
-from gradtail.detection.models import Detector, DetectorSpec, build_detector
 from gradtail.distributed import barrier, is_distributed, is_main_process, rank, world_size
 from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state
-from gradtail.engine.environment import environment_info, resolve_device
+from gradtail.environment import environment_info, resolve_device
 from gradtail.errors import ConfigError, TrainingError
 from gradtail.gradstats import GradientStatistics
 from gradtail.metrics.detection import DetectionMetrics, detection_records, evaluate_detections
+from gradtail.models.detection.detectors import Detector, DetectorSpec, build_detector
 from gradtail.rundir import (
     CONFIG,
     ENVIRONMENT,

@@ -39,7 +39,7 @@ from gradtail.data.samplers import create_sampler
 from gradtail.distributed import average_gradients_, is_distributed, is_main_process, rank, world_size
 from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state, seed_everything
 from gradtail.engine.components import check_component_params
-from gradtail.engine.environment import (
+from gradtail.environment import (
     configure_cpu_allocator,
     environment_info,
     resolve_amp,

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from gradtail.data.lvis import FREQUENCIES, DetectionAnnotations, frequency_from_image_count
+from gradtail.data.detection.lvis import FREQUENCIES, DetectionAnnotations, frequency_from_image_count
 from gradtail.errors import ConfigError, InputError
 
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
@@ -271,7 +271,7 @@ def evaluate_detections(
 
     Example:
         >>> import json, tempfile, pathlib
-        >>> from gradtail.data.lvis import read_detection_json
+        >>> from gradtail.data.detection.lvis import read_detection_json
         >>> from gradtail.metrics.detection import evaluate_detections
         >>> image = {"id": 1, "file_name": "a.png", "width": 50, "height": 50,
         ...          "neg_category_ids": [2], "not_exhaustive_category_ids": []}

@@ -40,8 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from gradtail.data.detection.lvis import frequency_from_image_count
 from gradtail.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
-from gradtail.data.lvis import frequency_from_image_count
 from gradtail.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")

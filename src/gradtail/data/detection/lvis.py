@@ -45,7 +45,7 @@ def frequency_from_image_count(count: int) -> str:
     """LVIS's group of a category seen in ``count`` training images: r (1-10), c (11-100), f (> 100).
 
     Example:
-        >>> from gradtail.data.lvis import frequency_from_image_count
+        >>> from gradtail.data.detection.lvis import frequency_from_image_count
         >>> [frequency_from_image_count(n) for n in (1, 10, 11, 100, 101)]
         ['r', 'r', 'c', 'c', 'f']
     """
@@ -172,7 +172,7 @@ def read_detection_json(path: str | Path, box_tolerance: float = 1.0) -> Detecti
 
     Example:
         >>> import json, tempfile, pathlib
-        >>> from gradtail.data.lvis import read_detection_json
+        >>> from gradtail.data.detection.lvis import read_detection_json
         >>> doc = {"images": [{"id": 1, "file_name": "a.png", "width": 20, "height": 10}],
         ...        "categories": [{"id": 7, "name": "shirt", "frequency": "r"}],
         ...        "annotations": [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 1, 5, 4]}]}

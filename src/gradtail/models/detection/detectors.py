@@ -3,7 +3,7 @@
 
 :func:`build_detector` returns a :class:`Detector`: torchvision's ``FasterRCNN``, ``RetinaNet`` or ``FCOS``
 (``weights=None``, ``weights_backbone=None``: nothing is downloaded), built with the heads of
-:mod:`gradtail.detection.heads` unless the stock loss is asked for, around either
+:mod:`gradtail.models.detection.heads` unless the stock loss is asked for, around either
 
 - ``backbone: tiny`` (default): four stride-2 conv stages (3x3 conv, GroupNorm, ReLU; GroupNorm rather
   than BatchNorm so a rank's features do not depend on the other images of its batch, which keeps
@@ -35,7 +35,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from gradtail.detection.heads import (
+from gradtail.errors import ConfigError
+from gradtail.models.detection.heads import (
     ONE_STAGE_LOSSES,
     TWO_STAGE_LOSSES,
     GradtailFCOSHead,
@@ -44,7 +45,6 @@ from gradtail.detection.heads import (
     OneStageTerm,
     TwoStageTerm,
 )
-from gradtail.errors import ConfigError
 
 ARCHS = ("faster_rcnn", "retinanet", "fcos")
 STOCK_LOSS = {"faster_rcnn": "ce", "retinanet": "focal", "fcos": "focal"}
