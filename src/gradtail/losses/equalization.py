@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from gradtail.distributed import world_size
 from gradtail.errors import ConfigError, InputError
 from gradtail.gradstats import GradientStatistics, flatten_class_dim
-from gradtail.losses import register_loss
 from gradtail.losses.base import (
     LongTailLoss,
     check_label_options,
@@ -54,6 +53,7 @@ from gradtail.losses.base import (
     empty_batch_loss,
     label_options_hint,
 )
+from gradtail.losses.registry import register_loss
 from gradtail.search_space import Choice, FloatRange, SearchSpace
 
 Indicator = Literal["pos", "neg", "pos_and_neg"]

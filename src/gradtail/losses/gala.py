@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from gradtail.distributed import world_size
 from gradtail.errors import ConfigError
 from gradtail.gradstats import GradientStatistics
-from gradtail.losses import register_loss
 from gradtail.losses.base import LongTailLoss, check_logits_targets, empty_batch_loss
+from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
 Variant = Literal["paper", "code"]

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from gradtail.errors import ConfigError
-from gradtail.losses import register_loss
 from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half, validate_class_counts
+from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
 

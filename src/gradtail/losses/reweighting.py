@@ -20,6 +20,8 @@ class-balanced weight w_{y_i} with ``drw_beta`` (0.9999). The reduction after th
   reference code computes with ``F.cross_entropy(..., weight=per_cls_weights)``;
 - ``drw_normalize="batch"``: L = (1/B) sum_i w_{y_i} l_i, the class-balanced paper's reduction.
 
+The schedule itself (:class:`DeferredReweighting`, :func:`with_deferred_reweighting`) is defined in
+:mod:`gradtail.losses.deferred`, which the registry imports; its names are also importable from here.
 Two equivalent ways to ask for it: the registered loss ``drw`` (``base`` names the wrapped loss, CE by
 default), or ``drw_epoch=...`` on any ``create_loss`` call (see :func:`with_deferred_reweighting`).
 LDAM-DRW is ``create_loss("drw", C, counts, base="ldam")`` (switch at epoch 160, beta 0.9999).
@@ -31,7 +33,6 @@ loss it wraps.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -39,58 +40,25 @@ import torch
 import torch.nn.functional as F
 
 from gradtail.errors import ConfigError
-from gradtail.losses import create_loss, register_loss
-from gradtail.losses.base import (
-    LongTailLoss,
-    PerSampleLoss,
-    batch_mean,
-    check_logits_targets,
-    empty_batch_loss,
-    upcast_half,
-    validate_class_counts,
+from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half, validate_class_counts
+from gradtail.losses.deferred import (
+    DRW_NORMALIZATIONS,
+    DRW_OPTIONS,
+    DRW_SEARCH_SPACE,
+    DeferredReweighting,
+    check_beta,
+    effective_number_weights,
+    pop_drw_options,
+    weighted_reduction,
+    with_deferred_reweighting,
 )
+from gradtail.losses.registry import create_loss, register_loss
 from gradtail.losses.softmax import check_gamma, focal_terms
-from gradtail.search_space import Choice, EpochFraction, SearchSpace
+from gradtail.search_space import Choice, SearchSpace
 
 Counts = Sequence[int] | torch.Tensor | None
 
 CB_BASES = ("ce", "focal", "sigmoid")
-DRW_NORMALIZATIONS = ("weights", "batch")
-DRW_OPTIONS = ("drw_epoch", "drw_beta", "drw_normalize")
-# What ``gradtail tune`` searches when a method uses deferred re-weighting (``drw_epoch`` in its loss
-# parameters, or the ``drw`` loss): the epoch re-weighting starts, as a fraction of the schedule (LDAM-DRW
-# starts at 160 of 200 epochs, 0.8).
-DRW_SEARCH_SPACE: SearchSpace = {"drw_epoch": EpochFraction(0.5, 0.9)}
-
-
-def effective_number_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
-    """w_j = (1 - beta) / (1 - beta^{n_j}), normalised to sum C (float64)."""
-    counts = counts.to(torch.float64)
-    weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
-    return weights * (counts.numel() / weights.sum())
-
-
-def check_beta(beta: float, loss_name: str) -> float:
-    """beta must lie in [0, 1)."""
-    beta = float(beta)
-    if not (0.0 <= beta < 1.0):
-        raise ConfigError(f"loss {loss_name!r}: beta must be in [0, 1), got {beta}")
-    return beta
-
-
-def weighted_reduction(
-    per_sample: torch.Tensor, sample_weights: torch.Tensor, normalize: str
-) -> torch.Tensor:
-    """sum_i w_i l_i / sum_i w_i (``"weights"``) or sum_i w_i l_i / B (``"batch"``); 0 for B = 0.
-
-    An empty batch gives :func:`~gradtail.losses.base.empty_batch_loss` (convention E), not 0 / 0.
-    """
-    if per_sample.numel() == 0:
-        return empty_batch_loss(per_sample)
-    total = (sample_weights * per_sample).sum()
-    if normalize == "weights":
-        return total / sample_weights.sum()
-    return total / per_sample.numel()
 
 
 @register_loss("cb")
@@ -148,115 +116,6 @@ class ClassBalancedLoss(PerSampleLoss):
         return f"num_classes={self.num_classes}, beta={self.beta}, base={self.base!r}, gamma={self.gamma}"
 
 
-class DeferredReweighting(LongTailLoss):
-    """Deferred re-weighting of any loss with ``per_sample_loss``: class-balanced weights from ``drw_epoch``.
-
-    L = mean_i l_i while ``epoch < drw_epoch``; afterwards sum_i w_{y_i} l_i / sum_i w_{y_i}
-    (``drw_normalize="weights"``) or (1/B) sum_i w_{y_i} l_i (``"batch"``), w from ``drw_beta``.
-    The wrapped loss is the submodule ``inner`` (its buffers checkpoint as ``inner.*``); it receives
-    ``set_epoch`` and keeps its own statistics (``stateful`` and the statistics rule are the wrapped
-    loss's); ``required_head`` is the wrapped loss's. Conventions: :mod:`gradtail.losses.base`
-    (``docs/losses.md``).
-
-    Example:
-        >>> import torch
-        >>> from gradtail.losses import create_loss
-        >>> loss = create_loss("ce", num_classes=3, class_counts=[100, 10, 1], drw_epoch=2)
-        >>> type(loss).__name__
-        'DeferredReweighting'
-        >>> logits = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -0.2]])
-        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)  # epoch 0: plain CE
-        0.8136
-        >>> loss.set_epoch(2)
-        >>> round(loss(logits, torch.tensor([0, 2])).item(), 4)  # from epoch 2: class-balanced weights
-        1.3746
-    """
-
-    allows_single_class = True  # the wrapped loss has validated num_classes already
-    weights: torch.Tensor
-
-    def __init__(
-        self,
-        loss: LongTailLoss,
-        class_counts: Counts = None,
-        drw_epoch: int = 160,
-        drw_beta: float = 0.9999,
-        drw_normalize: str = "weights",
-    ) -> None:
-        if isinstance(loss, DeferredReweighting):
-            raise ConfigError("loss is already deferred-reweighted (with_deferred_reweighting replaces it)")
-        if not isinstance(loss, PerSampleLoss):
-            raise ConfigError(
-                f"{type(loss).__name__} does not expose per_sample_loss(logits, targets), so it cannot be "
-                "combined with deferred re-weighting (drw)"
-            )
-        super().__init__(loss.num_classes)
-        counts = validate_class_counts(class_counts, loss.num_classes, "drw")
-        if isinstance(drw_epoch, bool) or not isinstance(drw_epoch, numbers.Integral) or drw_epoch < 0:
-            raise ConfigError(f"loss 'drw': drw_epoch must be an integer >= 0, got {drw_epoch!r}")
-        if drw_normalize not in DRW_NORMALIZATIONS:
-            raise ConfigError(
-                f"loss 'drw': drw_normalize must be one of {DRW_NORMALIZATIONS}, got {drw_normalize!r}"
-            )
-        self.inner = loss
-        self.required_head = loss.required_head
-        self.stateful = loss.stateful
-        self.drw_epoch = int(drw_epoch)
-        self.drw_beta = check_beta(drw_beta, "drw")
-        self.drw_normalize = drw_normalize
-        self.register_buffer("weights", effective_number_weights(counts, self.drw_beta))
-        self.set_epoch(loss.epoch)
-
-    @property
-    def active(self) -> bool:
-        """True from epoch ``drw_epoch`` on (epochs are 0-based, as ``set_epoch`` receives them)."""
-        return self.epoch >= self.drw_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.inner.set_epoch(epoch)
-
-    def inference_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.inner.inference_logits(logits)
-
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        per_sample = self.inner.per_sample_loss(logits, targets)  # checks the inputs
-        if not self.active:
-            return batch_mean(per_sample)
-        sample_weights = self.weights.to(per_sample.dtype)[targets.long()]
-        return weighted_reduction(per_sample, sample_weights, self.drw_normalize)
-
-    def extra_repr(self) -> str:
-        return f"drw_epoch={self.drw_epoch}, drw_beta={self.drw_beta}, drw_normalize={self.drw_normalize!r}"
-
-
-def pop_drw_options(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pop the DRW options (``drw_epoch``, ``drw_beta``, ``drw_normalize``) out of ``kwargs``, return them."""
-    return {key: kwargs.pop(key) for key in DRW_OPTIONS if key in kwargs}
-
-
-def with_deferred_reweighting(
-    loss: LongTailLoss,
-    class_counts: Counts = None,
-    drw_epoch: int | None = None,
-    **drw_options: Any,
-) -> LongTailLoss:
-    """Give ``loss`` the DRW schedule switching on at ``drw_epoch`` (``None``: return ``loss`` unchanged).
-
-    A loss that already has a schedule gets the new one in its place (never weighted twice).
-    """
-    unknown = set(drw_options) - set(DRW_OPTIONS)
-    if unknown:
-        raise ConfigError(f"unknown deferred re-weighting options {sorted(unknown)}; valid: {DRW_OPTIONS}")
-    if drw_epoch is None:
-        if drw_options:
-            raise ConfigError(f"{sorted(drw_options)} given without drw_epoch: deferred re-weighting is off")
-        return loss
-    if isinstance(loss, DeferredReweighting):
-        loss = loss.inner
-    return DeferredReweighting(loss, class_counts, drw_epoch=drw_epoch, **drw_options)
-
-
 @register_loss("drw")
 def deferred_reweighting(
     num_classes: int,
@@ -286,3 +145,19 @@ def deferred_reweighting(
 
 
 deferred_reweighting.search_space = DRW_SEARCH_SPACE  # type: ignore[attr-defined]
+
+
+__all__ = [  # the DRW names also importable from here, where they were first defined
+    "CB_BASES",
+    "DRW_NORMALIZATIONS",
+    "DRW_OPTIONS",
+    "DRW_SEARCH_SPACE",
+    "ClassBalancedLoss",
+    "DeferredReweighting",
+    "check_beta",
+    "deferred_reweighting",
+    "effective_number_weights",
+    "pop_drw_options",
+    "weighted_reduction",
+    "with_deferred_reweighting",
+]

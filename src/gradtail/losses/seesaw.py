@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from gradtail import distributed
 from gradtail.errors import ConfigError
-from gradtail.losses import register_loss
 from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half
+from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
 
