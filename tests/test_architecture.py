@@ -18,31 +18,29 @@ LAYERS: dict[str, int] = {
     "registry": 0,
     "plugins": 0,
     "distributed": 0,
-    "contracts": 0,
+    "contracts": 0,  # the contracts and the task registry (TASKS), what every layer above implements
     "search_space": 0,
     "config": 0,
     "rundir": 0,
+    "environment": 0,
     "gradstats": 1,
     "metrics": 1,
-    "models": 1,
     "data": 1,
     "losses": 2,
-    "tasks": 2,  # classification / dense prediction behind gradtail.contracts.TaskContract
-    # gradtail losses inside torchvision's detectors, and the detection run loop (an engine of its own:
-    # it reuses the engine's checkpoint RNG capture and environment record)
-    "detection": 4,
+    "models": 2,  # detection heads hold a registered loss
     "diagnostics": 2,
     "regularizers": 3,
     "optim": 3,
     "posthoc": 3,
-    "engine": 4,
-    "bench": 5,
-    "tune": 5,
-    "report": 5,
-    "predict": 5,
-    "cli": 6,
-    "__main__": 6,
-    "__init__": 6,
+    "report": 3,  # one report module per task, used by the tasks
+    "predict": 3,  # one predictor module per task, used by the tasks
+    "tasks": 4,  # classification / segmentation / detection behind gradtail.contracts.TaskContract
+    "engine": 5,  # one loop for every task, which it reaches through the contracts only
+    "bench": 6,
+    "tune": 6,
+    "cli": 7,
+    "__main__": 7,
+    "__init__": 7,
 }
 METHOD_FAMILIES = ("losses", "regularizers", "optim", "posthoc")
 
@@ -116,3 +114,109 @@ def test_the_checker_sees_a_violation(tmp_path):
     bad.write_text("def f():\n    from gradtail.engine.trainer import T\n    import gradtail.cli.main\n")
     assert _imports(bad) == [(2, "gradtail.engine.trainer"), (3, "gradtail.cli.main")]
     assert any(t == "gradtail.contracts" for _, t in _imports(ROOT / "optim" / "gbg.py"))
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """module -> the gradtail modules it imports (function-level imports included; ``from a import b``
+    counts as importing ``a`` and, when ``a.b`` is a module, ``a.b``)."""
+    modules = {_module_name(p): p for p in _sources()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets.add(node.module)
+                targets |= {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one member (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_file_circle():
+    """No two modules import each other, directly or through others (function-level imports count)."""
+    assert _cycles(_module_graph()) == []
+
+
+def test_no_package_cycle():
+    packages: dict[str, set[str]] = {}
+    for module, targets in _module_graph().items():
+        packages.setdefault(_top(module), set()).update(_top(t) for t in targets if _top(t) != _top(module))
+    assert _cycles(packages) == []
+
+
+def test_the_cycle_checker_sees_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _task_name_branches(path: Path, names: set[str]) -> list[str]:
+    """Comparisons (``==``, ``!=``, ``in``) against a task's name, and ``match`` cases on one."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        operands: list[ast.AST] = []
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, ast.MatchValue):
+            operands = [node.value]
+        for op in operands:
+            elements = op.elts if isinstance(op, (ast.Tuple, ast.List, ast.Set)) else [op]
+            if any(isinstance(e, ast.Constant) and e.value in names for e in elements):
+                found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_no_branch_on_a_task_name_outside_the_tasks():
+    """Only ``gradtail.tasks`` may compare anything with a task's name; everything else asks the task."""
+    from gradtail.contracts import TASKS
+
+    names = set(TASKS.names())
+    assert {"classification", "segmentation", "detection"} <= names
+    outside = [p for p in _sources() if p.relative_to(ROOT).parts[0] != "tasks"]
+    hits = [h for p in outside for h in _task_name_branches(p, names)]
+    assert hits == [], f"branches on a task name: {hits}"
+
+
+def test_the_task_branch_checker_sees_one(tmp_path):
+    bad = tmp_path / "mod.py"
+    bad.write_text(
+        "def f(cfg, x):\n    if cfg.task == 'detection':\n        return 1\n    return 'segmentation' in x\n"
+    )
+    hits = _task_name_branches(bad, {"detection", "segmentation"})
+    assert len(hits) == 2

@@ -10,26 +10,26 @@ from gradtail.errors import ConfigError
 
 
 def test_shipped_configs_load(repo_root):
-    """Every shipped config loads, names registered pieces, and its update rule, regularizer and views
-    settings build and agree (so a config fails here, not after hours of training)."""
-    from gradtail.data.builder import DATASETS
-    from gradtail.losses import LOSSES
-    from gradtail.models import MODELS
+    """Every shipped config loads, names registered pieces its task takes (dataset, model, loss, ...;
+    :func:`check_component_params`), and its update rule, regularizer and views settings build and agree
+    (so a config fails here, not after hours of training)."""
+    from gradtail.engine.components import check_component_params
     from gradtail.optim import create_update_rule
     from gradtail.regularizers import create_regularizer
 
     paths = shipped_run_configs()
     assert len(paths) >= 40
+    tasks = set()
     for path in paths:
         cfg = load_config(path)
         assert isinstance(cfg, RunConfig)
-        DATASETS.get(cfg.data.dataset)
-        MODELS.get(cfg.model.name)
-        LOSSES.get(cfg.loss.name)
+        check_component_params(cfg)
+        tasks.add(cfg.task)
         create_update_rule(cfg.update_rule.name or "plain", **cfg.update_rule.params)
         r = cfg.regularizer
         reg = create_regularizer(r.name, **r.params) if r.name else None
         assert cfg.data.augment.views == (reg.num_views if reg is not None else 0), path
+    assert tasks == {"classification", "segmentation", "detection"}
 
 
 def test_unknown_key_names_key_and_lists_valid():

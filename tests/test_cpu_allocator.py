@@ -7,8 +7,8 @@ import platform
 import pytest
 import torch
 
-from gradtail.config import load_config
 from gradtail import environment
+from gradtail.config import load_config
 from gradtail.environment import configure_cpu_allocator
 from gradtail.errors import ConfigError
 

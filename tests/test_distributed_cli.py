@@ -53,7 +53,7 @@ def _run(tmp_path, name, nproc):
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     _, one, _ = _run(tmp_path, "one", 1)
     r, two, out = _run(tmp_path, "two", 2)
-    assert r.stdout.count("gradtail: run") == 1  # rank 0 speaks, once
+    assert r.stdout.count("gradtail: classification run") == 1  # rank 0 speaks, once
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == list(range(1, 9))  # written once, by rank 0
     env = json.loads((out / "environment.json").read_text())

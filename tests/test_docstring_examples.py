@@ -36,7 +36,7 @@ DOCUMENTED = (
     "gradtail.metrics.segmentation.pixel_frequency_groups",
     "gradtail.metrics.segmentation.segmentation_metrics",
     "gradtail.models.segmentation.SegmentationModel",
-    "gradtail.tasks.slide_inference",
+    "gradtail.tasks.segmentation.slide_inference",
     "gradtail.contracts.unwrap_model",
     "gradtail.data.detection.lvis.frequency_from_image_count",
     "gradtail.data.detection.lvis.read_detection_json",

@@ -15,7 +15,7 @@ from gradtail.data.longtail import longtail_counts
 from gradtail.engine.trainer import Trainer
 from gradtail.errors import ConfigError, InputError
 from gradtail.metrics import evaluate_logits, resolve_shot_groups, shot_groups
-from gradtail.report.render import group_record, protocol_paragraph
+from gradtail.report.classification import group_record, protocol_paragraph
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR100_LT_IF100 = longtail_counts(500, 100, 100)  # 500 ... 5
@@ -236,8 +236,9 @@ def test_final_json_records_the_rule_used_for_every_epoch_and_posthoc_row(tmp_pa
     epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(epochs) == 2
     for record in epochs:  # no empty group in any epoch (the protocol's 100 / 20 would give Many N/A)
-        assert all(record["test"][name] is not None for name in ("many", "medium", "few"))
-    assert epochs[-1]["test"]["many"] == pytest.approx(final["last_epoch"]["many"])
+        assert all(record["val"][name] is not None for name in ("many", "medium", "few"))
+        assert "test" not in record and "test_curve" not in record  # the test split: once, at the end
+    assert epochs[-1]["val"]["many"] == pytest.approx(final["val_last_epoch"]["many"])
 
 
 def test_final_json_records_configured_thresholds(tmp_path):

@@ -438,7 +438,6 @@ def test_without_check_files_a_bad_size_is_found_when_decoded(tmp_path):
 
 
 def test_memory_and_files_paths_give_the_same_batches(tmp_path):
-    from gradtail.data.samplers import create_sampler
 
     root = write_tree(
         tmp_path / "p", {"train": {"cat": 12, "dog": 7, "owl": 4}, "test": balanced(3)}, mode="RGB"
@@ -458,8 +457,7 @@ def test_memory_and_files_paths_give_the_same_batches(tmp_path):
     for epoch in (0, 1):
         loaders = []
         for data in (memory, files):
-            sampler = create_sampler("instance", data.train_labels, 3, seed=0)
-            loader = data.train_loader(cfg, sampler, device, 0, 1)
+            loader = data.train_loader(cfg, device, 0, 1)  # the config's sampler (instance)
             loader.set_epoch(epoch)
             loaders.append(list(loader))
         assert len(loaders[0]) == len(loaders[1]) == 2
@@ -587,7 +585,7 @@ def test_shipped_own_data_configs_build_and_train(tmp_path, repo_root):
 def test_gradtail_list_shows_the_own_datasets(capsys):
     assert {"image_folder", "image_csv", "npz"} <= set(DATASETS.names())
     assert main(["list"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("datasets:"))
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("datasets:"))
     assert all(name in line for name in ("image_folder", "image_csv", "npz"))
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from gradtail.config import config_from_dict
-from gradtail.environment import native_bf16, resolve_amp
 from gradtail.engine.trainer import Trainer
+from gradtail.environment import native_bf16, resolve_amp
 from gradtail.errors import ConfigError
 from gradtail.losses import create_loss
 

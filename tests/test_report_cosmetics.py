@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from gradtail.report import plots
 from gradtail.report.aggregate import aggregate, format_params
-from gradtail.report.render import protocol_paragraph, write_report
+from gradtail.report.classification import protocol_paragraph, write_report
 
 COUNTS = [40, 20, 10, 5]
 

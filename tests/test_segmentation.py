@@ -15,12 +15,12 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from gradtail.config import config_from_dict
-from gradtail.data.segmentation import SegAugment, build_file_segmentation, make_canvases
+from gradtail.data.segmentation import SegAugment, SegmentationOptions, build_file_segmentation, make_canvases
 from gradtail.errors import ConfigError, DataError, InputError
 from gradtail.losses import create_loss
 from gradtail.losses.dense import PixelLoss
 from gradtail.metrics.segmentation import ConfusionState, pixel_frequency_groups, segmentation_metrics
-from gradtail.tasks import slide_inference
+from gradtail.tasks.segmentation import slide_inference
 
 # --------------------------------------------------------------------------- losses
 
@@ -208,7 +208,13 @@ def _ade_tree(root, sizes=((12, 16), (12, 16), (12, 16)), val_sizes=((12, 16),))
 
 
 def _data_cfg(root, dataset="ade20k", **extra):
-    return config_from_dict({"data": {"dataset": dataset, "data_dir": str(root), **extra}}).data
+    return config_from_dict(
+        {"task": "segmentation", "data": {"dataset": dataset, "data_dir": str(root), **extra}}
+    ).data
+
+
+def _options(**settings):
+    return SegmentationOptions(**settings)
 
 
 def test_ade20k_reader_on_a_generated_tree(tmp_path):
@@ -225,20 +231,23 @@ def test_ade20k_reader_on_a_generated_tree(tmp_path):
         total += np.bincount(m[m != 255].ravel(), minlength=150)
     assert data.class_counts == total.tolist()
     assert len(data.sha256) == 64
-    held = build_file_segmentation(_data_cfg(root, segmentation={"val_images": 1}), "ade20k")
+    held = build_file_segmentation(_data_cfg(root), "ade20k", _options(val_images=1))
     assert len(held.train) == 2 and len(held.val) == 1
 
 
 def test_ade20k_images_of_several_sizes_stay_files(tmp_path):
     root = _ade_tree(tmp_path / "ade", sizes=((12, 16), (10, 14)), val_sizes=((9, 13),))
-    cfg = _data_cfg(root, num_workers=0, segmentation={"crop": [8, 8]})
-    data = build_file_segmentation(cfg, "ade20k")
+    cfg = _data_cfg(root, num_workers=0)
+    data = build_file_segmentation(cfg, "ade20k", _options(crop=[8, 8]))
     assert not data.source["in_memory"]
-    run = config_from_dict({"data": {"dataset": "ade20k", "data_dir": str(root)}, "optim": {"batch_size": 2}})
-    from gradtail.data.samplers import create_sampler
-
-    sampler = create_sampler("instance", data.train_labels, 150, seed=0)
-    loader = data.train_loader(run, sampler, torch.device("cpu"), 0, 1)
+    run = config_from_dict(
+        {
+            "task": "segmentation",
+            "data": {"dataset": "ade20k", "data_dir": str(root)},
+            "optim": {"batch_size": 2},
+        }
+    )
+    loader = data.train_loader(run, torch.device("cpu"), 0, 1)
     loader.dataset.reader["ignore_index"] = 255
     x, y = next(iter(loader))
     assert tuple(x.shape) == (2, 3, 8, 8) and tuple(y.shape) == (2, 8, 8)
@@ -330,14 +339,11 @@ def test_joint_transform_keeps_masks_aligned_and_nearest():
 
 TINY = {
     "name": "seg_tiny",
-    "data": {
-        "dataset": "fashion_mnist_seg",
-        "imbalance_factor": 10,
-        "augment": {"hflip": False},
-        "segmentation": {"canvas_size": 32, "train_canvases": 32, "val_canvases": 8, "test_canvases": 8,
-                         "objects": [1, 2], "val_images_per_class": 5, "frequent_threshold": 0.05,
-                         "rare_threshold": 0.01},
-    },
+    "task": "segmentation",
+    "data": {"dataset": "fashion_mnist_seg", "imbalance_factor": 10, "augment": {"hflip": False}},
+    "segmentation": {"canvas_size": 32, "train_canvases": 32, "val_canvases": 8, "test_canvases": 8,
+                     "objects": [1, 2], "val_images_per_class": 5, "frequent_threshold": 0.05,
+                     "rare_threshold": 0.01},
     "model": {"name": "seg_small", "params": {"width": 4, "norm": "none"}},
     "optim": {"lr": 0.05, "batch_size": 8, "epochs": 2, "warmup_epochs": 0, "schedule": "cosine",
               "drop_last": True, "weight_decay": 0.0},
@@ -350,7 +356,7 @@ def _cfg(loss="softmax_eql", batch_size=8, **data):
     cfg = copy.deepcopy(TINY)
     cfg["loss"] = {"name": loss}
     cfg["optim"]["batch_size"] = batch_size
-    cfg["data"]["segmentation"].update(data)
+    cfg["segmentation"].update(data)
     return config_from_dict(cfg)
 
 
@@ -369,6 +375,7 @@ def test_segmentation_run_writes_miou_and_groups(tmp_path):
     assert int(trainer.loss_fn.inner.stats.steps) == 2 * 4  # one accumulated step per training step
     subset = json.loads((tmp_path / "run" / "subset.json").read_text())
     assert subset["task"] == "segmentation" and len(subset["sha256"]) == 64
+    assert (tmp_path / "run" / "predictions.png").is_file()  # test images, truth, prediction
     slide = Trainer(_cfg(inference="slide", window=[20, 20], stride=[12, 12]), output_dir=tmp_path / "s",
                     verbose=False)  # fmt: skip
     slide.model.load_state_dict(trainer.model.state_dict())
@@ -379,13 +386,34 @@ def test_segmentation_refuses_classification_only_settings(tmp_path):
     from gradtail.engine.trainer import Trainer
 
     cfg = _cfg()
-    cfg.train.diagnostics = True
-    with pytest.raises(ConfigError, match=r"train\.diagnostics"):
-        Trainer(cfg, output_dir=tmp_path / "a", verbose=False)
-    cfg = _cfg()
     cfg.eval.posthoc = ["tau_norm"]
-    with pytest.raises(ConfigError, match="posthoc"):
+    with pytest.raises(
+        ConfigError, match="task 'segmentation' does not take the post-hoc adjuster 'tau_norm'"
+    ):
         Trainer(cfg, output_dir=tmp_path / "b", verbose=False)
+    cfg = _cfg()
+    cfg.update_rule.name = "gbg"
+    with pytest.raises(ConfigError, match="does not take the update rule 'gbg'; it takes: plain"):
+        Trainer(cfg, output_dir=tmp_path / "c", verbose=False)
+
+
+def test_diagnostics_observe_every_pixel(tmp_path):
+    """The gradient-ratio observer in a segmentation run: per-pixel P and N of the per-pixel loss, the
+    ignored pixels left out (the same numbers the loss's own statistics accumulate)."""
+    from gradtail.engine.trainer import Trainer
+
+    cfg = _cfg("softmax_eql")
+    cfg.train.diagnostics = True
+    cfg.optim.epochs = 1
+    trainer = Trainer(cfg, output_dir=tmp_path / "diag", verbose=False)
+    trainer.fit()
+    snap = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())["history"][-1]
+    stats = trainer.loss_fn.inner.stats
+    assert snap["steps"] == int(stats.steps) == 4
+    assert len(snap["P"]) == 11
+    torch.testing.assert_close(
+        torch.tensor(snap["P"], dtype=torch.float64), stats.pos.cpu(), rtol=1e-4, atol=1e-8
+    )
 
 
 def _ddp_worker(rank: int, tmp: str, loss: str) -> None:
@@ -433,7 +461,7 @@ def test_bench_and_report_of_a_segmentation_suite(tmp_path):
     import yaml
 
     from gradtail.bench import load_suite, run_suite
-    from gradtail.report.render import build_results, write_report
+    from gradtail.report.segmentation import build_results, write_report
 
     base = copy.deepcopy(TINY)
     base["optim"]["epochs"] = 1
@@ -451,7 +479,7 @@ def test_bench_and_report_of_a_segmentation_suite(tmp_path):
     paths = write_report(results, out)
     page = paths["html"].read_text()
     assert "mIoU rare" in page and "IoU per class against training pixel frequency" in page
-    assert "ground truth and predictions" in page and page.count("data:image/png;base64") == 2
+    assert "ground truth and prediction" in page and page.count("data:image/png;base64") == 3
 
 
 def _folder_tree(root, n_train=4, size=(32, 32), classes=("road", "car", "person")):
@@ -472,7 +500,8 @@ def test_a_torchvision_model_trains_with_amp_and_channels_last(tmp_path):
 
     root = _folder_tree(tmp_path / "data")
     cfg = config_from_dict({
-        "name": "tv", "data": {"dataset": "seg_folders", "data_dir": str(root), "class_list": "classes.txt"},
+        "name": "tv", "task": "segmentation",
+        "data": {"dataset": "seg_folders", "data_dir": str(root), "class_list": "classes.txt"},
         "model": {"name": "lraspp_mobilenet_v3_large"}, "loss": {"name": "balanced_softmax"},
         "optim": {"epochs": 1, "batch_size": 2, "warmup_epochs": 0, "lr": 0.01},
         "train": {"progress": False, "amp": "auto", "channels_last": True, "diagnostics": False},
@@ -503,12 +532,13 @@ def test_torchvision_checkpoint_loads_and_bad_checkpoints_are_one_line(tmp_path)
         create_model("fcn_resnet50", 5, in_channels=1)
 
 
-def test_classification_datasets_refuse_segmentation_settings():
-    from gradtail.data.builder import build_data
-
-    cfg = config_from_dict({"data": {"dataset": "synthetic", "segmentation": {"crop": 8}}})
-    with pytest.raises(ConfigError, match=r"data\.segmentation is a setting of the segmentation datasets"):
-        build_data(cfg.data)
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) data\.segmentation\.\['crpo'\]"):
-        data = {"dataset": "fashion_mnist_seg", "segmentation": {"crpo": 8}}
-        build_data(config_from_dict({"data": data}).data)
+def test_segmentation_settings_are_the_tasks_typed_section():
+    with pytest.raises(ConfigError, match=r"unknown config key 'segmentation' for task 'classification'"):
+        config_from_dict({"data": {"dataset": "synthetic"}, "segmentation": {"crop": 8}})
+    typo = r"unknown config key 'segmentation.crpo' \(did you mean 'crop'\?\); valid keys in segmentation"
+    with pytest.raises(ConfigError, match=typo):
+        config_from_dict({"task": "segmentation", "segmentation": {"crpo": 8}})
+    with pytest.raises(ConfigError, match=r"config key 'segmentation.canvas_size': expected an integer"):
+        config_from_dict({"task": "segmentation", "segmentation": {"canvas_size": "big"}})
+    with pytest.raises(ConfigError, match=r"'data.pad_to' is not read by task 'segmentation'"):
+        config_from_dict({"task": "segmentation", "data": {"pad_to": 32}})

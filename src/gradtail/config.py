@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from gradtail.errors import ConfigError
+from gradtail.errors import ConfigError, did_you_mean
 
 
 @dataclass
@@ -87,8 +87,10 @@ class SplitFractions:
 
 @dataclass
 class DataConfig:
-    # fashion_mnist | cifar10 | cifar100 | synthetic (in memory); imagenet_lt | places_lt | inat2018 (lists);
-    # own data: image_folder | image_csv | npz (gradtail.data.own_data)
+    # classification: fashion_mnist | cifar10 | cifar100 | synthetic (in memory); imagenet_lt | places_lt |
+    # inat2018 (lists); own data: image_folder | image_csv | npz (gradtail.data.own_data). Other tasks name
+    # their own (gradtail list): segmentation fashion_mnist_seg | ade20k | seg_folders, detection
+    # fm_detection | coco_files. Each task reads only some of the keys below (its data_keys).
     dataset: str = "fashion_mnist"
     # the built-in datasets' folder; own data: the image folder tree, the CSV folder (or one .csv file),
     # the .npz file (or a folder holding exactly one)
@@ -100,7 +102,8 @@ class DataConfig:
     subset_seed: int = 0  # seed of the LDAM-rule subset (separate from the training seed)
     val_per_class: int = 20  # held-out balanced validation carved before subsampling; 0 = none
     class_order: list[int] | None = None
-    sampler: str = "instance"  # instance | class_balanced | sqrt | progressive
+    # instance | class_balanced | sqrt | power | progressive; detection: uniform | repeat_factor
+    sampler: str = "instance"
     sampler_params: dict[str, Any] = field(default_factory=dict)
     pad_to: int | None = None  # zero-pad images to this size (e.g. 32 for Fashion-MNIST in a CIFAR model)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -125,10 +128,6 @@ class DataConfig:
     # decoded images (uint8, all splits) up to this size are held in memory, larger data is decoded from
     # the files by data.num_workers processes; None = 2048 MiB
     memory_budget_mb: float | None = None
-    # Semantic segmentation (fashion_mnist_seg | ade20k | seg_folders; gradtail.data.segmentation):
-    # ignore_index, crop, scale_range, resize, frequent_threshold / rare_threshold (frequency groups),
-    # inference (whole | slide), window, stride, val_images, and the canvas settings; {} = the defaults
-    segmentation: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,11 +161,22 @@ class OptimConfig:
     batch_size: int = 128
     epochs: int = 200
     warmup_epochs: float = 5.0
-    schedule: str = "step"  # step | cosine | constant
+    # step | cosine | constant (progress in epochs, warm-up from 0 over warmup_epochs, the LDAM recipe's) |
+    # multistep (iteration-based, mmdetection's step policy, the LVIS recipes': linear warm-up over
+    # warmup_iters from warmup_ratio x lr, then lr x step_gamma at each of step_fractions of the run)
+    schedule: str = "step"
     milestones: list[int] = field(default_factory=lambda: [160, 180])
     milestone_factors: list[float] = field(default_factory=lambda: [0.01, 0.0001])  # absolute multipliers
     min_lr: float = 0.0  # cosine floor
+    warmup_iters: int = 0  # multistep only
+    warmup_ratio: float = 0.001  # multistep only
+    step_fractions: list[float] = field(default_factory=lambda: [0.67, 0.92])  # multistep only
+    step_gamma: float = 0.1  # multistep only
     drop_last: bool = False
+    grad_clip: float | None = None  # clip the gradient norm of the parameters to this before each step
+    # split each batch into this many micro-batches, backward one at a time, one optimizer step (memory):
+    # the losses see the statistics of before the step and normalise by the whole batch (docs/losses.md)
+    accumulation_steps: int = 1
 
 
 AMP_SETTINGS = ("auto", "none", "bf16", "fp16")
@@ -185,7 +195,7 @@ class TrainConfig:
     cpu_allocator: str = "auto"
     channels_last: bool = False
     compile: bool = False
-    eval_every: int = 1  # evaluate on val/test every N epochs (the last epoch is always evaluated)
+    eval_every: int = 1  # evaluate validation every N epochs (and the last); test once, after the last
     checkpoint_every: int = 1
     keep_checkpoints: int = 1  # how many epoch checkpoints to keep besides last.pt
     output_dir: str = "runs/{name}"
@@ -213,11 +223,20 @@ class EvalConfig:
     posthoc: list[str] = field(default_factory=list)  # post-hoc adjusters fit on validation logits
     posthoc_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 1000
+    # Validation is evaluated every train.eval_every epochs (and at the last) and selects the epoch; the
+    # test split once, after the last epoch. test_curve: also evaluate the test split with every
+    # validation (a curve for plots, marked in the report as never used for selection).
+    test_curve: bool = False
 
 
 @dataclass
 class RunConfig:
+    """A run: its ``task`` (a registered :class:`~gradtail.contracts.TaskContract`, classification by
+    default), the sections every task shares, and ``options``: the task's own section, a dataclass the
+    task declares, written under the task's name (``detection: {...}``, ``segmentation: {...}``)."""
+
     name: str = "run"
+    task: str = "classification"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -226,9 +245,15 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    options: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain data: the shared sections, then the task's section under its name."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
+        if self.options is not None:
+            d[self.task] = dataclasses.asdict(self.options)
+        return copy.deepcopy(d)
 
     def hash(self) -> str:
         """SHA-256 of the canonical JSON of the resolved config (output paths excluded)."""
@@ -363,20 +388,69 @@ def _from_dict(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
+            hint = did_you_mean(key, names, " (")
             raise ConfigError(
-                f"unknown config key {full!r}; valid keys{' in ' + prefix if prefix else ''}: "
-                f"{', '.join(names)}"
+                f"unknown config key {full!r}{hint}{')' if hint else ''}; valid keys"
+                f"{' in ' + prefix if prefix else ''}: {', '.join(names)}"
             )
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
 
+SHARED_SECTIONS = ("name", "task", "data", "model", "loss", "regularizer", "update_rule", "optim", "train",
+                   "eval")  # fmt: skip
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A typed :class:`RunConfig` from a raw mapping (what :func:`load_config_dict` returns).
+
+    The task named by ``task`` (``classification`` when absent; :data:`gradtail.contracts.TASKS`) gives
+    the defaults its runs start from (merged under ``data``), the dataclass of its own section (the key
+    named like the task), and the ``data.*`` keys its data builders read: a key of another task's
+    section, an unknown key anywhere, a value of the wrong type, or a ``data`` key the task does not read
+    set away from its default is a one-line :class:`ConfigError` naming the key and the valid ones.
+    """
     if not isinstance(data, dict):
         raise ConfigError("a config file must hold a mapping of settings at the top level")
-    cfg = _from_dict(RunConfig, data)
+    from gradtail.contracts import TASKS
+
+    task_name = data.get("task", "classification")
+    if not isinstance(task_name, str):
+        raise ConfigError(f"config key 'task': expected a task name, got {task_name!r}")
+    task = TASKS.get(task_name)
+    merged = deep_merge(copy.deepcopy(dict(task.defaults)), data)
+    merged["task"] = task_name
+    section = merged.pop(task_name, None) if task.options is not None else None
+    unknown = sorted(set(merged) - set(SHARED_SECTIONS))
+    if unknown:
+        valid = [*SHARED_SECTIONS, *([task_name] if task.options is not None else [])]
+        hint = did_you_mean(unknown[0], valid, " (")
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r} for task {task_name!r}{hint}{')' if hint else ''}; "
+            f"valid keys: {', '.join(valid)}"
+        )
+    cfg = _from_dict(RunConfig, merged)
+    if task.options is not None:
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"config key {task_name!r}: expected a mapping of settings, got {section!r}")
+        cfg.options = _from_dict(task.options, section or {}, task_name)
+    _check_data_keys(cfg, task.data_keys, task_name)
     validate_config(cfg)
     return cfg
+
+
+def _check_data_keys(cfg: RunConfig, keys: Any, task: str) -> None:
+    """A ``data.*`` key set away from its default that the task's data builders never read is an error
+    (it would be silently ignored)."""
+    if keys is None:
+        return
+    default = DataConfig()
+    for f in dataclasses.fields(DataConfig):
+        if f.name not in keys and getattr(cfg.data, f.name) != getattr(default, f.name):
+            raise ConfigError(
+                f"config key 'data.{f.name}' is not read by task {task!r}; its data keys: "
+                f"{', '.join(sorted(keys))}"
+            )
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -442,8 +516,6 @@ def load_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
         )
     where = f" (extended by {_seen[-1]})" if _seen else ""
     data = read_yaml_mapping(path, "config file", where)
-    if data.get("task") in ("classification", "segmentation"):  # the trainer takes the task from the data
-        data.pop("task")
     parent = data.pop("extends", None)
     if parent is not None:
         base = load_config_dict(path.parent / str(parent), (*_seen, path))
@@ -453,30 +525,6 @@ def load_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     return data
 
 
-TASKS = ("classification", "segmentation", "detection")
-
-
-def config_task(path: str | Path, _seen: tuple[Path, ...] = ()) -> str:
-    """The task a config file is for: its ``task`` key, else that of the file it extends (``extends:``,
-    or ``base:`` in detection configs), else ``detection`` when it has a ``detector`` section, else
-    ``classification`` (segmentation configs are run configs: the trainer takes the task from the data).
-    ``gradtail train`` picks the runner with it."""
-    path = Path(path).resolve()
-    if path in _seen:
-        chain = " -> ".join(map(str, (*_seen, path)))
-        raise ConfigError(f"config files extend each other in a cycle: {chain}")
-    data = read_yaml_mapping(path, "config file", f" (extended by {_seen[-1]})" if _seen else "")
-    task = data.get("task")
-    if task is not None:
-        if task not in TASKS:
-            raise ConfigError(f"{path}: task must be one of {', '.join(TASKS)}, got {task!r}")
-        return str(task)
-    if "detector" in data:
-        return "detection"
-    parent = data.get("extends") or data.get("base")
-    return config_task(path.parent / str(parent), (*_seen, path)) if parent is not None else "classification"
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     return config_from_dict(apply_overrides(load_config_dict(path), overrides or []))
 
@@ -484,8 +532,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def validate_config(cfg: RunConfig) -> None:
     """Checks across keys that the dataclass types cannot express."""
     o, t, d = cfg.optim, cfg.train, cfg.data
-    if o.schedule not in ("step", "cosine", "constant"):
-        raise ConfigError(f"optim.schedule must be step, cosine or constant, got {o.schedule!r}")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}")
     if len(o.milestones) != len(o.milestone_factors):
         raise ConfigError("optim.milestones and optim.milestone_factors must have the same length")
     if o.epochs < 1 or o.batch_size < 1 or o.lr <= 0:
@@ -512,6 +560,35 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("eval.few_threshold must be <= eval.many_threshold")
     if t.eval_every < 1 or t.checkpoint_every < 1:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 1")
+    _validate_schedule(o)
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        raise ConfigError(f"optim.grad_clip must be positive (or null), got {o.grad_clip}")
+    if o.accumulation_steps < 1:
+        raise ConfigError(f"optim.accumulation_steps must be >= 1, got {o.accumulation_steps}")
+
+
+SCHEDULES = ("step", "cosine", "constant", "multistep")
+_MULTISTEP_KEYS = ("warmup_iters", "warmup_ratio", "step_fractions", "step_gamma")
+
+
+def _validate_schedule(o: OptimConfig) -> None:
+    default = OptimConfig()
+    if o.schedule != "multistep":
+        for key in _MULTISTEP_KEYS:
+            if getattr(o, key) != getattr(default, key):
+                raise ConfigError(
+                    f"config key 'optim.{key}' belongs to the multistep schedule (optim.schedule is "
+                    f"{o.schedule!r})"
+                )
+        return
+    if o.warmup_epochs != 0:
+        raise ConfigError("optim.schedule multistep warms up over optim.warmup_iters; set warmup_epochs: 0")
+    if o.warmup_iters < 0 or not 0 < o.warmup_ratio <= 1:
+        raise ConfigError("optim.warmup_iters must be >= 0 and optim.warmup_ratio in (0, 1]")
+    if any(not 0 < f < 1 for f in o.step_fractions) or sorted(o.step_fractions) != o.step_fractions:
+        raise ConfigError(f"optim.step_fractions must rise within (0, 1), got {o.step_fractions}")
+    if not 0 < o.step_gamma <= 1:
+        raise ConfigError(f"optim.step_gamma must be in (0, 1], got {o.step_gamma}")
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -26,14 +26,16 @@ declared member with a default, never an attribute probed with ``getattr`` / ``h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from gradtail.registry import Registry
 from gradtail.search_space import SearchSpace
 
 # --------------------------------------------------------------------------- models
@@ -140,12 +142,13 @@ class StepObserver(Protocol):
 @runtime_checkable
 class EvalReport(Protocol):
     """The evaluation of one split, whatever the task (classification's
-    :class:`gradtail.metrics.EvalResult`, dense prediction's :class:`gradtail.metrics.SegmentationResult`).
+    :class:`gradtail.metrics.EvalResult`, segmentation's :class:`gradtail.metrics.SegmentationResult`,
+    detection's :class:`gradtail.metrics.detection.DetectionMetrics`).
 
     - ``primary_metric`` / :attr:`primary`: the validation metric that selects the epoch (higher is
-      better): ``balanced_accuracy`` for classification, ``miou`` for segmentation;
-    - :meth:`summary`: the compact record of an epoch (``metrics.jsonl``'s ``test``);
-    - :meth:`val_record`: the ``val`` entry of an epoch record;
+      better): the task's :attr:`TaskContract.selection_metric`;
+    - :meth:`summary`: the compact record of an epoch (``metrics.jsonl``);
+    - :meth:`val_record`: the ``val`` entry of an epoch record (what ``gradtail tune`` reads);
     - :meth:`to_dict`: the full record (``final.json``'s ``last_epoch``).
     """
 
@@ -182,37 +185,148 @@ class EvalView:
     group_rule: Callable[[], Any]
 
 
+@dataclass(frozen=True)
+class Accepts:
+    """The method families a task takes: the names of registered components it can apply (``None``: every
+    registered one; ``()``: none), and whether the gradient-ratio diagnostics observe its loss.
+
+    Example:
+        >>> Accepts.refusal("update rule", "gbg", "segmentation", ("plain",))
+        "task 'segmentation' does not take the update rule 'gbg'; it takes: plain"
+    """
+
+    losses: tuple[str, ...] | None = None
+    regularizers: tuple[str, ...] | None = None
+    update_rules: tuple[str, ...] | None = None
+    posthoc: tuple[str, ...] | None = None
+    samplers: tuple[str, ...] | None = None
+
+    @staticmethod
+    def refusal(family: str, name: str, task: str, allowed: tuple[str, ...] | None = ()) -> str:
+        """The one-line message for a component the task does not take."""
+        takes = ", ".join(allowed) if allowed else "none"
+        return f"task {task!r} does not take the {family} {name!r}; it takes: {takes}"
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """What ``gradtail predict`` asks of a task: ``inputs`` (image files, folders, lists) or ``split``
+    (``val`` / ``test`` of the run's own data, rebuilt from its config), where to write (``output``; None:
+    standard output where the format allows), and the options of the tasks that take them (``top_k``,
+    ``posthoc``: classification; ``draw``: drawn predictions)."""
+
+    inputs: tuple[str, ...] = ()
+    split: str | None = None
+    output: str | None = None
+    posthoc: str | None = None
+    top_k: int | None = None
+    batch_size: int | None = None
+    device: str = "auto"
+    draw: bool = False
+
+
+@dataclass
+class StepLoss:
+    """What a task's :meth:`TaskContract.train_loss` returns for one batch: the loss to back-propagate
+    (attached), the logits the loss saw (detached; ``None`` when they stay inside the model, as in a
+    detector's heads) and named parts to log (each loss term of a detector), as tensors or floats."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor | None = None
+    parts: dict[str, Any] = field(default_factory=dict)
+
+
 class TaskContract:
-    """What the trainer reads from the task of a run; this base class is image classification.
+    """A task: what differs between classification, semantic segmentation, detection, ... (the engine,
+    the CLI, ``bench``, ``tune`` and the report know a task only through these members).
 
-    A task owns what differs between classification and dense prediction (segmentation; detection
-    plugs in the same way), so the trainer has no task branch:
+    A task is registered in :data:`TASKS` under its ``name`` and constructed with the run config
+    (``task(cfg)``). It declares:
 
-    - :meth:`forward`: how a batch reaches the loss: ``(features, logits)`` of ``inputs`` (the batch,
-      then any extra views: ``batch`` rows are the batch's own) through ``model`` (the DDP wrapper under
-      ``torchrun``);
-    - :meth:`adapt_loss`: the loss the step calls, built from the registry's loss (dense prediction:
-      the per-pixel wrapper);
-    - :meth:`evaluate`: the :class:`EvalReport` of a split (metric state summed across processes);
-    - :meth:`groups`: the class-group rule recorded in ``final.json``;
-    - :meth:`check`: refuses settings the task does not support (one-line :class:`ConfigError`);
-    - ``supports_posthoc``: whether ``eval.posthoc`` applies.
+    - configuration: ``options`` (the dataclass of its own config section, whose YAML key is the task's
+      name; ``None``: no section), ``defaults`` (config values its runs start from, under the files'),
+      ``data_keys`` (the ``data.*`` keys its data builders read; a config setting another is refused),
+      ``resume_safe`` (keys of its section a resumed run may change: where its files are),
+      :meth:`accepts` (which losses, regularizers, update rules, post-hoc adjusters and samplers it
+      applies) and :meth:`check` (its own cross-key checks);
+    - building: :meth:`build_data`, :meth:`build_loss` (the registry's loss as the task applies it: per
+      sample, per pixel, per RoI, per anchor), :meth:`build_model` (which may install the loss, as in a
+      detector's heads) and :meth:`observed_classes` (the channels the gradient-ratio diagnostics see);
+    - the step: :meth:`forward` (features and logits of a batch, for update rules that need them) and
+      :meth:`train_loss` (the loss of a batch);
+    - evaluation: :meth:`evaluate` (an :class:`EvalReport`, metric state reduced across processes),
+      ``selection_metric`` (the validation metric that selects the epoch), ``objectives`` (those
+      ``gradtail tune`` may maximise, the first the default) and :meth:`objective`, :meth:`groups` (the
+      class-group rule of ``final.json``), :meth:`draw_predictions` (the run's predictions figure);
+    - presentation: :meth:`final_rows`, :meth:`headline`, :meth:`predictor` (``gradtail predict``) and
+      :meth:`report` (the sections its report adds), implemented by each task with its own modules.
+
+    This base class is image classification's behaviour where a member has an obvious default.
 
     Example:
         >>> import torch
         >>> from gradtail.models import create_model
         >>> model = create_model("small_cnn", num_classes=3)
-        >>> h, z = TaskContract().forward(model, torch.zeros(2, 1, 28, 28), 2)
+        >>> h, z = TaskContract(None).forward(model, torch.zeros(2, 1, 28, 28), 2)
         >>> tuple(z.shape)
         (2, 3)
     """
 
     name: ClassVar[str] = "classification"
-    supports_posthoc: ClassVar[bool] = True
+    options: ClassVar[type | None] = None
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    data_keys: ClassVar[frozenset[str] | None] = None
+    resume_safe: ClassVar[frozenset[str]] = frozenset()
+    selection_metric: ClassVar[str] = "balanced_accuracy"
+    objectives: ClassVar[tuple[str, ...]] = ("balanced_accuracy",)
 
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    @classmethod
+    def catalog(cls) -> dict[str, list[str]]:
+        """What ``gradtail list`` shows for the task: its datasets, models and the losses they take."""
+        return {}
+
+    # ------------------------------------------------------------------ configuration
+    def accepts(self) -> Accepts:
+        """Which method families this run's task takes (may depend on the config: a detector's
+        architecture decides its losses)."""
+        return Accepts()
+
+    def check(self) -> None:
+        """The task's own checks across keys (one-line :class:`ConfigError`); after the families'."""
+        return None
+
+    # ------------------------------------------------------------------ building
+    def build_data(self) -> RunData:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def build_loss(self, data: RunData) -> LossContract:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def build_model(self, data: RunData, loss: LossContract) -> nn.Module:  # pragma: no cover
+        raise NotImplementedError
+
+    def observed_classes(self, data: RunData, loss: LossContract) -> int:
+        """The logit channels the gradient-ratio diagnostics observe (the loss's input channels)."""
+        return int(data.num_classes)
+
+    def attach_observers(self, model: nn.Module, observers: Sequence[StepObserver]) -> None:
+        """Let ``observers`` see the (logits, targets) the loss gets, where the step does not hand them
+        out itself (a detector's heads). Classification and segmentation observe in the step."""
+        return None
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Put the model in training mode for an epoch (classification keeps a frozen backbone in eval)."""
+        model.train()
+
+    # ------------------------------------------------------------------ the step
     def forward(
         self, model: nn.Module, inputs: torch.Tensor, batch: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, logits) of ``inputs`` (the batch, then any extra views: ``batch`` rows are the
+        batch's own) through ``model`` (the DDP wrapper under ``torchrun``)."""
         network: Any = unwrap_model(model)
         if model is not network:  # DDP: go through the wrapper so gradients are reduced
             h, z = model(inputs, return_features=True)
@@ -220,9 +334,13 @@ class TaskContract:
         h = network.features(inputs)
         return h, network.classifier(h[:batch])
 
-    def adapt_loss(self, loss: LossContract) -> LossContract:
-        return loss
+    def train_loss(self, ctx: StepContext, inputs: Any, targets: Any) -> StepLoss:
+        """The loss of one batch: features and logits through :meth:`StepContext.forward` (observers see
+        the logits), then the base loss plus the regularizer's term (:meth:`StepContext.criterion`)."""
+        h, z = ctx.forward(inputs, targets)
+        return StepLoss(ctx.criterion(h, z, targets), logits=z.detach())
 
+    # ------------------------------------------------------------------ evaluation
     def evaluate(self, view: EvalView, split: str) -> EvalReport:
         pred = view.predict(split)
         report: EvalReport = view.score(pred.logits, pred.targets)
@@ -232,11 +350,63 @@ class TaskContract:
         record: dict[str, Any] = view.group_rule().to_dict()
         return record
 
-    def check(self, cfg: Any) -> None:
-        return None
+    def draw_predictions(self, view: EvalView, path: Any) -> bool:
+        """Draw a few test predictions into ``path`` (PNG); False when the task draws none."""
+        return False
+
+    def search_space(self) -> list[Any]:
+        """The parameters ``gradtail tune`` searches for this run by default (the ones its loss, regularizer
+        and update rule declare, :func:`gradtail.tasks.spaces.method_search_space`)."""
+        return []
+
+    def objective(self, val: Mapping[str, Any], name: str, weight: float = 0.5) -> float:
+        """The value of the validation metric ``name`` (one of ``objectives``) in an epoch's ``val`` record
+        (``weight``: the Few share of classification's ``mix``)."""
+        if name not in self.objectives:
+            raise _config_error(
+                f"tune objective {name!r} is not one of task {self.name!r}'s: {', '.join(self.objectives)}"
+            )
+        return float(val[name])
+
+    # ------------------------------------------------------------------ presentation
+    def final_rows(self, final: Mapping[str, Any], label: str) -> tuple[list[str], list[list[str]]]:
+        """(headers, rows) of a finished run's table (``gradtail train`` / ``eval``)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def headline(self, final: Mapping[str, Any]) -> str:
+        """A few words on a finished run's test metrics (one line of ``gradtail bench``'s log)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def report(self) -> Any:
+        """The task's report writer (``build_results(suite, finals, output, wall_seconds)``,
+        ``write_report(results, output)``, ``table(results) -> (headers, rows)``)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def predict(self, state: dict[str, Any], checkpoint: Path, request: PredictRequest) -> str:
+        """``gradtail predict`` for a checkpoint of this task: the model rebuilt from ``state`` (the
+        checkpoint's config and weights, no training data), ``request``'s images or split predicted, the
+        task's output format written (to ``request.output``, or returned as text for standard output)."""
+        raise NotImplementedError  # pragma: no cover - interface
 
 
-CLASSIFICATION = TaskContract()
+def _config_error(message: str) -> Exception:
+    from gradtail.errors import ConfigError
+
+    return ConfigError(message)
+
+
+_CLASSIFICATION_STEP = TaskContract(None)  # the step of a StepContext built without a task (tests, docs)
+
+#: The registered tasks, ``name -> TaskContract`` subclass. The task modules (``gradtail.tasks.*``)
+#: register themselves; they are imported on the first lookup, so a config naming its task finds it.
+TASKS: Registry[TaskContract] = Registry(
+    "task", package=("gradtail.tasks", [str(Path(__file__).with_name("tasks"))])
+)
+
+
+def create_task(cfg: Any) -> TaskContract:
+    """The task of a run config (``cfg.task``; ``classification`` by default)."""
+    return TASKS.get(cfg.task)(cfg)
 
 
 # --------------------------------------------------------------------------- update rules
@@ -244,11 +414,12 @@ CLASSIFICATION = TaskContract()
 
 @dataclass
 class StepOutput:
-    """What an update rule returns: the step's loss and logits, detached, plus any scalars to log."""
+    """What an update rule returns: the step's loss and logits (``None`` when they stay inside the model),
+    detached, plus any scalars to log (floats or 0-d tensors, averaged over the epoch)."""
 
     loss: torch.Tensor
-    logits: torch.Tensor
-    extras: dict[str, float] = field(default_factory=dict)
+    logits: torch.Tensor | None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -263,6 +434,10 @@ class StepContext:
     ``criterion(features, logits, targets)`` is the base loss plus that term. ``backward(loss)`` is
     scaler-aware (fp16) and accumulates into ``.grad``. The trainer zeroes gradients before the rule and
     calls ``optimizer.step()`` after it.
+
+    ``task_loss(x, targets)`` is the task's loss of a batch (:meth:`TaskContract.train_loss`: through
+    ``forward`` and ``criterion`` for classification and segmentation, the detector's own loss terms for
+    detection); the default update rule back-propagates it.
 
     ``model`` is what the step runs (the DDP wrapper under ``torchrun``); :attr:`network` is the model
     itself (``features``, ``classifier``, ``backbone_parameters``).
@@ -287,7 +462,7 @@ class StepContext:
     def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = x.shape[0]
         inputs = x if self.views is None else torch.cat([x, self.views])
-        task = self.task if self.task is not None else CLASSIFICATION
+        task = self.task if self.task is not None else _CLASSIFICATION_STEP
         with self.autocast():
             h, z = task.forward(self.model, inputs, batch)
         if self.views is not None:
@@ -318,6 +493,11 @@ class StepContext:
             loss = self.loss_fn(logits, targets)
         term = self.regularize(features, logits, targets, loss)
         return loss if term is None else loss + term
+
+    def task_loss(self, x: Any, targets: Any) -> StepLoss:
+        """The task's loss of the batch (``x``, ``targets``)."""
+        task = self.task if self.task is not None else _CLASSIFICATION_STEP
+        return task.train_loss(self, x, targets)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -368,11 +548,10 @@ class UpdateRule:
     report_note: ClassVar[str | None] = None
     search_space: ClassVar[SearchSpace] = {}  # constructor parameters gradtail tune searches
 
-    def __call__(self, ctx: StepContext, x: torch.Tensor, targets: torch.Tensor) -> StepOutput:
-        h, z = ctx.forward(x, targets)
-        loss = ctx.criterion(h, z, targets)
-        ctx.backward(loss)
-        return StepOutput(loss=loss.detach(), logits=z.detach())
+    def __call__(self, ctx: StepContext, x: Any, targets: Any) -> StepOutput:
+        out = ctx.task_loss(x, targets)
+        ctx.backward(out.loss)
+        return StepOutput(loss=out.loss.detach(), logits=out.logits, extras=dict(out.parts))
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -507,19 +686,23 @@ class RunData(Protocol):
 
 
 __all__ = [
-    "CLASSIFICATION",
+    "TASKS",
+    "Accepts",
     "EvalReport",
     "EvalView",
     "LossContract",
     "PosthocAdjuster",
+    "PredictRequest",
     "Regularizer",
     "RunData",
     "StepContext",
+    "StepLoss",
     "StepObserver",
     "StepOutput",
     "TaskContract",
     "TrainLoader",
     "TrainingView",
     "UpdateRule",
+    "create_task",
     "unwrap_model",
 ]

@@ -7,7 +7,7 @@ import inspect
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
-from gradtail.errors import ConfigError
+from gradtail.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -73,6 +73,7 @@ class Registry(Generic[T]):
         patterns = "".join(f", {p}:<name>" for p in sorted(self._prefixes))
         raise ConfigError(
             f"unknown {self.kind} {name!r}; valid: {', '.join(sorted(self._factories))}{patterns}"
+            f"{did_you_mean(name, self._factories)}"
         )
 
     def names(self) -> list[str]:
@@ -181,7 +182,7 @@ def check_call_params(
             continue
         if not takes_kwargs:
             listing = f"valid keys in {key}: {', '.join(valid)}" if valid else f"{what} takes no parameters"
-            raise ConfigError(f"unknown config key {full!r} ({what}); {listing}")
+            raise ConfigError(f"unknown config key {full!r} ({what}{did_you_mean(name, valid)}); {listing}")
         forwarded[name] = value
     missing = [n for n in required if n not in params and n not in reserved]
     if missing:

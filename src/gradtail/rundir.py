@@ -12,7 +12,9 @@ Layout of ``<run>/``:
 ``final.json``             last-epoch test metrics, the validation-selected epoch, post-hoc results,
                            the resumes and the config changes they made
 ``diagnostics.json``       per-class gradient ratios per epoch
-``checkpoints/last.pt``    the newest checkpoint; ``checkpoints/epoch_NNNN.pt`` the kept epoch ones
+``predictions.png``        a few test images with the run's predictions (the task draws them at the end)
+``checkpoints/last.pt``    the newest checkpoint; ``checkpoints/epoch_NNNN.pt`` the kept epoch ones;
+                           ``checkpoints/best.pt`` the weights of the validation-selected epoch
 ``extras/<name>/``         files a method or a tool adds (per-method extras); ``extras/posthoc/<name>.pt``
                            the post-hoc adjusters fitted at the end of the run
 =========================  ==========================================================================
@@ -52,11 +54,13 @@ SUBSET = "subset.json"
 METRICS = "metrics.jsonl"
 FINAL = "final.json"
 DIAGNOSTICS = "diagnostics.json"
+PREDICTIONS = "predictions.png"
 CHECKPOINTS = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
 EXTRAS = "extras"
 POSTHOC_EXTRAS = "posthoc"  # extras/posthoc/<name>.pt: fitted post-hoc adjusters (gradtail predict)
-RUN_FILES = (CONFIG, ENVIRONMENT, SUBSET, METRICS, FINAL, DIAGNOSTICS)
+RUN_FILES = (CONFIG, ENVIRONMENT, SUBSET, METRICS, FINAL, DIAGNOSTICS, PREDICTIONS)
 
 # Config keys a resumed run may change: where and how the run executes and reports progress, never what
 # it trains or measures (docs/runs.md). Everything else must equal the checkpoint's config.
@@ -172,9 +176,12 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
     return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
 
 
-def unsafe_changes(changes: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """The changes outside :data:`RESUME_SAFE_KEYS` (those that would make a resumed run's record false)."""
-    return {k: v for k, v in changes.items() if k not in RESUME_SAFE_KEYS}
+def unsafe_changes(
+    changes: dict[str, list[Any]], extra_safe: frozenset[str] = frozenset()
+) -> dict[str, list[Any]]:
+    """The changes outside :data:`RESUME_SAFE_KEYS` and ``extra_safe`` (a task's own resume-safe keys):
+    those that would make a resumed run's record false."""
+    return {k: v for k, v in changes.items() if k not in RESUME_SAFE_KEYS and k not in extra_safe}
 
 
 def describe_changes(changes: dict[str, list[Any]], limit: int = 4) -> str:
@@ -184,7 +191,7 @@ def describe_changes(changes: dict[str, list[Any]], limit: int = 4) -> str:
 
 
 def resume_config_changes(
-    saved: dict[str, Any], current: dict[str, Any], where: Path
+    saved: dict[str, Any], current: dict[str, Any], where: Path, extra_safe: frozenset[str] = frozenset()
 ) -> dict[str, list[Any]]:
     """The safe changes ``{key: [saved, current]}`` between a checkpoint's config and the config now.
 
@@ -193,7 +200,7 @@ def resume_config_changes(
     epochs or method would make its record false).
     """
     changes = config_changes(saved, current)
-    unsafe = unsafe_changes(changes)
+    unsafe = unsafe_changes(changes, extra_safe)
     if unsafe:
         raise ConfigError(
             f"cannot resume {where}: the config differs from the checkpoint's in {describe_changes(unsafe)}; "
@@ -245,6 +252,26 @@ class RunDirectory:
     @property
     def last_checkpoint(self) -> Path:
         return self.checkpoint_dir / LAST_CHECKPOINT
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoint_dir / BEST_CHECKPOINT
+
+    def save_best(self, weights: dict[str, Any]) -> None:
+        """``checkpoints/best.pt``: the weights of the validation-selected epoch so far (rank 0 writes)."""
+        if self.writer:
+            save_checkpoint(weights, self.best_checkpoint)
+
+    def load_best(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        """The weights :meth:`save_best` wrote; a one-line :class:`DataError` when missing or corrupt."""
+        path = self.best_checkpoint
+        if not path.is_file():
+            raise DataError(f"{path} is missing: the validation-selected weights were not kept")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # truncated / foreign files raise several types
+            raise DataError(f"checkpoint {path} is corrupt ({e.__class__.__name__})") from None
+        return dict(state)
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoint_dir / f"epoch_{epoch:04d}.pt"

@@ -21,15 +21,15 @@ from typing import Any
 
 from gradtail.bench.suite import MethodSpec, Suite
 from gradtail.config import RunConfig, read_yaml_mapping
+from gradtail.contracts import create_task
 from gradtail.errors import ConfigError, OutputError
 from gradtail.rundir import CONFIG, RunDirectory, config_changes, describe_changes, unsafe_changes
 
 
 class SuiteRun:
-    """What the runners of every task share about one planned run: where it lives, whether it is done
-    (its ``final.json`` carries the config hash of the run it would be now) and whether its directory
-    holds a run of another config. Subclasses give the hash, the config mapping and the resume-safe keys.
-    """
+    """What the runner knows about one planned run: where it lives, whether it is done (its
+    ``final.json`` carries the config hash of the run it would be now) and whether its directory holds a
+    run of another config. Subclasses give the hash, the config mapping and the resume-safe keys."""
 
     directory: Path
 
@@ -102,6 +102,9 @@ class PlannedRun(SuiteRun):
 
     def config_dict(self) -> dict[str, Any]:
         return self.config.to_dict()
+
+    def unsafe(self, changes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        return unsafe_changes(changes, create_task(self.config).resume_safe)
 
 
 def _ordered(methods: list[MethodSpec]) -> list[MethodSpec]:
@@ -206,30 +209,27 @@ def run_suite(
     log: Callable[[str], None] | None = None,
     overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run every planned run that is not done; return the ``final.json`` of every planned run.
+    """Run every planned run that is not done, whatever the suite's task; return the ``final.json`` of
+    every planned run.
 
     Before the first run, every planned directory is checked: one that holds a run of another config is
     an :class:`OutputError` naming it, unless ``overwrite`` (then that run is retrained from scratch).
     """
-    from gradtail.environment import resolve_amp, resolve_device
     from gradtail.engine.trainer import Trainer
+    from gradtail.environment import resolve_amp, resolve_device
 
     runs = plan_runs(suite, output, only)
     conflicts = check_conflicts(runs, overwrite)
 
     def describe(run: PlannedRun) -> str:
         t = run.config.train
-        return f"{run.config.optim.epochs} epochs, {resolve_amp(t.amp, resolve_device(t.device)).describe()}"
+        what = f"{run.config.model.name}, loss {run.config.loss.name}, {run.config.optim.epochs} epochs"
+        return f"{what}, {resolve_amp(t.amp, resolve_device(t.device)).describe()}"
 
     def train(run: PlannedRun, replace: bool) -> str:
         run.config.train.progress = progress and sys.stderr.isatty()
         trainer = Trainer(run.config, output_dir=run.directory, verbose=False)
-        last = trainer.fit(resume=not replace, overwrite=replace)["last_epoch"]
-        if "miou" in last:  # segmentation: mIoU and its rare group
-            rare = "N/A" if last.get("miou_rare") is None else f"{100 * last['miou_rare']:.1f}"
-            return f"mIoU {100 * last['miou']:.1f}, rare {rare}"
-        few = "N/A" if last.get("few") is None else f"{100 * last['few']:.1f}"
-        return f"top-1 {100 * last['top1']:.1f}, few {few}"
+        return trainer.task.headline(trainer.fit(resume=not replace, overwrite=replace))
 
     execute_runs(f"suite {suite.name!r}", runs, conflicts, describe, train, log, output)
     return collect_finals(runs)

@@ -46,10 +46,12 @@ from gradtail.config import (
     load_config_dict,
     read_yaml_mapping,
 )
+from gradtail.contracts import create_task
 from gradtail.errors import ConfigError
 
 SUITE_KEYS = (
     "name",
+    "task",
     "description",
     "base",
     "overrides",
@@ -95,6 +97,8 @@ class Suite:
     description: str = ""
     published: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
+    task: str = "classification"
+    notes: list[str] = field(default_factory=list)  # the suite's own report notes (tuned twins' values)
 
     def method(self, name: str) -> MethodSpec:
         return find_method(self.methods, name, self.name)
@@ -151,7 +155,10 @@ def load_suite(path: str | Path, tuned: bool = True) -> Suite:
         tune_dir = Path(str(raw.get("tune_dir") or Path("runs") / "tune" / suite.name))
         twins = {t.name: t for t in tuned_twins(suite, tune_dir)}  # each right after its method
         suite.methods = [x for m in suite.methods for x in (m, twins.get(f"{m.name}_tuned")) if x is not None]
-    validate_suite(suite)
+    if raw.get("task") is not None and not isinstance(raw.get("task"), str):
+        raise ConfigError(f"suite {path}: task must be a task name, got {raw.get('task')!r}")
+    suite.task = validate_suite(suite, raw.get("task"))
+    suite.notes = tuned_notes(suite)
     return suite
 
 
@@ -168,13 +175,11 @@ def suite_seeds(raw: dict[str, Any], path: Path) -> list[int]:
 
 
 def tuned_twins(suite: Suite, tune_dir: Path) -> list[MethodSpec]:
-    """``<method>_tuned`` for every method with hyperparameters: its config is the ``best.yaml`` that
-    ``gradtail tune`` wrote for it under ``tune_dir``."""
-    from gradtail.tune.spaces import method_search_space
-
+    """``<method>_tuned`` for every method with hyperparameters (its task's search space): its config is
+    the ``best.yaml`` that ``gradtail tune`` wrote for it under ``tune_dir``."""
     twins = []
     for m in list(suite.methods):
-        if m.after or not method_search_space(suite.run_config(m, suite.seeds[0])):
+        if m.after or not create_task(suite.run_config(m, suite.seeds[0])).search_space():
             continue
         best = tune_dir / m.name / "best.yaml"
         if not best.is_file():
@@ -190,18 +195,43 @@ def tuned_twins(suite: Suite, tune_dir: Path) -> list[MethodSpec]:
     return twins
 
 
+def tuned_notes(suite: Suite) -> list[str]:
+    """One line per tuned twin (``tuned: true``): the values ``gradtail tune`` chose on validation."""
+    notes = []
+    for m in suite.methods:
+        if m.tuned_from is None:
+            continue
+        cfg = suite.run_config(m, suite.seeds[0])
+        sections = {
+            "loss": cfg.loss.params,
+            "regularizer": cfg.regularizer.params,
+            "update_rule": cfg.update_rule.params,
+        }
+        values = []
+        for p in create_task(cfg).search_space():
+            v = sections[p.section].get(p.name, p.default)
+            values.append(f"{p.name}={v:.3g}" if isinstance(v, float) else f"{p.name}={v}")
+        notes.append(
+            f"{m.name}: {', '.join(values)}, chosen by gradtail tune on the validation split "
+            f"({m.tuned_from})."
+        )
+    return notes
+
+
 def _mapping(value: Any, key: str, path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"suite {path}: {key} must be a mapping, got {value!r}")
     return value
 
 
-def validate_suite(suite: Suite) -> None:
+def validate_suite(suite: Suite, task: str | None = None) -> str:
     """Build every run config and check its component names and parameters, so nothing fails after hours
-    of training (the seeds change only ``train.seed``: one config per method is checked)."""
+    of training (the seeds change only ``train.seed``: one config per method is checked). Every method must
+    be of one task (the suite's ``task`` when it names one): a suite mixing tasks is refused. Returns it."""
     from gradtail.engine.components import check_component_params
 
     names = [m.name for m in suite.methods]
+    tasks: dict[str, str] = {}
     for m in suite.methods:
         where = f"suite {suite.name!r}, method {m.name!r}"
         if m.after is not None and m.after not in names:
@@ -209,6 +239,15 @@ def validate_suite(suite: Suite) -> None:
         if m.after == m.name:
             raise ConfigError(f"{where}: a method cannot start from itself")
         try:
-            check_component_params(suite.run_config(m, suite.seeds[0]))
+            cfg = suite.run_config(m, suite.seeds[0])
+            check_component_params(cfg)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+        tasks[m.name] = cfg.task
+    found = sorted(set(tasks.values()))
+    if len(found) > 1:
+        listing = ", ".join(f"{n}: {t}" for n, t in tasks.items())
+        raise ConfigError(f"suite {suite.name!r} mixes tasks ({listing}); a suite holds methods of one task")
+    if task is not None and found and found[0] != task:
+        raise ConfigError(f"suite {suite.name!r} says task: {task} but its methods are {found[0]} configs")
+    return found[0] if found else (task or "classification")

@@ -1,4 +1,5 @@
-"""The ``gradtail`` command: ``train``, ``eval``, ``predict``, ``bench``, ``list``.
+"""The ``gradtail`` command: ``train``, ``eval``, ``predict``, ``bench``, ``report``, ``tune``, ``list``, for
+every task (the task comes from the config; the commands know it only through its contract).
 
 Errors gradtail raises on purpose (bad config key, missing data, wrong labels, an output that cannot be
 written, a run directory that already holds a run, ...) are printed as one line ``gradtail: error: ...``
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gradtail.errors import ConfigError, GradtailError
+from gradtail.errors import ConfigError, DataError, GradtailError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -30,17 +31,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from gradtail.config import config_task, load_config
+    from gradtail.config import load_config
     from gradtail.distributed import is_main_process, world_size
     from gradtail.engine.trainer import Trainer
-    from gradtail.report import columns_for, format_table, run_rows
+    from gradtail.report import format_table
     from gradtail.rundir import FINAL, RunDirectory
 
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    if config_task(args.config) == "detection":
-        return _train_detection(args)
-
     overrides = list(args.set or [])
     if args.output:
         overrides.append(f"train.output_dir={args.output}")
@@ -53,9 +51,9 @@ def _train(args: argparse.Namespace) -> int:
     say = _main_process_print()
     counts = trainer.data.class_counts
     say(
-        f"gradtail: run {cfg.name!r} -> {trainer.out} (config {cfg.hash()}, "
-        f"subset {trainer.data.sha256[:12]}, {sum(counts)} train images, {world_size()} process(es), "
-        f"{trainer.precision.describe()}), counts {counts}",
+        f"gradtail: {cfg.task} run {cfg.name!r} -> {trainer.out} (config {cfg.hash()}, data "
+        f"{trainer.data.sha256[:12]}, {trainer.data.num_classes} classes, {len(trainer.train_loader)} "
+        f"steps/epoch, {world_size()} process(es), {trainer.precision.describe()}), counts {counts}",
         flush=True,
     )
     final = trainer.fit(resume=args.resume or False, stop_after=args.stop_after, overwrite=args.overwrite)
@@ -63,7 +61,8 @@ def _train(args: argparse.Namespace) -> int:
         say(f"gradtail: stopped after epoch {trainer.epoch}; resume with --resume")
         return 0
     say()
-    say(format_table(run_rows(final, cfg.name), columns_for(final)))
+    if final["last_epoch"] is not None:
+        say(format_table(*reversed(trainer.task.final_rows(final, cfg.name))))
     say(f"\ntraining time {final['train_seconds']:.1f}s; results in {trainer.run_dir.file(FINAL)}")
     return 0
 
@@ -75,78 +74,27 @@ def _main_process_print() -> Callable[..., None]:
     return print if is_main_process() else (lambda *a, **k: None)
 
 
-def _train_detection(args: argparse.Namespace) -> int:
-    """``gradtail train`` of a detection config (docs/detection.md): its own loop around a torchvision
-    detector, in a run directory with the same refuse / resume / overwrite rules."""
-    from gradtail.detection.training import DetectionRun, load_detection_config
-    from gradtail.distributed import is_main_process
-    from gradtail.rundir import FINAL, RunDirectory
+def _load_run(path: Path) -> tuple[dict[str, Any], Any]:
+    """A checkpoint and its config (a checkpoint whose config no longer loads is one line naming it)."""
+    from gradtail.config import config_from_dict
+    from gradtail.rundir import load_checkpoint
 
-    cfg = load_detection_config(args.config, sets=args.set)
-    cfg.detector.check()
-    out = Path(args.output) if args.output else Path("runs") / cfg.name
-    if not (args.resume or args.overwrite):
-        RunDirectory(out).refuse_existing_run()  # before the data is built
-    run = DetectionRun(cfg, out, verbose=is_main_process())
-    say = _main_process_print()
-    spec = cfg.detector
-    say(
-        f"gradtail: detection run {cfg.name!r} -> {out} ({spec.arch}, loss {spec.loss}, "
-        f"{len(run.train_set)} train images, {run.splits.train.num_classes} classes, "
-        f"{cfg.train.epochs} epochs x {run.per_epoch} iterations)",
-        flush=True,
-    )
-    record = run.fit(resume=args.resume or False, overwrite=args.overwrite, stop_after=args.stop_after)
-    if "metrics" not in record:
-        say(f"gradtail: stopped after epoch {run.epoch}; resume with --resume")
-        return 0
-    say(_detection_table([(cfg.name, record)]))
-    say(f"\ntraining time {record['train_seconds']:.1f}s; results in {run.run_dir.file(FINAL)}")
-    return 0
-
-
-def _detection_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    from gradtail.report import format_table
-
-    keys = ("AP", "AP50", "APr", "APc", "APf")
-
-    def cell(v: float) -> str:
-        return "N/A" if v != v else f"{100 * v:.1f}"  # NaN: no ground truth in that group
-
-    body = [[name, *(cell(r["metrics"][k]) for k in keys)] for name, r in rows]
-    return format_table(body, ["run", *keys])
-
-
-def _eval_detection(args: argparse.Namespace, path: Path) -> int:
-    from gradtail.detection.training import evaluate_checkpoint
-
-    if args.posthoc:
-        raise ConfigError("--posthoc adjusters fit classification logits; not for a detection checkpoint")
-    out = Path(args.output) if args.output else path.parent.parent / "eval"
-    over: dict[str, Any] = {}
-    if args.split:
-        over["eval_split"] = args.split
-    if args.data_dir:
-        over["image_root"] = args.data_dir
-    record = evaluate_checkpoint(path, out, over or None)
-    print(_detection_table([(record["name"], record)]))
-    if args.json:
-        print(json.dumps(record if args.full else record["metrics"], indent=2))
-    return 0
+    state = load_checkpoint(path)
+    try:
+        cfg = config_from_dict(state["config"])
+    except GradtailError as e:
+        raise DataError(f"checkpoint {path}: its config does not load ({e}); train the run again") from None
+    return state, cfg
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from gradtail.config import config_from_dict
     from gradtail.engine.trainer import Trainer
-    from gradtail.report import columns_for, format_table, run_rows
-    from gradtail.rundir import load_checkpoint
+    from gradtail.report import format_table
+    from gradtail.rundir import FINAL, RunDirectory
 
     path = Path(args.checkpoint)
-    state = load_checkpoint(path)
-    if state.get("task") == "detection":
-        return _eval_detection(args, path)
-    if args.split:
-        raise ConfigError("--split is for detection checkpoints (classification evaluates val and test)")
+    state, _ = _load_run(path)
     cfg_dict: dict[str, Any] = state["config"]
     if args.posthoc:
         cfg_dict["eval"]["posthoc"] = list(args.posthoc)
@@ -157,49 +105,60 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else path.parent.parent / "eval"
     trainer = Trainer(cfg, output_dir=out)
     trainer.load_state(state)
-    final = trainer.finish()
-    print(format_table(run_rows(final, cfg.name), columns_for(final)))
+    trainer.best_dir = RunDirectory(path.parent.parent, writer=False)  # the run's validation-selected weights
+    if args.split == "val":
+        report = trainer.evaluate_split("val")
+        if report is None:
+            raise ConfigError("the run's data has no val split")
+        final = {"name": cfg.name, "task": cfg.task, "split": "val", "config_hash": cfg.hash(),
+                 "epochs": trainer.epoch, "last_epoch": report.to_dict()}  # fmt: skip
+        trainer.run_dir.write_json(FINAL, final)
+    else:
+        final = trainer.finish()
+    headers, rows = trainer.task.final_rows(final, cfg.name + (" (val)" if args.split == "val" else ""))
+    print(format_table(rows, headers))
     if args.json:
         print(json.dumps(final["last_epoch"] if not args.full else final, indent=2))
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from gradtail.data.preprocess import collect_image_paths
-    from gradtail.predict import Predictor, output_format
-    from gradtail.rundir import RunDirectory, write_text
+    from gradtail.contracts import PredictRequest, create_task
 
-    fmt = output_format(args.output)  # a wrong extension fails before any work
-    predictor = Predictor.from_checkpoint(
-        args.checkpoint, posthoc=args.posthoc, device=args.device, batch_size=args.batch_size
-    )
-    c = predictor.num_classes
-    k = args.top_k if args.top_k is not None else min(5, c)
-    if not 1 <= k <= c:
-        raise ConfigError(f"--top-k {k}: the model has {c} classes (give 1 to {c})")
-    out = Path(args.output) if args.output else None
-    if out is not None:  # an output that cannot be written fails before the images are read
-        RunDirectory(out.parent).ensure_writable()
-    paths = collect_image_paths(args.inputs)
-    result = predictor.predict(paths)
-    text = result.to_csv(k) if fmt == "csv" else result.to_json(k, predictor.describe())
-    if out is None:
+    path = Path(args.checkpoint)
+    state, cfg = _load_run(path)
+    if args.data_dir:
+        cfg.data.data_dir = args.data_dir
+    if not args.inputs and args.split is None:
+        raise ConfigError("give image files (folders, lists) to predict, or --split val|test of its data")
+    request = PredictRequest(
+        inputs=tuple(args.inputs), split=args.split, output=args.output, posthoc=args.posthoc,
+        top_k=args.top_k, batch_size=args.batch_size, device=args.device, draw=args.draw,
+    )  # fmt: skip
+    text = create_task(cfg).predict(state, path, request)
+    if args.output is None:
         sys.stdout.write(text)
     else:
-        write_text(out, text, "predictions")
-        print(f"gradtail: {len(paths)} image(s) -> {out}", file=sys.stderr)
+        print(f"gradtail: {text or 'predictions'} -> {args.output}", file=sys.stderr)
     return 0
+
+
+def _suite_report(suite: Any, output: Path, finals: list[dict[str, Any]], wall: float | None) -> str:
+    """Write the suite's report (its task's report module); return the results table as text."""
+    from gradtail.contracts import TASKS
+
+    report = TASKS.get(suite.task)(None).report()
+    results = report.build_results(suite, finals, output, wall)
+    paths = report.write_report(results, output)
+    table: str = report.table(results)
+    return f"{table}\n\nreport: {paths['html']} (also {paths['markdown'].name}, results.json)"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import time
 
     from gradtail.bench import load_suite, run_suite
-    from gradtail.bench.detection import suite_task
-    from gradtail.report.render import build_results, write_report
 
-    if suite_task(args.suite) == "detection" or _has_detection_methods(args.suite):
-        return _bench_detection(args)
     suite = load_suite(args.suite)  # validated completely before any training
     output = Path(args.output) if args.output else Path("runs") / "bench" / suite.name
     if args.seeds:
@@ -208,62 +167,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     finals = run_suite(suite, output, only=only, progress=not args.no_progress, overwrite=args.overwrite)
     wall = time.perf_counter() - start
-    results = build_results(suite, finals, output, wall)
-    paths = write_report(results, output)
-    from gradtail.report.aggregate import METRICS, display_label, format_mean_std
-
-    metrics = results.get("metrics", METRICS)  # segmentation suites: mIoU and its groups
-    rows = [[display_label(r), *(format_mean_std(r[m]) for m in metrics)] for r in results["table"]]
-    from gradtail.report import format_table
-    from gradtail.report.table import COLUMNS
-
     print()
-    print(format_table(rows, results.get("columns", COLUMNS)))
-    print(
-        f"\nwall time {wall / 60:.1f} min; report: {paths['html']} "
-        f"(also {paths['markdown'].name}, results.json)"
-    )
+    print(_suite_report(suite, output, finals, wall))
+    print(f"wall time {wall / 60:.1f} min")
     return 0
 
 
-def _has_detection_methods(path: str) -> bool:
-    """A suite without ``task`` whose methods are detection configs (``method: config.yaml``)."""
-    from gradtail.config import config_task, read_yaml_mapping
+def _cmd_report(args: argparse.Namespace) -> int:
+    """The report of a suite's finished runs, without training anything."""
+    from gradtail.bench import load_suite, plan_runs
+    from gradtail.bench.runner import collect_finals
 
-    suite = Path(path)
-    methods = read_yaml_mapping(suite, "suite file").get("methods")
-    if not isinstance(methods, dict) or not methods:
-        return False
-    first = next(iter(methods.values()))
-    ref = first if isinstance(first, str) else first.get("config") if isinstance(first, dict) else None
-    return ref is not None and config_task(suite.parent / str(ref)) == "detection"
-
-
-def _bench_detection(args: argparse.Namespace) -> int:
-    import time
-
-    from gradtail.bench.detection import load_detection_suite, run_detection_suite
-    from gradtail.report import detection as report
-    from gradtail.report.aggregate import format_mean_std
-    from gradtail.report.table import format_table
-
-    suite = load_detection_suite(args.suite)  # every method's config built and checked first
+    suite = load_suite(args.suite)
     output = Path(args.output) if args.output else Path("runs") / "bench" / suite.name
     if args.seeds:
         suite.seeds = list(args.seeds)
-    only = args.only.split(",") if args.only else None
-    start = time.perf_counter()
-    finals = run_detection_suite(suite, output, only=only, overwrite=args.overwrite)
-    wall = time.perf_counter() - start
-    results = report.build_results(suite, finals, output, wall)
-    paths = report.write_report(results, output)
-    rows = [[r["label"], *(format_mean_std(r[m]) for m in report.METRICS)] for r in results["table"]]
-    print()
-    print(format_table(rows, list(report.HEADERS)))
-    print(
-        f"\nwall time {wall / 60:.1f} min; report: {paths['html']} "
-        f"(also {paths['markdown'].name}, results.json)"
-    )
+    runs = plan_runs(suite, output, args.only.split(",") if args.only else None)
+    missing = [r.directory for r in runs if not r.is_done()]
+    if missing:
+        raise ConfigError(
+            f"{len(missing)} run(s) of suite {suite.name!r} are not finished (first: {missing[0]}); "
+            f"train them with gradtail bench {args.suite}"
+        )
+    print(_suite_report(suite, output, collect_finals(runs), None))
     return 0
 
 
@@ -299,28 +225,32 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from gradtail.data.builder import DATASETS
+    from gradtail.contracts import TASKS
     from gradtail.losses import loss_names
-    from gradtail.models import model_name_patterns, model_names
     from gradtail.optim import update_rule_names
     from gradtail.posthoc import posthoc_names
     from gradtail.regularizers import regularizer_names
 
-    print("datasets:     ", ", ".join(DATASETS.names()))
-    print("models:       ", ", ".join(model_names()))
-    for pattern in model_name_patterns():
-        print("              ", pattern)
+    print("tasks:        ", ", ".join(TASKS.names()))
     print("losses:       ", ", ".join(loss_names()))
     print("regularizers: ", ", ".join(regularizer_names()))
     print("update rules: ", ", ".join(update_rule_names()))
     print("post-hoc:     ", ", ".join(posthoc_names()))
-    from gradtail.models.detection.heads import ONE_STAGE_LOSSES, TWO_STAGE_LOSSES
-
-    print(
-        "detection:     faster_rcnn (losses " + ", ".join(TWO_STAGE_LOSSES) + "); retinanet, fcos (losses "
-        + ", ".join(ONE_STAGE_LOSSES) + ")"
-    )  # fmt: skip
+    for name in TASKS.names():
+        print(f"\n{name}:")
+        for kind, entries in TASKS.get(name).catalog().items():
+            print(f"  {kind + ':':12s}", ", ".join(entries) if len(entries) < 12 else "")
+            if len(entries) >= 12:
+                print("    " + ", ".join(entries))
     return 0
+
+
+PREDICT_DESCRIPTION = (
+    "Predictions of a trained run from its checkpoint alone (no training data), in the format of its task: "
+    "classification, top-k classes and probabilities (CSV or JSON; the softmax of the logits as the run's "
+    "loss reads them, or after --posthoc); segmentation, one label-map PNG per image (--output DIR); "
+    "detection, a COCO / LVIS results file (JSON)."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,9 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from <output>/checkpoints/last.pt (or from CHECKPOINT); the config must be the "
         "checkpoint's except where and how the run executes",
     )
-    t.add_argument(
-        "--overwrite", action="store_true", help="replace a run already in the output directory"
-    )
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in the output directory")
     t.add_argument("--stop-after", type=int, metavar="N", help="stop after N epochs of this invocation")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
@@ -352,8 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test split (and validation, post-hoc)")
     e.add_argument("checkpoint")
     e.add_argument("--posthoc", nargs="*", help="post-hoc adjusters to fit on validation and apply")
-    e.add_argument("--data-dir", help="override data.data_dir (detection: data.image_root)")
-    e.add_argument("--split", choices=["val", "test"], help="detection: the split to evaluate")
+    e.add_argument("--data-dir", help="override data.data_dir (where the data files are)")
+    e.add_argument(
+        "--split", choices=["val", "test"], help="evaluate only this split (default: test, and val alongside)"
+    )
     e.add_argument("--output", help="where to write final.json (default: <run>/eval)")
     e.add_argument("--json", action="store_true", help="also print the metrics as JSON")
     e.add_argument("--full", action="store_true", help="with --json: everything, not only the last epoch")
@@ -361,29 +291,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser(
         "predict",
-        help="top-k classes of image files from a checkpoint alone",
-        description="Top-k classes and probabilities of image files, from a checkpoint alone (no training "
-        "data). Probabilities are the softmax of the model's logits as the run's loss reads them; with "
-        "--posthoc, the softmax of the logits after the adjuster the run fitted on validation.",
+        help="a trained run's predictions from its checkpoint alone, in its task's own format",
+        description=PREDICT_DESCRIPTION,
     )
     pr.add_argument("checkpoint", help="a run's checkpoint, e.g. runs/fmnist_lt_ce/checkpoints/last.pt")
     pr.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
         help="image files, folders (every image inside, recursively, sorted) or .txt/.csv lists of paths "
         "(one per line, or a 'path' column; relative to the list's folder)",
     )
     pr.add_argument(
+        "--split",
+        choices=["val", "test"],
+        help="predict this split of the run's own data (rebuilt from its config)",
+    )
+    pr.add_argument("--data-dir", help="with --split: where the run's data files are now (data.data_dir)")
+    pr.add_argument(
         "--posthoc",
         metavar="NAME",
-        help="apply the post-hoc adjuster the run fitted on validation (its eval.posthoc: posthoc_la, "
-        "tau_norm, gala_rebalance; gala_rebalance estimates its class prior from the images given)",
+        help="classification: apply the post-hoc adjuster the run fitted on validation (its eval.posthoc: "
+        "posthoc_la, tau_norm, gala_rebalance; gala_rebalance estimates its class prior from the images "
+        "given)",
     )
-    pr.add_argument("--top-k", type=int, metavar="K", help="classes per image (default: 5, at most all)")
+    pr.add_argument("--top-k", type=int, metavar="K", help="classification: classes per image (default 5)")
     pr.add_argument(
-        "--output", help="preds.csv or preds.json (the extension picks the format); default: CSV on stdout"
+        "--output",
+        help="classification: preds.csv or preds.json (the extension picks the format), default CSV on "
+        "stdout; "
+        "segmentation: a folder for the PNGs; detection: results.json (default stdout)",
     )
+    pr.add_argument("--draw", action="store_true", help="detection: also draw the boxes (<output>.png)")
     pr.add_argument(
         "--batch-size", type=int, metavar="N", help="images per forward pass (default: eval.batch_size)"
     )
@@ -422,9 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--output", help="output directory (default runs/tune/<suite or config name>)")
     tu.add_argument(
         "--objective",
-        default="balanced_accuracy",
-        choices=["balanced_accuracy", "top1", "few", "mix"],
-        help="validation metric to maximise (mix: (1-w) balanced accuracy + w Few)",
+        help="validation metric to maximise (default: the task's selection metric); classification: "
+        "balanced_accuracy, top1, few, mix ((1-w) balanced accuracy + w Few); segmentation: miou, macc, "
+        "miou_rare; detection: AP, APr, AP50, APc, APf",
     )
     tu.add_argument("--mix-weight", type=float, default=0.5, metavar="W", help="w of --objective mix")
     tu.add_argument("--epochs", type=int, help="epochs of each trial (default: the method's schedule)")
@@ -434,7 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--overwrite", action="store_true", help="replace a chosen configuration's test run")
     tu.set_defaults(func=_cmd_tune)
 
-    ls = sub.add_parser("list", help="list registered datasets, models, losses, regularizers, update rules")
+    rp = sub.add_parser("report", help="write a suite's report from its finished runs (trains nothing)")
+    rp.add_argument("suite", help="suite YAML (see suites/)")
+    rp.add_argument("--output", help="the suite's output directory (default: runs/bench/<suite name>)")
+    rp.add_argument("--only", help="comma-separated methods to report")
+    rp.add_argument("--seeds", type=int, nargs="+", help="override the suite's seeds")
+    rp.set_defaults(func=_cmd_report)
+
+    ls = sub.add_parser(
+        "list", help="list the tasks and their datasets, models and losses; the method families"
+    )
     ls.set_defaults(func=_cmd_list)
     return p
 

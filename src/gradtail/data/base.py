@@ -15,6 +15,12 @@ import torch
 
 from gradtail.errors import ConfigError, DataError
 
+#: The file suffixes gradtail reads as images (any case), everywhere: own data, segmentation folders,
+#: ``gradtail predict`` inputs.
+IMAGE_SUFFIXES: tuple[str, ...] = (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+)
+
 
 @dataclass
 class ImageArrays:

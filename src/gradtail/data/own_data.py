@@ -86,18 +86,15 @@ from torch.utils.data import Dataset
 
 from gradtail.config import DataConfig, RunConfig
 from gradtail.data.base import ImageArrays
-from gradtail.data.builder import (
-    DataBundle,
-    DeviceAugmentedData,
-    build_view_augment,
-    pad_images,
-)
+from gradtail.data.bundle import DataBundle, DeviceAugmentedData, build_view_augment, pad_images
 from gradtail.data.loader import BatchAugment, epoch_seed
 from gradtail.data.longtail import PROFILES, LongTailSplit, build_longtail_split, split_hash
+from gradtail.data.samplers import sampler_from_config
 from gradtail.errors import ConfigError, DataError
 
 OWN_DATASETS: tuple[str, ...] = ("image_folder", "image_csv", "npz")
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+from gradtail.data.base import IMAGE_SUFFIXES  # noqa: E402  (re-exported: the one list of image suffixes)
+
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_MEMORY_BUDGET_MB = 2048.0
 NORMALIZATION_SAMPLE = 5000  # image-files path: training images the mean / std are computed from
@@ -686,10 +683,10 @@ class ImageFilesBundle(DeviceAugmentedData):
     def train_labels(self) -> torch.Tensor:
         return torch.as_tensor(self.train.labels, dtype=torch.long)
 
-    def train_loader(
-        self, cfg: RunConfig, sampler: object, device: torch.device, rank: int, world: int
-    ) -> FileBatchLoader:
+    def train_loader(self, cfg: RunConfig, device: torch.device, rank: int, world: int) -> FileBatchLoader:
         from gradtail.data.image_list import ImageListLoader
+
+        sampler = sampler_from_config(cfg, self.train_labels, self.num_classes)
 
         views, num_views = build_view_augment(self.augment_cfg)
         files = ImageListLoader(

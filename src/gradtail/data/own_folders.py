@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from gradtail.config import DataConfig
-from gradtail.data.own_data import IMAGE_SUFFIXES, OwnSource, SplitSource, data_location, read_class_list
+from gradtail.data.base import IMAGE_SUFFIXES
+from gradtail.data.own_data import OwnSource, SplitSource, data_location, read_class_list
 from gradtail.errors import DataError
 
 SPLIT_FOLDERS = ("train", "val", "test")

@@ -30,12 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+#: file suffixes (lower case) taken from folders as images
+from gradtail.data.base import IMAGE_SUFFIXES
 from gradtail.errors import DataError
 
-#: file suffixes (lower case) taken from folders as images
-IMAGE_SUFFIXES: tuple[str, ...] = (
-    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-)  # fmt: skip
 #: file suffixes read as lists of image paths
 LIST_SUFFIXES: tuple[str, ...] = (".txt", ".csv")
 
@@ -158,7 +156,8 @@ def input_channels(preprocessing: dict[str, Any]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def _open(path: Path, mode: str) -> Any:
+def open_image(path: Path, mode: str) -> Any:
+    """The image file as a PIL image in ``mode``; a one-line :class:`DataError` when missing or unreadable."""
     from PIL import Image
 
     try:
@@ -181,7 +180,7 @@ def decode_image(path: str | Path, preprocessing: dict[str, Any]) -> torch.Tenso
     p = check_preprocessing(preprocessing)
     if p["transform"] != "in_memory":
         raise DataError(f"decode_image is for 'in_memory' pipelines, not {p['transform']!r}")
-    im = _open(path, p["mode"])
+    im = open_image(path, p["mode"])
     h, w = (int(v) for v in p["size"])
     if (im.height, im.width) != (h, w):
         if not p.get("resize_to_size"):
@@ -233,7 +232,7 @@ def load_images(paths: Sequence[str | Path], preprocessing: dict[str, Any]) -> t
         transform = imagenet_transform(
             train=False, size=size, resize=p.get("resize"), mean=list(p["mean"]), std=list(p["std"])
         )
-        return torch.stack([transform(_open(Path(path), "RGB")) for path in paths]).float()
+        return torch.stack([transform(open_image(Path(path), "RGB")) for path in paths]).float()
     images = pad_images(torch.stack([decode_image(path, p) for path in paths]), p.get("pad_to"))
     return BatchAugment(mean=list(p["mean"]), std=list(p["std"])).normalize(images)
 

@@ -354,3 +354,23 @@ class RepeatFactorSampler:
         if per_rank == 0:
             raise ConfigError(f"epoch {epoch} has {order.numel()} draws, fewer than world_size={world_size}")
         return order[: per_rank * world_size][rank::world_size].contiguous()
+
+
+@SAMPLERS.register("repeat_factor")
+def repeat_factor_sampler(
+    labels: Sequence[Sequence[int]] | Sequence[int] | np.ndarray, num_classes: int, seed: int = 0,
+    threshold: float = 0.001,
+) -> RepeatFactorSampler:
+    """:class:`RepeatFactorSampler` as a registered sampler: ``labels`` are each image's categories (a
+    detection run's) or one label per image (classification); ``threshold`` is t."""
+    return RepeatFactorSampler(labels, threshold=threshold, seed=seed)
+
+
+def sampler_from_config(cfg: Any, labels: Any, num_classes: int) -> Any:
+    """The sampler a run config asks for (``data.sampler``, ``data.sampler_params``, ``train.seed``;
+    ``progressive`` gets ``optim.epochs`` as its ``total_epochs`` unless given)."""
+    params = dict(cfg.data.sampler_params)
+    if cfg.data.sampler == "progressive":
+        params.setdefault("total_epochs", cfg.optim.epochs)
+    return create_sampler(cfg.data.sampler, labels, num_classes, seed=cfg.train.seed, **params)
+

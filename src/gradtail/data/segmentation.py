@@ -1,6 +1,7 @@
 """Semantic-segmentation data: image + label-map pairs, joint transforms, the run's data bundle.
 
-Datasets (``data.dataset``; settings under ``data.segmentation``, docs/segmentation.md):
+Datasets (``data.dataset``, :data:`SEGMENTATION_DATASETS`; settings in the config's ``segmentation``
+section, :class:`SegmentationOptions`, docs/segmentation.md):
 
 - ``fashion_mnist_seg``: canvases composed from real Fashion-MNIST images (:func:`make_canvases`): train
   canvases from training images, validation canvases from training images held out first, test canvases
@@ -30,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,51 +39,52 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gradtail.data.base import IMAGE_SUFFIXES
 from gradtail.data.loader import epoch_seed
+from gradtail.data.samplers import sampler_from_config
 from gradtail.distributed import rank as process_rank
 from gradtail.distributed import world_size as process_world
 from gradtail.errors import ConfigError, DataError
+from gradtail.registry import Registry
 
 IGNORE_INDEX = 255
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
-# data.segmentation keys and their defaults
-SEGMENTATION_DEFAULTS: dict[str, Any] = {
-    "ignore_index": IGNORE_INDEX,
-    "crop": None,  # [H, W] training crop; None = the stored size (in memory) / 512 (files)
-    "scale_range": [1.0, 1.0],  # random rescale of training images (ratio of the stored / resized size)
-    "resize": None,  # files: shorter side resized to this (train and test) before the scale; None: as is
-    "frequent_threshold": 0.01,  # frequency groups by training pixel share (gradtail.metrics.segmentation)
-    "rare_threshold": 0.001,
-    "inference": "whole",  # whole | slide
-    "window": None,  # [H, W] sliding window (inference: slide); None = crop
-    "stride": None,  # [H, W] window stride; None = 2/3 of the window
-    "val_images": 0,  # files: training images held out for validation (seeded by data.subset_seed)
+@dataclass
+class SegmentationOptions:
+    """The ``segmentation:`` section of a segmentation run's config (the task's own typed keys)."""
+
+    ignore_index: int = IGNORE_INDEX
+    crop: int | list[int] | None = None  # [H, W] training crop; None = the stored size (memory) / 512 (files)
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random rescale of training images
+    resize: int | None = None  # files: shorter side resized to this (train and test) before the scale
+    frequent_threshold: float = 0.01  # frequency groups by training pixel share (metrics.segmentation)
+    rare_threshold: float = 0.001
+    inference: str = "whole"  # whole | slide
+    window: int | list[int] | None = None  # [H, W] sliding window (inference: slide); None = crop
+    stride: int | list[int] | None = None  # [H, W] window stride; None = 2/3 of the window
+    val_images: int = 0  # files: training images held out for validation (seeded by data.subset_seed)
     # fashion_mnist_seg canvases
-    "canvas_size": 64,
-    "objects": [1, 3],  # objects per canvas, inclusive range
-    "threshold": 60,  # a glyph pixel above this is the object's class, else background
-    "train_canvases": 1500,
-    "val_canvases": 200,
-    "test_canvases": 500,
-    "val_images_per_class": 100,  # Fashion-MNIST training images per class reserved for validation canvases
-}
+    canvas_size: int = 64
+    objects: list[int] = field(default_factory=lambda: [1, 3])  # objects per canvas, inclusive range
+    threshold: int = 60  # a glyph pixel above this is the object's class, else background
+    train_canvases: int = 1500
+    val_canvases: int = 200
+    test_canvases: int = 500
+    val_images_per_class: int = 100  # training images per class reserved for validation canvases
 
 
-def segmentation_settings(cfg: Any) -> dict[str, Any]:
-    """``data.segmentation`` over the defaults; an unknown key is a one-line :class:`ConfigError`."""
-    given = dict(cfg.segmentation)
-    unknown = sorted(set(given) - set(SEGMENTATION_DEFAULTS))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) data.segmentation.{unknown}; valid: {', '.join(SEGMENTATION_DEFAULTS)}"
-        )
-    out = dict(SEGMENTATION_DEFAULTS) | given
+def segmentation_settings(options: SegmentationOptions | None) -> dict[str, Any]:
+    """The ``segmentation`` section as a checked mapping (defaults where ``options`` is None)."""
+    out = asdict(options if options is not None else SegmentationOptions())
     if out["inference"] not in ("whole", "slide"):
-        raise ConfigError(f"data.segmentation.inference must be 'whole' or 'slide', got {out['inference']!r}")
+        raise ConfigError(f"segmentation.inference must be 'whole' or 'slide', got {out['inference']!r}")
     lo, hi = (float(v) for v in out["scale_range"])
     if not 0 < lo <= hi:
-        raise ConfigError(f"data.segmentation.scale_range must be [lo, hi] with 0 < lo <= hi, got {[lo, hi]}")
+        raise ConfigError(f"segmentation.scale_range must be [lo, hi] with 0 < lo <= hi, got {[lo, hi]}")
+    for key in ("crop", "window", "stride"):
+        _pair(out[key], key)
+    if out["inference"] == "slide" and out["window"] is None and out["crop"] is None:
+        raise ConfigError("segmentation.inference: slide needs segmentation.window (or crop)")
     return out
 
 
@@ -93,7 +95,7 @@ def _pair(value: Any, what: str) -> tuple[int, int] | None:
         return int(value), int(value)
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
         return int(value[0]), int(value[1])
-    raise ConfigError(f"data.segmentation.{what} must be an int or [H, W], got {value!r}")
+    raise ConfigError(f"segmentation.{what} must be an int or [H, W], got {value!r}")
 
 
 # --------------------------------------------------------------------------- canvases
@@ -234,7 +236,7 @@ def _pairs(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
         raise DataError(f"image folder {image_dir} is missing")
     if not mask_dir.is_dir():
         raise DataError(f"mask folder {mask_dir} is missing")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise DataError(f"image folder {image_dir} holds no image")
     pairs = []
@@ -577,7 +579,14 @@ class SegmentationData:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.augment().normalize(x)
 
-    def train_loader(self, cfg: Any, sampler: Any, device: torch.device, rank: int, world: int) -> Any:
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Model input -> images in [0, 1] (for drawing predictions)."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        return (x.float() * std + mean).clamp(0, 1)
+
+    def train_loader(self, cfg: Any, device: torch.device, rank: int, world: int) -> Any:
+        sampler = sampler_from_config(cfg, self.image_labels, self.num_classes)
         if isinstance(self.train, SegArrays):
             return SegBatchLoader(
                 self.train, self.image_labels, cfg.optim.batch_size, self.augment(), sampler=sampler,
@@ -614,7 +623,6 @@ class SegmentationData:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "task": "segmentation",
             "counts": self.class_counts,
             "count_unit": "training pixels",
             "train_images": len(self.train),
@@ -651,12 +659,12 @@ def _digest(*arrays: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def build_fashion_canvases(cfg: Any) -> SegmentationData:
+def build_fashion_canvases(cfg: Any, options: SegmentationOptions | None = None) -> SegmentationData:
     """``fashion_mnist_seg``: the canvas benchmark (module docstring), deterministic from
     ``data.subset_seed``; the subset hash is the SHA-256 of the training canvases and label maps."""
     from gradtail.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 
-    s = segmentation_settings(cfg)
+    s = segmentation_settings(options)
     train_src = load_fashion_mnist(train=True, data_dir=cfg.data_dir, download=cfg.download)
     test_src = load_fashion_mnist(train=False, data_dir=cfg.data_dir, download=cfg.download)
     rng = np.random.default_rng(cfg.subset_seed)
@@ -723,10 +731,12 @@ def _files_fit(pairs: dict[str, list[tuple[Path, Path]]], channels: int, budget_
     return total <= budget_mb * 2**20
 
 
-def build_file_segmentation(cfg: Any, dataset: str) -> SegmentationData:
+def build_file_segmentation(
+    cfg: Any, dataset: str, options: SegmentationOptions | None = None
+) -> SegmentationData:
     """``ade20k`` / ``seg_folders``: read the pairs, decode into memory when they fit (one size, within
     ``data.memory_budget_mb``), else keep files for workers."""
-    s = segmentation_settings(cfg)
+    s = segmentation_settings(options)
     if cfg.data_dir is None:
         raise ConfigError(f"dataset {dataset!r} needs data.data_dir")
     root = Path(cfg.data_dir).expanduser()
@@ -799,3 +809,18 @@ def _image_size(path: Path) -> tuple[int, int]:
             return im.size[1], im.size[0]
     except (OSError, ValueError) as exc:
         raise DataError(f"image file {path} cannot be read ({type(exc).__name__})") from None
+
+
+def _ade20k(cfg: Any, options: SegmentationOptions | None) -> SegmentationData:
+    return build_file_segmentation(cfg, "ade20k", options)
+
+
+def _seg_folders(cfg: Any, options: SegmentationOptions | None) -> SegmentationData:
+    return build_file_segmentation(cfg, "seg_folders", options)
+
+
+#: The segmentation datasets (``data.dataset`` of a segmentation run): ``build(data_cfg, options)``.
+SEGMENTATION_DATASETS: Registry[SegmentationData] = Registry("segmentation dataset")
+SEGMENTATION_DATASETS.register("fashion_mnist_seg")(build_fashion_canvases)
+SEGMENTATION_DATASETS.register("ade20k")(_ade20k)
+SEGMENTATION_DATASETS.register("seg_folders")(_seg_folders)

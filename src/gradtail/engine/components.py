@@ -1,9 +1,10 @@
-"""Check a run config's component names and parameter mappings before anything is built.
+"""Check a run config's method families, component names and parameter mappings before anything is built.
 
 Every ``params``-like mapping of a :class:`~gradtail.config.RunConfig` goes to a registered factory as
-keyword arguments: ``model.params``, ``loss.params``, ``regularizer.params``, ``update_rule.params``,
-``eval.posthoc_params[name]``, ``data.sampler_params``, and ``data.synthetic`` (the synthetic dataset's
-generator). :func:`check_component_params` checks their keys against those factories' signatures, so a
+keyword arguments: ``model.params`` (checked by the task, which knows its models), ``loss.params``,
+``regularizer.params``, ``update_rule.params``, ``eval.posthoc_params[name]``, ``data.sampler_params``, and
+``data.synthetic`` (the synthetic dataset's generator). :func:`check_component_params` checks their keys
+against those factories' signatures, so a
 misspelled key is a one-line :class:`~gradtail.errors.ConfigError` when the config is loaded
 (``unknown config key 'loss.params.tua' (loss 'logit_adjust'); valid keys in loss.params: tau, ...``),
 not a ``TypeError`` from a constructor at training time or after the first runs of a suite.
@@ -20,25 +21,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from gradtail.config import RunConfig
-from gradtail.data.builder import DATASETS
+from gradtail.contracts import Accepts, create_task
 from gradtail.data.samplers import SAMPLERS
-from gradtail.data.synthetic import make_synthetic
 from gradtail.errors import ConfigError
 from gradtail.losses import LOSSES
-from gradtail.losses.reweighting import DRW_OPTIONS
-from gradtail.models import MODELS
+from gradtail.losses.deferred import DRW_OPTIONS
 from gradtail.optim import UPDATE_RULES
 from gradtail.posthoc import POSTHOC
 from gradtail.registry import check_call_params
 from gradtail.regularizers import REGULARIZERS
 
 # Arguments the trainer (or data builder) passes to each kind of factory -> where their value comes from.
-MODEL_ARGS_SET_BY_TRAINER: Mapping[str, str] = {
-    "num_classes": "the dataset",
-    "in_channels": "the dataset",
-    "head": "model.head",
-    "head_scale": "model.head_scale",
-}
 LOSS_ARGS_SET_BY_TRAINER: Mapping[str, str] = {
     "num_classes": "the dataset",
     "class_counts": "the training data",
@@ -53,33 +46,36 @@ POSTHOC_ARGS_SET_BY_TRAINER: Mapping[str, str] = {
     "class_counts": "the training data",
     "classifier": "the trained model",
 }
-SYNTHETIC_ARGS_SET_BY_BUILDER: Mapping[str, str] = {"train": "the split being built"}
-SYNTHETIC_EXTRA_KEYS = ("test_per_class",)  # taken out by the data builder (per_class of the test split)
 
 
 def check_component_params(cfg: RunConfig) -> None:
-    """Check every component name and parameter mapping of ``cfg`` against its registry: an unknown name
-    is the registry's :class:`ConfigError`; an unknown, reserved or missing parameter names its full config
-    key (see :func:`gradtail.registry.check_call_params`)."""
+    """Check ``cfg`` before anything is built: the task's own checks (its dataset and model), the method
+    families it takes (:meth:`~gradtail.contracts.TaskContract.accepts`; a refused one is one line naming
+    the task and what it takes), every component name and parameter mapping against its registry (an
+    unknown name is the registry's :class:`ConfigError`; an unknown, reserved or missing parameter names
+    its full config key, :func:`gradtail.registry.check_call_params`)."""
+    task = create_task(cfg)
+    task.check()  # its dataset and model first: what the families it takes may depend on
+    accepts = task.accepts()
     data = cfg.data
-    DATASETS.get(data.dataset)
-    if data.synthetic:
-        check_call_params(
-            make_synthetic,
-            data.synthetic,
-            "data.synthetic",
-            "the synthetic dataset",
-            reserved=SYNTHETIC_ARGS_SET_BY_BUILDER,
-            extra=SYNTHETIC_EXTRA_KEYS,
-        )
+    rule = cfg.update_rule.name or "plain"
+    chosen = (
+        ("loss", cfg.loss.name, accepts.losses),
+        ("regularizer", cfg.regularizer.name, accepts.regularizers),
+        ("update rule", rule, accepts.update_rules),
+        ("sampler", data.sampler, accepts.samplers),
+        *(("post-hoc adjuster", name, accepts.posthoc) for name in cfg.eval.posthoc),
+    )
+    for family, name, allowed in chosen:
+        if name and allowed is not None and name not in allowed:
+            raise ConfigError(Accepts.refusal(family, name, task.name, allowed))
     SAMPLERS.check_params(
         data.sampler, data.sampler_params, "data.sampler_params", SAMPLER_ARGS_SET_BY_TRAINER
     )
-    MODELS.check_params(cfg.model.name, cfg.model.params, "model.params", MODEL_ARGS_SET_BY_TRAINER)
     _check_loss_params(cfg.loss.name, cfg.loss.params)
     if cfg.regularizer.name:  # without a name, no regularizer is built and its params are unused
         REGULARIZERS.check_params(cfg.regularizer.name, cfg.regularizer.params, "regularizer.params")
-    UPDATE_RULES.check_params(cfg.update_rule.name or "plain", cfg.update_rule.params, "update_rule.params")
+    UPDATE_RULES.check_params(rule, cfg.update_rule.params, "update_rule.params")
     _check_posthoc_params(cfg.eval.posthoc, cfg.eval.posthoc_params)
 
 

@@ -1,7 +1,13 @@
-"""Learning-rate schedules (docs/methods/protocol.md §3): linear warm-up, then step decay or cosine.
+"""Learning-rate schedules (docs/methods/protocol.md §3; docs/runs.md "Schedules").
 
-The schedule is a pure function of training progress measured in epochs (fractional within an epoch),
-so it carries no state of its own: resuming at a global step restores it exactly.
+- ``step`` / ``cosine`` / ``constant``: a function of training progress measured in epochs (fractional
+  within an epoch, taken at the end of the step), with a linear warm-up from 0 over ``warmup_epochs``
+  (the LDAM recipe's);
+- ``multistep``: a function of the iteration about to be taken (mmdetection's step policy, the LVIS
+  recipes'): linear warm-up over ``warmup_iters`` iterations from ``warmup_ratio`` x lr, then lr x
+  ``step_gamma`` for each of ``step_fractions`` of the run's iterations passed.
+
+Either way the schedule carries no state of its own: resuming at a global step restores it exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +27,10 @@ class LRSchedule:
     milestones: tuple[int, ...] = ()
     milestone_factors: tuple[float, ...] = ()
     min_lr: float = 0.0
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.001
+    step_fractions: tuple[float, ...] = ()
+    step_gamma: float = 0.1
 
     @classmethod
     def from_config(cls, cfg: OptimConfig) -> LRSchedule:
@@ -32,7 +42,30 @@ class LRSchedule:
             milestones=tuple(cfg.milestones),
             milestone_factors=tuple(cfg.milestone_factors),
             min_lr=cfg.min_lr,
+            warmup_iters=cfg.warmup_iters,
+            warmup_ratio=cfg.warmup_ratio,
+            step_fractions=tuple(cfg.step_fractions),
+            step_gamma=cfg.step_gamma,
         )
+
+    def lr_for_step(self, step: int, epoch: int, index: int, steps_in_epoch: int, total_steps: int) -> float:
+        """The rate of global step ``step`` (0-based), the ``index``-th of ``epoch``'s ``steps_in_epoch``;
+        ``total_steps``: the run's iterations (``multistep``)."""
+        if self.kind == "multistep":
+            return self.lr_at_iteration(step, total_steps)
+        return self.lr_at(epoch + (index + 1) / steps_in_epoch)
+
+    def lr_at_iteration(self, iteration: int, total: int) -> float:
+        """``multistep``: lr x step_gamma^k, k the fractions f with ``iteration >= int(f x total)``; times
+        ``warmup_ratio + (1 - warmup_ratio) iteration / warmup_iters`` during the warm-up."""
+        lr = self.base_lr
+        for fraction in self.step_fractions:
+            if iteration >= int(fraction * total):
+                lr *= self.step_gamma
+        if iteration < self.warmup_iters:
+            k = iteration / max(self.warmup_iters, 1)
+            lr *= self.warmup_ratio + (1 - self.warmup_ratio) * k
+        return lr
 
     def lr_at(self, progress: float) -> float:
         """Learning rate at ``progress`` epochs into training (e.g. 3.25 = a quarter into epoch 3).

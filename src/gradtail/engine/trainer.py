@@ -1,8 +1,13 @@
-"""The trainer: composes a run from its config and knows methods only through small interfaces.
+"""The trainer: one loop for every task, composed from the run's config; it knows methods and tasks only
+through the contracts of :mod:`gradtail.contracts` (docs/architecture.md).
 
-One step (docs/methods/design.md): batch -> ``update_rule(ctx, x, y)`` (forward through ``model.features`` and
-``model.classifier``, loss [+ regularizer], backward) -> ``optimizer.step()``. Losses, regularizers,
-update rules, post-hoc adjusters and observers come from their registries; nothing here knows a method.
+What a run is made of comes from its task (:class:`~gradtail.contracts.TaskContract`: the data, the model,
+the loss as the task applies it, the evaluation) and the registries (regularizers, update rules, post-hoc
+adjusters, the gradient-ratio observer), after :func:`gradtail.engine.components.check_component_params`
+has checked that the task takes them. One step: batch -> ``update_rule(ctx, x, y)`` (the task's loss of the
+batch, backward) -> gradient clipping -> ``optimizer.step()``. Evaluation follows the protocol: the
+validation split every ``train.eval_every`` epochs and at the last (it selects the epoch), the test split
+once, after the last epoch (and once for the validation-selected epoch's weights).
 
 Runs write into their output directory through :class:`gradtail.rundir.RunDirectory` (its layout and the
 refuse / resume / overwrite rules live there). A run resumed from its last checkpoint continues
@@ -14,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ from torch import nn
 
 from gradtail.config import RunConfig, dump_config
 from gradtail.contracts import (
+    EvalReport,
     EvalView,
     LossContract,
     RunData,
@@ -33,23 +39,15 @@ from gradtail.contracts import (
     TaskContract,
     TrainingView,
     UpdateRule,
+    create_task,
 )
-from gradtail.data.builder import build_data
-from gradtail.data.samplers import create_sampler
 from gradtail.distributed import average_gradients_, is_distributed, is_main_process, rank, world_size
 from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state, seed_everything
 from gradtail.engine.components import check_component_params
-from gradtail.environment import (
-    configure_cpu_allocator,
-    environment_info,
-    resolve_amp,
-    resolve_device,
-)
 from gradtail.engine.schedule import LRSchedule
+from gradtail.environment import configure_cpu_allocator, environment_info, resolve_amp, resolve_device
 from gradtail.errors import ConfigError, TrainingError
-from gradtail.losses import create_loss
 from gradtail.metrics import EvalResult, GroupRule, evaluate_logits, resolve_shot_groups
-from gradtail.models import LongTailClassifier, create_model
 from gradtail.optim import create_update_rule
 from gradtail.posthoc import POSTHOC, create_posthoc
 from gradtail.regularizers import create_regularizer
@@ -58,14 +56,14 @@ from gradtail.rundir import (
     DIAGNOSTICS,
     ENVIRONMENT,
     FINAL,
+    PREDICTIONS,
     SUBSET,
     RunDirectory,
     load_checkpoint,
     resume_config_changes,
 )
-from gradtail.tasks import create_task
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 @dataclass
@@ -76,11 +74,12 @@ class Predictions:
 
 
 class Trainer:
-    """Train and evaluate one run described by a :class:`RunConfig`.
+    """Train and evaluate one run described by a :class:`RunConfig`, whatever its task.
 
     Args:
         cfg: the resolved configuration.
-        data: pre-built data (tests, harness); by default built from ``cfg.data``.
+        data: pre-built data (tests, harness, ``gradtail tune``'s validation-only view); by default the
+            task builds it from the config.
         output_dir: overrides ``cfg.train.output_dir``.
     """
 
@@ -91,9 +90,10 @@ class Trainer:
         output_dir: str | Path | None = None,
         verbose: bool = True,
     ):
-        check_component_params(cfg)  # every params mapping against its component, before any work
+        check_component_params(cfg)  # families the task takes, every params mapping, before any work
         self.cfg = cfg
         self.verbose = verbose
+        self.task: TaskContract = create_task(cfg)
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -101,43 +101,18 @@ class Trainer:
         self.allocator = configure_cpu_allocator(t.cpu_allocator, self.device)  # process-wide, speed only
         self.out = Path(output_dir) if output_dir is not None else cfg.output_path()
         self.run_dir = RunDirectory(self.out, writer=is_main_process())
+        self.best_dir = self.run_dir  # where the validation-selected weights are (eval: the run's)
         seed_everything(t.seed)
-        self.data: RunData = data if data is not None else build_data(cfg.data)
+        self.data: RunData = data if data is not None else self.task.build_data()
         # an unwritable output fails before any training (after the data: a run whose data is missing
         # leaves no empty output folder behind)
         self.run_dir.ensure_writable()
-        self.task: TaskContract = create_task(self.data)  # classification, or dense prediction
-        self.task.check(cfg)
-        counts = self.data.class_counts
         c = self.data.num_classes
 
-        # --- model, loss, regularizer, update rule (registries only)
-        in_channels = self.data.in_channels
-        self.model: LongTailClassifier = create_model(
-            cfg.model.name,
-            c,
-            in_channels=in_channels,
-            head=cfg.model.head,
-            head_scale=cfg.model.head_scale,
-            **cfg.model.params,
-        ).to(self.device)
-        if t.init_from:
-            self._init_from_stage1(Path(t.init_from))
-        if t.sync_batchnorm:
-            if self.device.type != "cuda":
-                raise ConfigError("train.sync_batchnorm needs CUDA devices (SyncBatchNorm is GPU-only)")
-            if is_distributed():  # same Parameter objects: the optimizer built below sees them
-                self.model = self.model.convert_sync_batchnorm()  # timm's norm-act layers keep theirs
-        if t.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        loss = create_loss(cfg.loss.name, c, class_counts=counts, **cfg.loss.params)
-        self.loss_fn: LossContract = self.task.adapt_loss(loss).to(self.device)
-        required = self.loss_fn.required_head
-        if required is not None and required != self.model.head_kind:
-            raise ConfigError(
-                f"loss {cfg.loss.name!r} needs a {required!r} classifier head; set model.head: {required} "
-                f"(the config has {self.model.head_kind!r})"
-            )
+        # --- model and loss (the task's), regularizer, update rule, observers (registries)
+        loss = self.task.build_loss(self.data)
+        self.model: nn.Module = self.task.build_model(self.data, loss).to(self.device)
+        self.loss_fn: LossContract = loss.to(self.device)
         self.regularizer = (
             create_regularizer(cfg.regularizer.name, **cfg.regularizer.params)
             if cfg.regularizer.name
@@ -149,8 +124,6 @@ class Trainer:
         self.update_rule: UpdateRule = create_update_rule(
             cfg.update_rule.name or "plain", **cfg.update_rule.params
         )
-        for name in cfg.eval.posthoc:  # fail before training, not after it
-            POSTHOC.get(name)
         if cfg.eval.posthoc and not self.data.has_split("val"):
             raise ConfigError("eval.posthoc needs a held-out validation split (data.val_per_class > 0)")
         self.observers: list[StepObserver] = []
@@ -158,12 +131,15 @@ class Trainer:
         if t.diagnostics:
             from gradtail.diagnostics import GradientRatioObserver
 
-            self.diagnostics = GradientRatioObserver(c).to(self.device)
+            channels = self.task.observed_classes(self.data, self.loss_fn)
+            self.diagnostics = GradientRatioObserver(channels).to(self.device)
             self.observers.append(self.diagnostics)
+        self.task.attach_observers(self.model, self.observers)
 
         o = cfg.optim
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad] + self._regularizer_parameters(),
+            self.params + self._regularizer_parameters(),
             lr=o.lr,
             momentum=o.momentum,
             nesterov=o.nesterov,
@@ -175,20 +151,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.resolved == "fp16" else None
         if self.diagnostics is not None:
             self.diagnostics.set_grad_scaler(self.scaler)
-        if t.compile:
-            self.model.backbone.compile()
 
         self.train_model: nn.Module = self.model
         if is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
-        # --- data loading (through the bundle: in-memory arrays or image-list files alike)
-        self.sampler = create_sampler(
-            cfg.data.sampler, self.data.train_labels, c, seed=t.seed, **self._sampler_params()
-        )
-        self.train_loader = self.data.train_loader(cfg, self.sampler, self.device, rank(), world_size())
+        # --- data loading (the bundle's loader: in-memory arrays, image files, detection images alike)
+        self.train_loader = self.data.train_loader(cfg, self.device, rank(), world_size())
         self._check_views()
+        self.total_steps = o.epochs * len(self.train_loader)  # the multistep schedule's run length
 
         # --- state that checkpoints carry
         self.epoch = 0  # next epoch to run
@@ -217,19 +189,6 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ helpers
-    def _init_from_stage1(self, path: Path) -> None:
-        """Stage 2 of decoupled training (cRT): stage-1 model, frozen backbone, re-initialised classifier."""
-        state = load_checkpoint(path, map_location=self.device)
-        if state.get("subset_sha256") != self.data.sha256:
-            raise ConfigError(f"train.init_from {path} was trained on another subset (hash mismatch)")
-        self.model.load_state_dict(state["model"])
-        t = self.cfg.train
-        if t.reset_classifier:
-            self.model.reset_classifier()
-        if t.freeze_backbone:
-            for p in self.model.backbone_parameters():
-                p.requires_grad_(False)
-
     def _regularizer_parameters(self) -> list[nn.Parameter]:
         if self.regularizer is None:
             return []
@@ -248,17 +207,9 @@ class Trainer:
             )
 
     def _set_train_mode(self) -> None:
-        self.model.train()
+        self.task.train_mode(self.model)
         if self.regularizer is not None:
             self.regularizer.train()
-        if self.cfg.train.freeze_backbone:
-            self.model.backbone.eval()  # a frozen backbone keeps its BatchNorm running statistics
-
-    def _sampler_params(self) -> dict[str, Any]:
-        params = dict(self.cfg.data.sampler_params)
-        if self.cfg.data.sampler == "progressive":
-            params.setdefault("total_epochs", self.cfg.optim.epochs)
-        return params
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
@@ -266,7 +217,7 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     # ------------------------------------------------------------------ training
-    def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, float]:
+    def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, Any]:
         self._set_train_mode()
         self.loss_fn.train()
         self.loss_fn.set_epoch(epoch)
@@ -278,11 +229,11 @@ class Trainer:
             )
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
-        extras_sum: dict[str, float] = {}
+        extras_sum: dict[str, Any] = {}
         bar = _progress(n_steps, f"epoch {epoch + 1}/{self.cfg.optim.epochs}", progress)
         start = time.perf_counter()
         for i, batch in enumerate(self.train_loader):
-            lr = self.schedule.lr_at(epoch + (i + 1) / n_steps)
+            lr = self.schedule.lr_for_step(self.global_step, epoch, i, n_steps, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             out = self.train_step(batch[0], batch[1], epoch, views=batch[2] if len(batch) > 2 else None)
@@ -293,8 +244,9 @@ class Trainer:
                 bad & (first_bad < 0), torch.full_like(first_bad, self.global_step), first_bad
             )
             loss_sum += torch.where(bad, torch.zeros_like(loss), loss)
-            for k, v in out.extras.items():
-                extras_sum[k] = extras_sum.get(k, 0.0) + float(v)
+            for k, v in out.extras.items():  # tensors stay on the device until the epoch's end
+                v = v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else float(v)
+                extras_sum[k] = extras_sum.get(k, 0.0) + v
             self.global_step += 1
             if bar is not None:
                 bar.update(1)
@@ -310,15 +262,14 @@ class Trainer:
             "train_seconds": time.perf_counter() - start,
             "steps": n_steps,
         }
-        record.update({k: v / n_steps for k, v in extras_sum.items()})
+        record.update({k: float(v) / n_steps for k, v in extras_sum.items()})
         record.update(self.update_rule.epoch_summary())
         return record
 
-    def train_step(
-        self, x: torch.Tensor, y: torch.Tensor, epoch: int, views: torch.Tensor | None = None
-    ) -> StepOutput:
+    def train_step(self, x: Any, y: Any, epoch: int, views: torch.Tensor | None = None) -> StepOutput:
         """One optimisation step on a ready batch (and its extra views, if the run makes them): the update
-        rule forms the gradient, then the optimizer steps (the learning rate is set by the caller).
+        rule forms the gradient (over ``optim.accumulation_steps`` micro-batches), the gradient norm is
+        clipped to ``optim.grad_clip``, then the optimizer steps (the learning rate is set by the caller).
         Benchmarks time exactly this."""
         self.optimizer.zero_grad(set_to_none=True)
         ctx = StepContext(
@@ -332,9 +283,15 @@ class Trainer:
             views=views,
             task=self.task,
         )
-        out = self.update_rule(ctx, x, y)
+        k = self.cfg.optim.accumulation_steps
+        out = self.update_rule(ctx, x, y) if k == 1 else self._accumulated(ctx, x, y, views, k)
         if is_distributed() and self.regularizer is not None:
             average_gradients_(self._regularizer_parameters())  # DDP reduces only the model's
+        clip = self.cfg.optim.grad_clip
+        if clip:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, clip)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -342,25 +299,40 @@ class Trainer:
             self.optimizer.step()
         return out
 
+    def _accumulated(
+        self, ctx: StepContext, x: torch.Tensor, y: torch.Tensor, views: torch.Tensor | None, k: int
+    ) -> StepOutput:
+        """The batch's gradient from ``k`` micro-batches, one backward each: the loss normalises every
+        micro-batch as its share of the whole batch and reads the statistics of before the step
+        (:meth:`gradtail.losses.base.LongTailLoss.accumulate`; docs/losses.md)."""
+        if views is not None or self.regularizer is not None:
+            raise ConfigError("optim.accumulation_steps > 1 does not combine with regularizers or views")
+        chunks_x, chunks_y = x.chunk(k), y.chunk(k)
+        losses = []
+        with self.loss_fn.accumulate(y):  # type: ignore[operator]
+            for xi, yi in zip(chunks_x, chunks_y, strict=True):
+                losses.append(self.update_rule(ctx, xi, yi).loss)
+        return StepOutput(loss=torch.stack(losses).sum(), logits=None)
+
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         step = int(first_bad)
         if step >= 0:
             raise TrainingError(
                 f"non-finite training loss at global step {step} (epoch {self.epoch + 1}); lower the "
-                "learning "
-                "rate, check the inputs, or disable fp16"
+                "learning rate, check the inputs, or disable fp16"
             )
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict(self, split: str, features: bool = False) -> Predictions:
-        """Logits (and features) of the ``val`` or ``test`` split, in dataset order."""
+        """Logits (and features) of the ``val`` or ``test`` split, in dataset order (classification)."""
         self.model.eval()
+        model: Any = self.model
         logits, feats, targets = [], [], []
         for x, y in self.data.eval_loader(split, self.cfg, self.device):
             with self.autocast():
-                h = self.model.features(x)
-                z = self.model.classifier(h)
+                h = model.features(x)
+                z = model.classifier(h)
             logits.append(self.loss_fn.inference_logits(z.float()))
             targets.append(y)
             if features:
@@ -388,7 +360,7 @@ class Trainer:
             self.cfg.eval.ece_bins,
         )
 
-    def evaluate_split(self, split: str) -> EvalResult | None:
+    def evaluate_split(self, split: str) -> EvalReport | None:
         if not self.data.has_split(split):
             return None
         return self.task.evaluate(self.eval_view(), split)
@@ -425,7 +397,9 @@ class Trainer:
         state = self.run_dir.begin(resume, overwrite, map_location=self.device)
         if state is not None:
             where = self.out if resume is True else Path(str(resume))
-            changes = resume_config_changes(state["config"], self.cfg.to_dict(), where)
+            changes = resume_config_changes(
+                state["config"], self.cfg.to_dict(), where, extra_safe=self.task.resume_safe
+            )
             self.load_state(state)
             self.resumes.append({"at_epoch": self.epoch, "changed": changes})
         self._write_run_header()
@@ -441,7 +415,7 @@ class Trainer:
             record.update(self.train_epoch(epoch, progress=progress))
             last = epoch + 1 == epochs
             if last or (epoch + 1) % self.cfg.train.eval_every == 0:
-                record.update(self._epoch_eval())
+                record.update(self._epoch_eval(epoch + 1))
             if self.diagnostics is not None:
                 self.diagnostics.end_epoch(epoch + 1)
             self.history.append(record)
@@ -456,31 +430,60 @@ class Trainer:
                 on_epoch_end(record)
         return self.finish()
 
-    def _epoch_eval(self) -> dict[str, Any]:
-        """The epoch's validation and test summaries; data without a test split (``gradtail tune`` hands
-        the trainer a view that has none) are evaluated on validation only."""
+    def _epoch_eval(self, epoch: int) -> dict[str, Any]:
+        """The epoch's validation record (it selects the epoch: the best one's weights are kept in
+        ``checkpoints/best.pt``); the test split only with ``eval.test_curve`` (a curve, never selected
+        on). Data without a validation split (no selection) are not evaluated between epochs."""
         rec: dict[str, Any] = {}
         val = self.evaluate_split("val")
-        test = self.evaluate_split("test")
-        if test is not None:
-            rec["test"] = test.summary()
         if val is not None:
-            key = f"val_{val.primary_metric}"  # the task's selection metric (balanced accuracy, mIoU)
+            key = f"val_{val.primary_metric}"  # the task's selection metric
             rec["val"] = val.val_record()
             if self.best is None or val.primary > self.best[key]:
-                self.best = {
-                    "epoch": self.epoch + 1,
-                    key: val.primary,
-                    "test": test.summary() if test is not None else None,
-                }
+                self.best = {"epoch": epoch, key: val.primary, "test": None}
+                self.run_dir.save_best(self._weights())
+        if self.cfg.eval.test_curve:
+            test = self.evaluate_split("test")
+            if test is not None:
+                rec["test_curve"] = test.summary()
         return rec
 
+    def _weights(self) -> dict[str, Any]:
+        """What evaluation needs of the current epoch: the model's and the loss's state."""
+        return {"epoch": self.epoch + 1, "model": self.model.state_dict(), "loss": self.loss_fn.state_dict()}
+
+    @contextlib.contextmanager
+    def _with_weights(self, weights: dict[str, Any]) -> Iterator[None]:
+        """Evaluate with other weights (the validation-selected epoch's), then restore the current ones."""
+        current = {k: {n: v.clone() for n, v in sd.items()} for k, sd in
+                   (("model", self.model.state_dict()), ("loss", self.loss_fn.state_dict()))}  # fmt: skip
+        self.model.load_state_dict(weights["model"])
+        self.loss_fn.load_state_dict(weights["loss"])
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(current["model"])
+            self.loss_fn.load_state_dict(current["loss"])
+
     def finish(self) -> dict[str, Any]:
-        """Final evaluation (last epoch, val-selected, post-hoc), written to ``final.json``. Without a test
-        split (``gradtail tune``'s trials) ``last_epoch`` is None and no post-hoc adjuster is fitted."""
+        """The test split, evaluated once after the last epoch (and once with the validation-selected
+        epoch's weights when that is another epoch), post-hoc adjusters, the run's predictions figure;
+        written to ``final.json``. Without a test split (``gradtail tune``'s trials) ``last_epoch`` is None
+        and no post-hoc adjuster is fitted."""
         test = self.evaluate_split("test")
+        if test is not None and self.best is not None:
+            if self.best["epoch"] == self.epoch:
+                self.best["test"] = test.summary()
+            else:
+                weights = self.best_dir.load_best(map_location=self.device)
+                with self._with_weights(weights):
+                    selected = self.evaluate_split("test")
+                self.best["test"] = selected.summary() if selected is not None else None
+        steps = sum(r.get("steps", 0) for r in self.history)
+        train_seconds = sum(r.get("train_seconds", 0.0) for r in self.history)
         final: dict[str, Any] = {
             "name": self.cfg.name,
+            "task": self.cfg.task,
             "config_hash": self.cfg.hash(),
             "subset_sha256": self.data.sha256,
             "class_counts": self.data.class_counts,
@@ -489,7 +492,8 @@ class Trainer:
             "last_epoch": test.to_dict() if test is not None else None,
             "val_selected": self.best,
             "posthoc": self._posthoc() if test is not None else {},
-            "train_seconds": sum(r.get("train_seconds", 0.0) for r in self.history),
+            "train_seconds": train_seconds,
+            "mean_step_s": train_seconds / steps if steps else None,
             "amp": self.precision.to_dict(),
             "update_rule_state": _jsonable(self.update_rule.state_dict()),
             "resumes": self.resumes,
@@ -500,6 +504,8 @@ class Trainer:
         self.run_dir.write_json(FINAL, final)
         if self.diagnostics is not None:
             self.run_dir.write_json(DIAGNOSTICS, self.diagnostics.to_json(), indent=1)
+        if test is not None and is_main_process():
+            self.task.draw_predictions(self.eval_view(), self.run_dir.file(PREDICTIONS))
         return final
 
     def _posthoc(self) -> dict[str, Any]:
@@ -593,16 +599,20 @@ class Trainer:
             "amp": self.precision.to_dict(),
             "cpu_allocator": self.allocator,
         }
-        subset = {
-            "dataset": self.cfg.data.dataset,
-            "imbalance_factor": self.cfg.data.imbalance_factor,
-            "profile": self.cfg.data.profile,
-            "subset_seed": self.cfg.data.subset_seed,
-            **self.data.describe(),
-        }
+        d = self.cfg.data
+        subset = {"task": self.cfg.task, "dataset": d.dataset}
+        if self.task.data_keys is None or "imbalance_factor" in self.task.data_keys:
+            subset |= {"imbalance_factor": d.imbalance_factor, "profile": d.profile}
+            subset |= {"subset_seed": d.subset_seed}
+        subset |= self.data.describe()
         self.run_dir.write_text(CONFIG, dump_config(self.cfg))
         self.run_dir.write_json(ENVIRONMENT, env)
         self.run_dir.write_json(SUBSET, subset)
+
+
+def load_run_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A run's checkpoint (``gradtail eval`` / ``predict``): :func:`gradtail.rundir.load_checkpoint`."""
+    return load_checkpoint(path, map_location=device)
 
 
 def _jsonable(value: Any) -> Any:
@@ -633,16 +643,9 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
         f"lr {record['lr']:.4g}",
         f"{record['train_seconds']:.1f}s",
     ]
-    t = record.get("test")
-    if t is not None and "top1" in t:
-        parts.append(
-            f"test {_fmt(t['top1'])} "
-            f"(many {_fmt(t['many'])} / med {_fmt(t['medium'])} / few {_fmt(t['few'])})"
-        )
-    elif t is not None:  # another task's summary (segmentation: mIoU and its groups), as it is
-        parts.append("test " + " ".join(f"{k} {_fmt(v)}" for k, v in t.items()))
-    if "val" in record and "balanced_accuracy" in record["val"]:
-        parts.append(f"val bal {_fmt(record['val']['balanced_accuracy'])}")
-    elif "val" in record:
-        parts.append("val " + " ".join(f"{k} {_fmt(v)}" for k, v in record["val"].items()))
+    if "val" in record:
+        parts.append("val " + " ".join(f"{k} {_fmt(v)}" for k, v in list(record["val"].items())[:5]))
+    if "test_curve" in record:
+        shown = list(record["test_curve"].items())[:5]
+        parts.append("test curve " + " ".join(f"{k} {_fmt(v)}" for k, v in shown))
     return " | ".join(parts)

@@ -33,7 +33,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -75,16 +75,41 @@ def _require(module: str) -> Any:
 
 @dataclass
 class DetectionMetrics:
-    """Summary metrics (fractions, NaN = undefined), per-class AP (NaN: no ground truth), the protocol."""
+    """Summary metrics (``values``: fractions, NaN = undefined), per-class AP (NaN: no ground truth), the
+    protocol; a :class:`gradtail.contracts.EvalReport` whose primary metric is AP."""
 
-    summary: dict[str, float]
+    values: dict[str, float]
     per_class_ap: np.ndarray
     protocol: str
     num_detections: int
     frequencies: list[str] = field(default_factory=list)
+    primary_metric: ClassVar[str] = "AP"
 
     def __getitem__(self, key: str) -> float:
-        return self.summary[key]
+        return self.values[key]
+
+    @property
+    def primary(self) -> float:
+        """AP (0 when undefined, so an epoch without any detection never looks best)."""
+        ap = self.values["AP"]
+        return 0.0 if ap != ap else float(ap)
+
+    def summary(self) -> dict[str, float | None]:
+        """AP, AP50, AP75, APs/m/l, APr/c/f (None where undefined): an epoch's record."""
+        return {k: (None if v != v else float(v)) for k, v in self.values.items()}
+
+    def val_record(self) -> dict[str, float | None]:
+        return self.summary()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary, per-class AP, the protocol and the number of detections (``final.json``)."""
+        return {
+            **self.summary(),
+            "per_class_ap": [None if v != v else float(v) for v in self.per_class_ap.tolist()],
+            "frequencies": list(self.frequencies),
+            "protocol": self.protocol,
+            "num_detections": int(self.num_detections),
+        }
 
 
 def detection_records(

@@ -247,3 +247,6 @@ def _register_torchvision(arch: str) -> None:
 for _arch in TORCHVISION_SEGMENTATION:
     _register_torchvision(_arch)
 register_model("seg_small")(SmallSegmenter)
+
+#: The registered dense-prediction models (the segmentation task's).
+SEGMENTATION_MODELS = (*TORCHVISION_SEGMENTATION, "seg_small")

@@ -1,6 +1,7 @@
-"""The report of a detection suite (``gradtail bench`` on a ``task: detection`` suite): AP / AP50 / APr /
-APc / APf (mean ± sample std over seeds, last epoch), AP per class against the number of training images
-(LVIS rare / common / frequent groups marked), and each method's test images with its predicted boxes.
+"""The report of a detection suite: AP / AP50 / APr / APc / APf (mean ± sample std over seeds, last epoch;
+validation-selected rows apart), AP per class against the number of training images (LVIS rare / common /
+frequent groups marked), and each method's test images with its predicted boxes (the figure every run
+draws at its end, :func:`draw_detections`).
 
 Files: ``results.json`` (everything below, JSON), ``report.md`` with ``figure_<k>.png``, and a
 self-contained ``report.html``.
@@ -17,15 +18,16 @@ from typing import Any
 import numpy as np
 
 from gradtail.report.aggregate import format_mean_std, mean_std
-from gradtail.report.plots import _png
-from gradtail.report.render import (
-    _duration,
+from gradtail.report.page import (
+    duration,
     html_page,
     report_body,
     report_paths,
     results_header,
     write_figures,
 )
+from gradtail.report.plots import _png
+from gradtail.report.table import format_table
 
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 HEADERS = ("method", "AP", "AP50", "APr", "APc", "APf")
@@ -37,22 +39,27 @@ def _rows(suite: Any, finals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for f in finals:
         by_method[f["method"]].append(f)
     rows = []
-    for m in suite.methods:
-        runs = sorted(by_method.get(m.name, []), key=lambda f: f["seed"])
-        if not runs:
-            continue
-        steps = [r.get("mean_step_s") for r in runs]
-        rows.append(
-            {
-                "label": m.label or m.name,
-                "method": m.name,
-                "kind": "last_epoch",
-                "seeds": [r["seed"] for r in runs],
-                **{k: mean_std([r["metrics"].get(k) for r in runs]) for k in METRICS},
-                "train_seconds": mean_std([r.get("train_seconds") for r in runs]),
-                "mean_step_s": mean_std(steps),
-            }
-        )
+    for kind in ("last_epoch", "val_selected"):
+        for m in suite.methods:
+            runs = sorted(by_method.get(m.name, []), key=lambda f: f["seed"])
+            if kind == "last_epoch":
+                recs = [r["last_epoch"] for r in runs]
+            else:
+                recs = [r["val_selected"]["test"] for r in runs if (r.get("val_selected") or {}).get("test")]
+            if not recs:
+                continue
+            label = m.label or m.name
+            rows.append(
+                {
+                    "label": label if kind == "last_epoch" else f"{label} (val-selected)",
+                    "method": m.name,
+                    "kind": kind,
+                    "seeds": [r["seed"] for r in runs],
+                    **{k: mean_std([r.get(k) for r in recs]) for k in METRICS},
+                    "train_seconds": mean_std([r.get("train_seconds") for r in runs]),
+                    "mean_step_s": mean_std([r.get("mean_step_s") for r in runs]),
+                }
+            )
     return rows
 
 
@@ -62,32 +69,28 @@ def build_results(
     """Everything the detection report shows, as one JSON-serialisable record."""
     first = finals[0]
     run_dir = output / first["method"] / f"seed{first['seed']}"
+    subset = json.loads((run_dir / "subset.json").read_text())
     per_class: dict[str, list[float | None]] = {}
     for m in suite.methods:
         runs = [f for f in finals if f["method"] == m.name]
         if runs:
-            aps = [[c["ap"] for c in r["per_class"]] for r in runs]
+            aps = [r["last_epoch"]["per_class_ap"] for r in runs]
             per_class[m.name] = [mean_std([a[k] for a in aps])["mean"] for k in range(len(aps[0]))]
     classes = [
-        {"name": c["class"], "frequency": c["frequency"], "train_images": c["train_images"]}
-        for c in first["per_class"]
+        {"name": n, "frequency": f, "train_images": c}
+        for n, f, c in zip(subset["class_names"], subset["frequencies"], subset["counts"], strict=True)
     ]
-    cfg = first["config"]
+    recipes = {}
+    for f in finals:
+        if f["seed"] == first["seed"]:
+            cfg = suite.run_config(suite.method(f["method"]), f["seed"]).to_dict()
+            recipes[f["method"]] = {k: cfg[k] for k in ("model", "loss", "optim", "data")}
     return {
         "task": "detection",
         **results_header(suite, finals, run_dir, wall_seconds),
-        "protocol": first.get("protocol"),
-        "data": {
-            **cfg["data"],
-            "sha256": first.get("data_sha256"),
-            "train_images": first.get("train_images"),
-            "eval_split": first.get("eval_split"),
-        },
-        "recipes": {
-            f["method"]: {"detector": f["config"]["detector"], "train": f["config"]["train"]}
-            for f in finals
-            if f["seed"] == first["seed"]
-        },
+        "protocol": first["last_epoch"].get("protocol"),
+        "subset": subset,
+        "recipes": recipes,
         "seeds": suite.seeds,
         "metrics": list(METRICS),
         "columns": list(HEADERS),
@@ -99,7 +102,8 @@ def build_results(
                 "method": f["method"],
                 "seed": f["seed"],
                 "config_hash": f["config_hash"],
-                "metrics": f["metrics"],
+                "last_epoch": {k: f["last_epoch"].get(k) for k in (*METRICS, "per_class_ap")},
+                "val_selected": f.get("val_selected"),
                 "train_seconds": f.get("train_seconds"),
                 "mean_step_s": f.get("mean_step_s"),
             }
@@ -139,32 +143,36 @@ def ap_vs_frequency_figure(
 
 
 def _protocol(results: dict[str, Any]) -> str:
-    d = results["data"]
+    s = results["subset"]
     groups = defaultdict(list)
     for c in results["classes"]:
         groups[c["frequency"]].append(f"{c['name']} ({c['train_images']})")
     group_text = "; ".join(f"{GROUP_NAMES.get(k, k)}: {', '.join(v)}" for k, v in sorted(groups.items()))
     where = (
-        f"the Fashion-MNIST detection benchmark under {d.get('root')} (spec {d.get('fm') or 'default'})"
-        if d.get("kind") == "fm_benchmark"
-        else f"annotation files {d.get('train')} (train) and {d.get(d.get('eval_split') or 'test')}"
+        f"the Fashion-MNIST detection benchmark ({s.get('benchmark_root')})"
+        if s.get("dataset") == "fm_detection"
+        else f"annotation files {s.get('annotation_files')}"
     )
     recipes = []
     for method, r in results["recipes"].items():
-        det, tr = r["detector"], r["train"]
+        model, loss, o, d = r["model"], r["loss"], r["optim"], r["data"]
+        params = model.get("params") or {}
         recipes.append(
-            f"{method}: {det['arch']} ({det['backbone']}, width {det.get('width')}), loss "
-            f"{det['loss'] or 'stock'}{' ' + str(det['loss_params']) if det.get('loss_params') else ''}, "
-            f"{tr['epochs']} epochs, batch {tr['batch_size']}, SGD lr "
-            f"{tr['lr']:g} (warm-up {tr['warmup_iters']} iterations, x0.1 at {list(tr['lr_steps'])} of the "
-            f"run), sampler {tr['sampler']}"
+            f"{method}: {model['name']} ({params.get('backbone', 'tiny')}, width {params.get('width', 64)}), "
+            f"loss {loss['name']}{' ' + str(loss['params']) if loss.get('params') else ''}, "
+            f"{o['epochs']} epochs, batch {o['batch_size']}, SGD lr {o['lr']:g} ({o['schedule']}: warm-up "
+            f"{o['warmup_iters']} iterations, x{o['step_gamma']:g} at {list(o['step_fractions'])} of the "
+            "run), "
+            f"sampler {d['sampler']}"
         )
+    keys = [k for k in ("train_images", "val_images", "test_images") if k in s]
+    splits = ", ".join(f"{s[k]} {k.removesuffix('_images')}" for k in keys)
     return (
-        f"Data: {where}; {d.get('train_images')} training images, data SHA-256 "
-        f"{str(d.get('sha256'))[:16]}…. Classes by LVIS frequency group (training images with the class): "
-        f"{group_text}. Evaluation: {str(results.get('protocol')).upper()} AP on the {d.get('eval_split')} "
-        f"split through the official API, at the last epoch (no epoch is selected), mean ± sample std over "
-        f"seeds {results['seeds']}. Recipes: " + "; ".join(recipes) + "."
+        f"Data: {where}; images: {splits}; data SHA-256 {str(s.get('sha256'))[:16]}…. Classes by LVIS "
+        f"frequency group (training images with the class): {group_text}. Evaluation: "
+        f"{str(results.get('protocol')).upper()} AP through the official API on the test split once, after "
+        f"the last epoch (validation AP, every evaluated epoch, selects the val-selected rows), mean ± "
+        f"sample std over seeds {results['seeds']}. Recipes: " + "; ".join(recipes) + "."
     )
 
 
@@ -183,8 +191,8 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     ]
     seed = results["seeds"][0]
     for row in results["table"]:
-        drawn = output / row["method"] / f"seed{seed}" / "detections.png"
-        if drawn.is_file():
+        drawn = output / row["method"] / f"seed{seed}" / "predictions.png"
+        if row["kind"] == "last_epoch" and drawn.is_file():
             figs.append(
                 (
                     f"Test images: {row['label']} (seed {seed})",
@@ -201,12 +209,14 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
         cells += [f"{t:.0f} s" if t is not None else "N/A", f"{1000 * step:.0f} ms" if step else "N/A"]
         rows_md.append("| " + " | ".join([row["label"], *cells]) + " |")
         rows_html.append(
-            f"<tr><td>{html.escape(row['label'])}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+            f"<tr class='{row['kind']}'><td>{html.escape(row['label'])}</td>"
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + "</tr>"
         )
     env = results["environment"]
-    timing = f"Training time summed over runs: {_duration(results['train_seconds_total'])}."
+    timing = f"Training time summed over runs: {duration(results['train_seconds_total'])}."
     if results.get("wall_seconds") is not None:  # finished runs are skipped: a re-run takes seconds
-        timing += f" Wall time of the last invocation: {_duration(results['wall_seconds'])}."
+        timing += f" Wall time of the last invocation: {duration(results['wall_seconds'])}."
     env_line = (
         f"gradtail {env.get('gradtail')} ({(env.get('git_commit') or '')[:10]}), torch {env.get('torch')}, "
         f"torchvision {env.get('torchvision')}, {env.get('device')}, {env.get('cpu_count')} CPUs. {timing}"
@@ -225,4 +235,46 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     return report_paths(output)
 
 
-__all__ = ["HEADERS", "METRICS", "ap_vs_frequency_figure", "build_results", "write_report"]
+def table(results: dict[str, Any]) -> str:
+    """The results table as text (what ``gradtail bench`` / ``report`` print)."""
+    rows = [[r["label"], *(format_mean_std(r[m]) for m in METRICS)] for r in results["table"]]
+    return format_table(rows, HEADERS)
+
+
+def draw_detections(
+    items: list[tuple[Any, dict[str, Any]]],
+    outputs: list[dict[str, Any]],
+    names: list[str],
+    path: Path,
+    top: int = 4,
+    min_score: float = 0.1,
+) -> None:
+    """A row of test images with ground truth (green) and the top predictions (red, labelled): what every
+    detection run writes at its end (``predictions.png``) and the report shows."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    count = len(items)
+    fig = Figure(figsize=(2.6 * count, 2.9), layout="constrained")
+    axes = fig.subplots(1, count, squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        image, target = items[k]
+        ax.imshow(image.permute(1, 2, 0).float().numpy().clip(0, 1))
+        for x1, y1, x2, y2 in target["boxes"].tolist():
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="lime", lw=1))
+        out = outputs[k]
+        keep = (out["scores"] >= min_score).nonzero().flatten()[:top]
+        for i in keep.tolist():
+            x1, y1, x2, y2 = out["boxes"][i].tolist()
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color="red", lw=1))
+            label = f"{names[int(out['labels'][i])]} {float(out['scores'][i]):.2f}"
+            ax.text(x1, y1, label, color="yellow", fontsize=5, va="bottom")
+        ax.set_axis_off()
+    fig.suptitle(
+        f"test images: ground truth (green), predictions (red, score >= {min_score:.1f})", fontsize=8
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png(fig))
+
+
+__all__ = ["HEADERS", "METRICS", "ap_vs_frequency_figure", "build_results", "draw_detections", "write_report"]

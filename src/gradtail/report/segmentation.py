@@ -1,8 +1,6 @@
 """The report of a segmentation suite: mIoU / mAcc / aAcc / per-group mIoU (mean ± std over seeds), IoU per
-class against training pixel frequency, and test images with predicted masks beside the ground truth.
-
-:func:`gradtail.report.render.build_results` / ``write_report`` hand a suite whose runs are segmentation
-runs (``final.json`` ``last_epoch`` holds ``miou``) to :func:`build_results` / :func:`write_report` here.
+class against training pixel frequency, and each method's test images with predicted label maps beside the
+ground truth (the figure every run draws at its end, :func:`draw_samples`).
 """
 
 from __future__ import annotations
@@ -17,8 +15,9 @@ import numpy as np
 import torch
 
 from gradtail.report.aggregate import format_mean_std, mean_std
+from gradtail.report.page import html_page, report_body, report_paths, results_header, write_figures
 from gradtail.report.plots import _png
-from gradtail.report.render import html_page, report_body, report_paths, results_header, write_figures
+from gradtail.report.table import format_table
 
 METRICS = ("miou", "macc", "aacc", "miou_frequent", "miou_common", "miou_rare")
 HEADERS = ("method", "mIoU", "mAcc", "aAcc", "mIoU frequent", "mIoU common", "mIoU rare")
@@ -74,7 +73,7 @@ def build_results(
             "lr": config.optim.lr,
             "schedule": config.optim.schedule,
             "weight_decay": config.optim.weight_decay,
-            "segmentation": config.data.segmentation,
+            "segmentation": config.to_dict().get("segmentation"),
             "precision": sorted({str((f.get("amp") or {}).get("resolved", "none")) for f in finals}),
         },
         "seeds": suite.seeds,
@@ -138,62 +137,33 @@ def _colorize(mask: np.ndarray, palette: np.ndarray, ignore: int) -> np.ndarray:
     return out
 
 
-def prediction_samples(output: Path, order: list[str], seed: int, count: int = SAMPLE_IMAGES) -> Any | None:
-    """A figure: the first ``count`` test images, their ground truth, and each method's prediction (the
-    seed's last checkpoint); None when the test split is not in memory or a checkpoint is missing."""
+def draw_samples(
+    images: torch.Tensor, truth: torch.Tensor, pred: torch.Tensor, num_classes: int, ignore: int, path: Path
+) -> None:
+    """A PNG of test images (rows: image, ground truth, prediction), one colour per class; what every
+    segmentation run writes at its end (``predictions.png``) and the report shows."""
     from matplotlib.figure import Figure
 
-    from gradtail.config import config_from_dict
-    from gradtail.data.builder import build_data
-    from gradtail.data.segmentation import SegArrays
-    from gradtail.models import create_model
-
-    preds: dict[str, np.ndarray] = {}
-    data = None
-    for method in order:
-        ckpt = output / method / f"seed{seed}" / "checkpoints" / "last.pt"
-        if not ckpt.is_file():
-            return None
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        cfg = config_from_dict(state["config"])
-        if data is None:
-            data = build_data(cfg.data)
-            if not isinstance(data.test, SegArrays):
-                return None
-        c = data.num_classes
-        model = create_model(cfg.model.name, c, in_channels=data.in_channels, **cfg.model.params)
-        model.load_state_dict(state["model"])
-        model.eval()
-        with torch.no_grad():
-            x = data.augment().normalize(data.test.images[:count])
-            preds[method] = model(x).argmax(1).numpy()
-    assert data is not None
-    palette = _palette(data.num_classes)
-    ignore = data.ignore_index
-    cols = 2 + len(preds)
-    fig = Figure(figsize=(1.6 * cols, 1.6 * count + 0.6), layout="constrained")
-    axes = fig.subplots(count, cols, squeeze=False)
-    titles = ["image", "ground truth", *preds]
+    palette = _palette(num_classes)
+    count = len(pred)
+    fig = Figure(figsize=(1.6 * count + 0.4, 5.2), layout="constrained")
+    axes = fig.subplots(3, count, squeeze=False)
     for i in range(count):
-        img = data.test.images[i].numpy().transpose(1, 2, 0)
+        img = images[i].float().cpu().numpy().transpose(1, 2, 0)
         panels = [
-            img[..., 0] if img.shape[-1] == 1 else img,
-            _colorize(data.test.masks[i].numpy(), palette, ignore),
+            img[..., 0] if img.shape[-1] == 1 else img.clip(0, 1),
+            _colorize(truth[i].cpu().numpy(), palette, ignore),
+            _colorize(pred[i].cpu().numpy(), palette, ignore),
         ]
-        panels += [_colorize(p[i], palette, ignore) for p in preds.values()]
         for j, panel in enumerate(panels):
-            ax = axes[i, j]
+            ax = axes[j, i]
             ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(titles[j], fontsize=8)
-    handles = [
-        __import__("matplotlib.patches", fromlist=["Patch"]).Patch(color=palette[k], label=name)
-        for k, name in enumerate(data.class_names)
-    ]
-    fig.legend(handles=handles, loc="outside lower center", ncol=6, fontsize=7)
-    return fig
+                ax.set_ylabel(("image", "ground truth", "prediction")[j], fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png(fig))
 
 
 def _protocol(results: dict[str, Any]) -> str:
@@ -231,17 +201,18 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
             "pixels, most frequent first.",
         )
     ]
-    samples = prediction_samples(output, [r["method"] for r in results["table"] if r["kind"] == "last_epoch"],
-                                 results["seeds"][0])  # fmt: skip
-    if samples is not None:
-        figs.append(
-            (
-                f"Test images: ground truth and predictions (seed {results['seeds'][0]})",
-                _png(samples),
-                "The first test images, their label maps and each method's predicted label map (argmax of "
-                "the last checkpoint's logits), one colour per class.",
+    seed = results["seeds"][0]
+    for row in results["table"]:
+        picture = output / row["method"] / f"seed{seed}" / "predictions.png"
+        if row["kind"] == "last_epoch" and picture.is_file():
+            figs.append(
+                (
+                    f"{row['label']}: test images, ground truth and prediction (seed {seed})",
+                    picture.read_bytes(),
+                    "The first test images, their label maps and the run's predicted label map at the last "
+                    "epoch (argmax of the logits), one colour per class.",
+                )
             )
-        )
     rows_md = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     rows_html = []
     for row in results["table"]:
@@ -267,3 +238,9 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     page = html_page(f"gradtail bench: {results['suite']}", body)
     (output / "report.html").write_text(page)
     return report_paths(output)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results table as text (what ``gradtail bench`` / ``report`` print)."""
+    rows = [[r["label"], *(format_mean_std(r[m]) for m in METRICS)] for r in results["table"]]
+    return format_table(rows, HEADERS)

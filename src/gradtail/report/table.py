@@ -1,57 +1,39 @@
-"""Plain-text / Markdown tables of run results: overall, Many / Medium / Few, ECE, class-wise ECE."""
+"""Plain-text / Markdown tables of run results; each task names its columns and metric keys."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gradtail.metrics import format_percent
 
+__all__ = ["format_percent", "format_table", "run_rows"]
+
 COLUMNS = ("method", "overall", "many", "medium", "few", "ECE", "cwECE")
+CLASSIFICATION_KEYS = ("top1", "many", "medium", "few", "ece", "classwise_ece")
 SEGMENTATION_COLUMNS = ("method", "mIoU", "mAcc", "aAcc", "frequent", "common", "rare")
 SEGMENTATION_KEYS = ("miou", "macc", "aacc", "miou_frequent", "miou_common", "miou_rare")
+DETECTION_COLUMNS = ("method", "AP", "AP50", "APr", "APc", "APf")
+DETECTION_KEYS = ("AP", "AP50", "APr", "APc", "APf")
 
 
-def is_segmentation(final: dict[str, Any]) -> bool:
-    """Whether a ``final.json`` is a segmentation run's (its metrics are mIoU and its groups)."""
-    last = final.get("last_epoch") or {}
-    return "miou" in last
-
-
-def columns_for(final: dict[str, Any]) -> tuple[str, ...]:
-    """The table columns of a run: classification's, or mIoU / mAcc / aAcc / per-group mIoU."""
-    return SEGMENTATION_COLUMNS if is_segmentation(final) else COLUMNS
-
-
-def run_rows(final: dict[str, Any], label: str) -> list[list[str]]:
-    """Rows for one run's ``final.json``: last epoch, val-selected (if any), each post-hoc adjuster."""
-    row = _segmentation_row if is_segmentation(final) else _row
-    rows = [row(label, final["last_epoch"])]
+def run_rows(final: Mapping[str, Any], label: str, keys: Sequence[str]) -> list[list[str]]:
+    """Rows of one run's ``final.json`` (``keys``: the task's metrics, in column order): last epoch,
+    val-selected (if any), each post-hoc adjuster."""
+    rows = [_row(label, final["last_epoch"], keys)]
     best = final.get("val_selected")
     if best and best.get("test"):
-        rows.append(row(f"{label} (val-selected, epoch {best['epoch']})", best["test"]))
+        rows.append(_row(f"{label} (val-selected, epoch {best['epoch']})", best["test"], keys))
     for name, res in (final.get("posthoc") or {}).items():
         params = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in res["params"].items()
         )
-        rows.append(_row(f"{label} + {name} ({params})", res))
+        rows.append(_row(f"{label} + {name} ({params})", res, keys))
     return rows
 
 
-def _row(label: str, metrics: dict[str, Any]) -> list[str]:
-    return [
-        label,
-        format_percent(metrics.get("top1")),
-        format_percent(metrics.get("many")),
-        format_percent(metrics.get("medium")),
-        format_percent(metrics.get("few")),
-        format_percent(metrics.get("ece")),
-        format_percent(metrics.get("classwise_ece")),
-    ]
-
-
-def _segmentation_row(label: str, metrics: dict[str, Any]) -> list[str]:
-    return [label, *(format_percent(metrics.get(k)) for k in SEGMENTATION_KEYS)]
+def _row(label: str, metrics: Mapping[str, Any], keys: Sequence[str]) -> list[str]:
+    return [label, *(format_percent(metrics.get(k)) for k in keys)]
 
 
 def format_table(rows: Sequence[Sequence[str]], columns: Sequence[str] = COLUMNS) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gradtail.config import load_config, read_yaml_mapping
+from gradtail.contracts import create_task
 from gradtail.errors import ConfigError
 from gradtail.tune.spaces import TunedParam, declared_search_space, method_search_space
 from gradtail.tune.study import TuneResult, TuneSettings, ValidationOnlyData, tune_method
@@ -40,7 +41,6 @@ def run_tune(
     import optuna
 
     from gradtail.bench.suite import load_suite
-    from gradtail.data.builder import build_data
     from gradtail.tune.report import write_tune_report
 
     path = Path(target)
@@ -72,9 +72,11 @@ def run_tune(
     start = time.perf_counter()
     results, studies, data_cache = [], {}, {}
     for name, cfg in planned:
-        key = repr(cfg.to_dict()["data"])
-        if key not in data_cache and method_search_space(cfg):
-            data_cache[key] = build_data(cfg.data)
+        config = cfg.to_dict()
+        key = repr((cfg.task, config["data"], config.get(cfg.task)))  # the data a task builds from these
+        task = create_task(cfg)
+        if key not in data_cache and task.search_space():
+            data_cache[key] = task.build_data()
         result = tune_method(
             name, cfg, output, settings, data=data_cache.get(key), study_prefix=prefix, log=log
         )
@@ -83,7 +85,7 @@ def run_tune(
             storage = settings.storage or f"sqlite:///{(output / 'study.db').resolve()}"
             studies[name] = optuna.load_study(study_name=result.study, storage=storage)
     report_settings = {
-        "objective": settings.objective,
+        "objective": results[0].objective if results else settings.objective,
         "trials": settings.trials,
         "epochs": settings.epochs,
         "pruner": settings.pruner,

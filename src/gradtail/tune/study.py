@@ -26,18 +26,16 @@ from typing import Any
 import torch
 
 from gradtail.config import RunConfig, config_from_dict, dump_config
-from gradtail.contracts import RunData, TrainLoader
+from gradtail.contracts import RunData, TrainLoader, create_task
 from gradtail.errors import ConfigError, OutputError, TrainingError
 from gradtail.tune.spaces import (
     TunedParam,
     apply_values,
     defaults,
     describe_values,
-    method_search_space,
     suggest,
 )
 
-OBJECTIVES = ("balanced_accuracy", "top1", "few", "mix")
 PRUNERS = ("median", "halving", "none")
 FINISHED = ("COMPLETE", "PRUNED")
 
@@ -49,8 +47,9 @@ class TuneSettings:
     - ``trials``: finished (complete or pruned) trials each study reaches, counted across processes and
       resumes; ``timeout``: seconds of searching per method in this process (None: no limit).
     - ``storage``: an Optuna storage URL; None: ``sqlite:///<output>/study.db``.
-    - ``objective``: the validation metric maximised: ``balanced_accuracy`` (default), ``top1``, ``few``
-      (Few-shot accuracy) or ``mix`` = (1 - ``mix_weight``) balanced accuracy + ``mix_weight`` Few.
+    - ``objective``: the validation metric maximised; None: the task's selection metric (classification
+      ``balanced_accuracy``, also ``top1``, ``few`` or ``mix`` = (1 - ``mix_weight``) balanced accuracy +
+      ``mix_weight`` Few; segmentation ``miou``; detection ``AP``, also ``APr``, ...).
     - ``epochs``: the trials' schedule (None: the method's own; shorter runs search more settings, and
       epoch-valued parameters are searched as fractions of the schedule, so they transfer).
     - ``pruner``: ``median`` (Optuna's MedianPruner), ``halving`` (successive halving) or ``none``.
@@ -63,7 +62,7 @@ class TuneSettings:
     trials: int = 20
     timeout: float | None = None
     storage: str | None = None
-    objective: str = "balanced_accuracy"
+    objective: str | None = None
     mix_weight: float = 0.5
     epochs: int | None = None
     pruner: str = "median"
@@ -73,10 +72,6 @@ class TuneSettings:
     stale_after: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(
-                f"tune objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
-            )
         if self.pruner not in PRUNERS:
             raise ConfigError(f"tune pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
         if self.trials < 1:
@@ -89,21 +84,12 @@ class TuneSettings:
             raise ConfigError(f"--timeout must be positive, got {self.timeout}")
 
 
-def objective_value(val: dict[str, Any], settings: TuneSettings) -> float:
+def objective_value(val: dict[str, Any], settings: TuneSettings, task: Any) -> float:
     """The validation metric of one evaluation record (``final.json``'s ``val_last_epoch``, an epoch's
-    ``val``). A Few group that validation leaves empty is an error: that objective cannot be measured."""
-    name = settings.objective
-    if name in ("balanced_accuracy", "top1"):
-        return float(val[name])
-    few = val.get("few")
-    if few is None:
-        raise ConfigError(
-            f"tune objective {name!r} needs Few classes in the validation split; there are none"
-        )
-    if name == "few":
-        return float(few)
-    w = settings.mix_weight
-    return (1.0 - w) * float(val["balanced_accuracy"]) + w * float(few)
+    ``val``), as the run's task defines it (:meth:`gradtail.contracts.TaskContract.objective`; its first
+    objective when ``settings.objective`` is None)."""
+    name = settings.objective or task.objectives[0]
+    return float(task.objective(val, name, settings.mix_weight))
 
 
 class ForbiddenSplitRead(TrainingError):
@@ -114,7 +100,7 @@ class ValidationOnlyData:
     """A run's data without its test split (what a tuning trial trains and validates on).
 
     ``has_split("test")`` is False, so the trainer evaluates validation only; asking for the test split
-    anyway raises :class:`ForbiddenSplitRead`. Everything else is the wrapped data's.
+    anyway raises :class:`ForbiddenSplitRead`. Everything else is the wrapped data's, whatever the task.
     """
 
     def __init__(self, data: RunData) -> None:
@@ -155,10 +141,8 @@ class ValidationOnlyData:
     def has_split(self, split: str) -> bool:
         return split != "test" and self._data.has_split(split)
 
-    def train_loader(
-        self, cfg: RunConfig, sampler: Any, device: torch.device, rank: int, world: int
-    ) -> TrainLoader:
-        return self._data.train_loader(cfg, sampler, device, rank, world)
+    def train_loader(self, cfg: RunConfig, device: torch.device, rank: int, world: int) -> TrainLoader:
+        return self._data.train_loader(cfg, device, rank, world)
 
     def eval_loader(
         self, split: str, cfg: RunConfig, device: torch.device
@@ -174,6 +158,12 @@ class ValidationOnlyData:
 
     def describe(self) -> dict[str, Any]:
         return self._data.describe()
+
+    def __getattr__(self, name: str) -> Any:
+        """Whatever else a task reads of its own data (detection's category ids and frequency groups)."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._data, name)
 
 
 @dataclass
@@ -274,20 +264,26 @@ def tune_method(
     """Search ``cfg``'s hyperparameters on validation (one study ``<prefix><method>``), write the best
     config as ``<output>/<method>/best.yaml``, the trials as ``trials.csv`` and ``summary.json``, and (with
     ``settings.final_test``) evaluate the chosen configuration on the test split once."""
-    from gradtail.data.builder import build_data
     from gradtail.engine.trainer import Trainer
 
     directory = output / method
-    space = method_search_space(cfg)
+    task = create_task(cfg)
+    name_of_objective = settings.objective or task.objectives[0]
+    if name_of_objective not in task.objectives:
+        raise ConfigError(
+            f"tune objective {name_of_objective!r} is not one of task {task.name!r}'s: "
+            f"{', '.join(task.objectives)}"
+        )
+    space = task.search_space()
     if not space:
         reason = "its components declare no hyperparameters"
         log(f"gradtail tune: {method}: nothing to tune ({reason})")
         return TuneResult(
-            method, "", settings.objective, None, {}, None, {}, 0.0, str(directory), skipped=reason
+            method, "", name_of_objective, None, {}, None, {}, 0.0, str(directory), skipped=reason
         )
     optuna = _optuna()
     if data is None:
-        data = build_data(cfg.data)
+        data = task.build_data()
     val_data = ValidationOnlyData(data)
     storage = make_storage(
         settings.storage or f"sqlite:///{(output / 'study.db').resolve()}", settings.stale_after
@@ -302,7 +298,7 @@ def tune_method(
         pruner=_pruner(settings, trial_epochs),
         load_if_exists=True,
     )
-    study.set_user_attr("objective", settings.objective)
+    study.set_user_attr("objective", name_of_objective)
     study.set_user_attr("space", [p.key for p in space])
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial(defaults(space), user_attrs={"default": True}, skip_if_exists=True)
@@ -317,18 +313,18 @@ def tune_method(
         start = time.perf_counter()
 
         def report(record: dict[str, Any]) -> None:
-            value = objective_value(record["val"], settings)
+            value = objective_value(record["val"], settings, task)
             trial.report(value, record["epoch"])
             if trial.should_prune():
                 trial.set_user_attr("seconds", time.perf_counter() - start)
                 raise optuna.TrialPruned(
-                    f"validation {settings.objective} {value:.4f} at epoch {record['epoch']}"
+                    f"validation {name_of_objective} {value:.4f} at epoch {record['epoch']}"
                 )
 
         trainer = Trainer(trial_cfg, data=val_data, output_dir=trial_cfg.train.output_dir, verbose=False)
         final = trainer.fit(overwrite=True, on_epoch_end=report)
         trial.set_user_attr("seconds", time.perf_counter() - start)
-        return objective_value(final["val_last_epoch"], settings)
+        return objective_value(final["val_last_epoch"], settings, task)
 
     def enough(study: Any, trial: Any) -> None:
         counts = _states(study)
@@ -355,7 +351,7 @@ def tune_method(
         )
     wall = time.perf_counter() - start
     # the chosen values as best.yaml holds them (epoch fractions on the method's own schedule)
-    result = _summarise(method, name, study, space, settings, cfg.optim.epochs, directory, wall)
+    result = _summarise(method, name, study, space, name_of_objective, cfg.optim.epochs, directory, wall)
     if result.best_value is not None:
         best = study.best_trial
         best_config = apply_values(base, space, best.params)
@@ -363,7 +359,7 @@ def tune_method(
         path = directory / "best.yaml"
         header = (
             f"# gradtail tune: {method}, study {name!r}, best of {result.trials.get('COMPLETE', 0)} complete "
-            f"trials (validation {settings.objective} {best.value:.4f}; default {result.default_value})\n"
+            f"trials (validation {name_of_objective} {best.value:.4f}; default {result.default_value})\n"
         )
         _write(path, header + dump_config(best_cfg))
         result.best_config = str(path)
@@ -379,7 +375,7 @@ def _summarise(
     name: str,
     study: Any,
     space: list[TunedParam],
-    settings: TuneSettings,
+    objective: str,
     epochs: int,
     directory: Path,
     wall: float,
@@ -392,7 +388,7 @@ def _summarise(
     return TuneResult(
         method=method,
         study=name,
-        objective=settings.objective,
+        objective=objective,
         best_value=best.value if best else None,
         best_params=describe_values(space, best.params, epochs) if best else {},
         default_value=default.value if default is not None and default.state.name == "COMPLETE" else None,
@@ -456,7 +452,6 @@ def _write_trials_csv(path: Path, study: Any, space: list[TunedParam], epochs: i
 
 
 __all__ = [
-    "OBJECTIVES",
     "ForbiddenSplitRead",
     "TuneResult",
     "TuneSettings",

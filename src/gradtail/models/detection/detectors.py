@@ -36,6 +36,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from gradtail.errors import ConfigError
+from gradtail.losses.base import LongTailLoss
 from gradtail.models.detection.heads import (
     ONE_STAGE_LOSSES,
     TWO_STAGE_LOSSES,
@@ -47,7 +48,7 @@ from gradtail.models.detection.heads import (
 )
 
 ARCHS = ("faster_rcnn", "retinanet", "fcos")
-STOCK_LOSS = {"faster_rcnn": "ce", "retinanet": "focal", "fcos": "focal"}
+STOCK_LOSS = {"faster_rcnn": "ce", "retinanet": "sigmoid_focal", "fcos": "sigmoid_focal"}
 BOX_LOSSES = ("l1", "smooth_l1", "giou", "diou", "ciou")  # torchvision.models.detection._utils._box_loss
 
 
@@ -167,15 +168,30 @@ class Detector(nn.Module):
 
     ``forward(images, targets)`` in training mode returns torchvision's loss dict; in eval mode a list of
     ``{"boxes", "scores", "labels"}`` per image. ``loss_module`` is the gradtail loss inside (its
-    statistics: ``loss_module.stats``), ``None`` for a stock loss.
+    statistics: ``loss_module.stats``), ``None`` for a stock loss; :meth:`set_observers` lets step observers
+    see the (logits, labels) the classification term gives its loss.
     """
 
-    def __init__(self, model: nn.Module, spec: DetectorSpec, loss_module: nn.Module | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        spec: DetectorSpec,
+        loss_module: nn.Module | None,
+        term: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.spec = spec
         self.loss_module = loss_module
+        self._term = [term]  # in a list: the term is already a submodule of ``model``
         self.label_offset = 1 if spec.arch == "faster_rcnn" else 0
+
+    def set_observers(self, observers: list[Any]) -> None:
+        """Hand the classification term's (logits, labels) to ``observers`` every training step; a stock
+        head (one-stage ``sigmoid_focal``) has no term to observe."""
+        term = self._term[0]
+        if term is not None:
+            term.observers = list(observers)
 
     def forward(
         self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
@@ -190,8 +206,11 @@ class Detector(nn.Module):
         return out
 
 
-def build_detector(spec: DetectorSpec) -> Detector:
-    """The detector of ``spec`` (module docstring)."""
+def build_detector(spec: DetectorSpec, loss: LongTailLoss | None = None) -> Detector:
+    """The detector of ``spec`` (module docstring). ``loss``: the classification term's loss, built by the
+    caller as the head applies it (:func:`~gradtail.models.detection.heads.two_stage_loss`,
+    :func:`~gradtail.models.detection.heads.one_stage_loss`); by default built here from ``spec.loss`` and
+    ``spec.loss_params``. One-stage ``sigmoid_focal`` is torchvision's own head and loss (``loss`` unused)."""
     spec.check()
     c = spec.num_classes
     common = {
@@ -241,11 +260,12 @@ def build_detector(spec: DetectorSpec) -> Detector:
             **common,
         )
         # every loss (stock CE included) goes through GradtailRoIHeads: one code path for scores and NMS
-        term = TwoStageTerm(spec.loss_name, c, spec.loss_params)
+        term = TwoStageTerm(spec.loss_name, c, spec.loss_params, loss=loss)
         model.roi_heads = GradtailRoIHeads(
             term, box_roi_pool=pool, box_head=box_head, box_predictor=predictor, **roi
         )
         loss_module = term.loss if spec.loss_name != "ce" else None
+        head_term: nn.Module | None = term
     else:
         backbone = _backbone(spec, extra_pool=False)
         levels = _levels(spec, backbone, False)
@@ -260,8 +280,8 @@ def build_detector(spec: DetectorSpec) -> Detector:
         n_anchors = anchors.num_anchors_per_location()[0]
         term = (
             None
-            if spec.loss is None or spec.loss == "focal"
-            else OneStageTerm(spec.loss, c, spec.loss_params)
+            if spec.loss_name == "sigmoid_focal"
+            else OneStageTerm(spec.loss_name, c, spec.loss_params, loss=loss)
         )
         ch = backbone.out_channels
         if spec.arch == "retinanet":
@@ -297,7 +317,8 @@ def build_detector(spec: DetectorSpec) -> Detector:
             )
             _set_prior(model.head.classification_head.cls_logits, spec.prior_probability)
         loss_module = term.loss if term is not None else None
-    return Detector(model, spec, loss_module)
+        head_term = term
+    return Detector(model, spec, loss_module, head_term)
 
 
 def _pad(sizes: tuple[int, ...], levels: int) -> tuple[int, ...]:

@@ -2,24 +2,28 @@
 
 Nothing of torchvision's code is copied: each head is a subclass that overrides one method.
 
-- Two-stage (Faster R-CNN): :class:`GradtailRoIHeads` subclasses ``RoIHeads``. torchvision calls the
-  module-level ``fastrcnn_loss`` inside ``RoIHeads.forward``, so there is no loss method to override.
-  The override points are the two methods ``forward`` calls through ``self``: ``select_training_samples``
-  (its result, the sampled RoIs' labels, is kept) and ``box_predictor`` (wrapped by
-  :class:`RecordingPredictor`, which keeps the class logits it returns). ``forward`` calls
-  ``super().forward`` and replaces ``loss_classifier`` by the gradtail loss on exactly those logits and
-  labels (the stock cross-entropy computed by torchvision is dropped from the loss dict, so no gradient
-  flows through it; its cost is one (n, C + 1) cross-entropy). Inference overrides
-  ``postprocess_detections``, whose only loss-specific step is the score: the same pipeline (decode, clip,
-  score threshold, small-box removal, per-class NMS, top-k) is composed from torchvision's public
+- Two-stage (Faster R-CNN): :class:`GradtailRoIHeads` subclasses ``RoIHeads``. torchvision computes its
+  cross-entropy inside ``RoIHeads.forward`` (the module-level ``fastrcnn_loss``), so the training path of
+  ``forward`` is composed here from the head's own parts: ``select_training_samples``, ``box_roi_pool``,
+  ``box_head``, ``box_predictor``, then the gradtail loss on the sampled RoIs' class logits and
+  torchvision's box-regression term (smooth L1, beta 1/9, summed over the positives and divided by the
+  sampled RoIs, as ``fastrcnn_loss``); no stock classification loss is computed. A mask branch, when the
+  model has one, trains as in torchvision (``maskrcnn_loss``). Inference is torchvision's ``forward``
+  with ``postprocess_detections`` overridden, whose only loss-specific step is the score: the same
+  pipeline (decode, clip, score threshold, small-box removal, per-class NMS, top-k) is composed from
+  torchvision's public
   ``box_coder`` and ``box_ops``, with the scores of the loss (:meth:`TwoStageTerm.scores`); with ``ce`` it
   reproduces torchvision's output exactly (tested).
 - One-stage RetinaNet: :class:`GradtailRetinaNetHead` overrides ``RetinaNetHead.compute_loss`` only to
   hand the anchors (EQFL's quality target needs the decoded boxes) to
   :class:`GradtailRetinaNetClassificationHead`, whose ``compute_loss`` is the override of
   ``RetinaNetClassificationHead.compute_loss``; the regression term is torchvision's.
-- One-stage FCOS: :class:`GradtailFCOSHead` overrides ``FCOSHead.compute_loss``: torchvision's terms are
-  computed by ``super()`` and the ``classification`` term is replaced.
+- One-stage FCOS: :class:`GradtailFCOSHead` overrides ``FCOSHead.compute_loss``: the gradtail term for
+  ``classification``, torchvision's GIoU box and centre-ness terms (the same code as ``FCOSHead``'s,
+  without its focal loss).
+
+Observers. Each term hands the (logits, labels) its loss gets to the run's step observers (the
+gradient-ratio diagnostics), set by the detection task in ``term.observers``.
 
 Label conventions. torchvision's two-stage heads use 0 = background, 1..C = classes, logits
 [bg, 1..C]; gradtail's detection losses use labels 0..C-1 and C = background with the background /
@@ -45,8 +49,9 @@ from torch import nn
 from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead, RetinaNetHead
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.ops import boxes as box_ops
+from torchvision.ops import generalized_box_iou_loss
 
 from gradtail.distributed import all_reduce_sum_, world_size
 from gradtail.errors import ConfigError
@@ -55,7 +60,31 @@ from gradtail.losses.base import LongTailLoss
 from gradtail.losses.equalization import sigmoid_eql_scores
 
 TWO_STAGE_LOSSES = ("ce", "sigmoid_eql", "softmax_eql", "seesaw")
-ONE_STAGE_LOSSES = ("focal", "efl", "eqfl")
+# sigmoid_focal: torchvision's own head and loss (the stock one-stage baseline); efl / eqfl: gradtail terms
+ONE_STAGE_LOSSES = ("sigmoid_focal", "efl", "eqfl")
+
+
+def two_stage_loss(
+    loss_name: str, num_classes: int, loss_params: dict[str, Any] | None = None
+) -> LongTailLoss:
+    """The registry's loss as a two-stage RoI classifier applies it (:class:`TwoStageTerm`): EQLv2 on C + 1
+    sigmoid channels with the background / objectness channel last (label C); the softmax losses over
+    C + 1 classes, background = class C."""
+    params = dict(loss_params or {})
+    if loss_name == "sigmoid_eql":
+        params.setdefault("objectness", True)
+        params.setdefault("background_label", True)
+        return create_loss("sigmoid_eql", num_classes, **params)
+    return create_loss(loss_name, num_classes + 1, **params)
+
+
+def one_stage_loss(
+    loss_name: str, num_classes: int, loss_params: dict[str, Any] | None = None
+) -> LongTailLoss:
+    """The registry's loss as a one-stage head applies it (:class:`OneStageTerm`): C sigmoid channels, the
+    background label C (all channels 0), ignored anchors -1."""
+    params = {"background_label": True, "ignore_index": -1, **(loss_params or {})}
+    return create_loss(loss_name, num_classes, **params)
 
 
 # ------------------------------------------------------------------------------------------ two-stage
@@ -71,21 +100,24 @@ class TwoStageTerm(nn.Module):
       their statistics / sample counts.
     """
 
-    def __init__(self, loss_name: str, num_classes: int, loss_params: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        loss_name: str,
+        num_classes: int,
+        loss_params: dict[str, Any] | None = None,
+        loss: LongTailLoss | None = None,
+    ) -> None:
         super().__init__()
         if loss_name not in TWO_STAGE_LOSSES:
             raise ConfigError(
                 f"two-stage detectors take the losses {', '.join(TWO_STAGE_LOSSES)}, got {loss_name!r}"
             )
-        params = dict(loss_params or {})
         self.loss_name = loss_name
         self.num_classes = num_classes
-        if loss_name == "sigmoid_eql":
-            params.setdefault("objectness", True)
-            params.setdefault("background_label", True)
-            self.loss: LongTailLoss = create_loss("sigmoid_eql", num_classes, **params)
-        else:
-            self.loss = create_loss(loss_name, num_classes + 1, **params)
+        self.observers: list[Any] = []
+        self.loss: LongTailLoss = (
+            loss if loss is not None else two_stage_loss(loss_name, num_classes, loss_params)
+        )
 
     @staticmethod
     def to_gradtail(tv_logits: torch.Tensor, tv_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +130,8 @@ class TwoStageTerm(nn.Module):
     def forward(self, tv_logits: torch.Tensor, tv_labels: torch.Tensor) -> torch.Tensor:
         """The classification loss of the sampled RoIs (statistics updated by the loss)."""
         logits, labels = self.to_gradtail(tv_logits, tv_labels)
+        for obs in self.observers:
+            obs.observe(logits, labels)
         return self.loss(logits, labels)
 
     def scores(self, tv_logits: torch.Tensor) -> torch.Tensor:
@@ -106,6 +140,21 @@ class TwoStageTerm(nn.Module):
         if self.loss_name == "sigmoid_eql":
             return sigmoid_eql_scores(logits)
         return F.softmax(logits, dim=-1)[:, :-1]
+
+
+def box_regression_loss(
+    box_regression: torch.Tensor, labels: torch.Tensor, regression_targets: torch.Tensor
+) -> torch.Tensor:
+    """torchvision's Fast R-CNN box term (``fastrcnn_loss``'s second half): smooth L1 (beta 1/9) of the
+    positives' class-specific deltas, summed and divided by the number of sampled RoIs. ``labels`` in
+    torchvision's convention (0 = background)."""
+    pos = torch.where(labels > 0)[0]
+    n = box_regression.shape[0]
+    box_regression = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
+    loss = F.smooth_l1_loss(
+        box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9, reduction="sum"
+    )
+    return loss / labels.numel()
 
 
 class RecordingPredictor(nn.Module):
@@ -142,17 +191,30 @@ class GradtailRoIHeads(RoIHeads):
         return out
 
     def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[no-untyped-def]
-        result, losses = super().forward(features, proposals, image_shapes, targets)
-        if self.training:
-            logits = self.box_predictor.last_class_logits
-            labels = self._sampled_labels
-            self.box_predictor.last_class_logits, self._sampled_labels = None, None
-            if logits is None or labels is None:  # pragma: no cover - torchvision changed its forward
-                raise RuntimeError(
-                    "RoIHeads.forward did not go through select_training_samples/box_predictor"
-                )
-            losses["loss_classifier"] = self.term(logits, torch.cat(labels, dim=0))
-        return result, losses
+        """Inference: torchvision's ``forward``; training: composed from the head's parts (module
+        docstring), so the only classification loss computed is the gradtail term's."""
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        self.box_predictor.last_class_logits = None
+        labels_all = torch.cat(labels, dim=0)
+        losses = {
+            "loss_classifier": self.term(class_logits, labels_all),
+            "loss_box_reg": box_regression_loss(box_regression, labels_all, torch.cat(regression_targets, 0)),
+        }
+        if self.has_mask():
+            pos = [torch.where(lab > 0)[0] for lab in labels]
+            mask_proposals = [p[i] for p, i in zip(proposals, pos, strict=True)]
+            pos_matched = [m[i] for m, i in zip(matched_idxs, pos, strict=True)]
+            mask_logits = self.mask_predictor(
+                self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
+            )
+            gt_masks = [t["masks"] for t in targets]
+            gt_labels = [t["labels"] for t in targets]
+            losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_proposals, gt_masks, gt_labels, pos_matched)
+        return [], losses
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):  # type: ignore[no-untyped-def]
         """torchvision's pipeline with the loss's scores (module docstring)."""
@@ -190,21 +252,32 @@ def global_normalizer(num_pos: torch.Tensor) -> torch.Tensor:
 
 
 class OneStageTerm(nn.Module):
-    """EFL / EQFL on all anchors of a step (``efl``, ``eqfl``; the stock ``focal`` is torchvision's)."""
+    """EFL / EQFL on all anchors of a step (``efl``, ``eqfl``; the stock ``sigmoid_focal`` is torchvision's
+    own head)."""
 
-    def __init__(self, loss_name: str, num_classes: int, loss_params: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        loss_name: str,
+        num_classes: int,
+        loss_params: dict[str, Any] | None = None,
+        loss: LongTailLoss | None = None,
+    ) -> None:
         super().__init__()
         if loss_name not in ("efl", "eqfl"):
             raise ConfigError(f"one-stage gradtail terms are efl and eqfl, got {loss_name!r}")
-        params = {"background_label": True, "ignore_index": -1, **(loss_params or {})}
         self.loss_name = loss_name
         self.num_classes = num_classes
-        self.loss = create_loss(loss_name, num_classes, **params)
+        self.observers: list[Any] = []
+        self.loss: LongTailLoss = (
+            loss if loss is not None else one_stage_loss(loss_name, num_classes, loss_params)
+        )
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``logits`` (n, C), ``labels`` (n,) in 0..C-1, C = background, -1 = ignored."""
+        for obs in self.observers:
+            obs.observe(logits, labels)
         norm = global_normalizer(((labels >= 0) & (labels < self.num_classes)).sum())
         if self.loss_name == "eqfl":
             return self.loss(logits, labels, quality=quality, normalizer=norm)
@@ -314,14 +387,45 @@ class GradtailFCOSHead(FCOSHead):
         self.term = term
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[no-untyped-def]
-        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
-        num_classes = head_outputs["cls_logits"].shape[-1]
-        logits = head_outputs["cls_logits"].reshape(-1, num_classes)
+        """The gradtail classification term, then ``FCOSHead``'s GIoU box and centre-ness terms (the same
+        computation, each divided by max(1, foreground locations) as torchvision does)."""
+        cls_logits = head_outputs["cls_logits"]
+        bbox_regression = head_outputs["bbox_regression"]
+        num_classes = cls_logits.shape[-1]
+        gt_classes, gt_boxes = [], []
+        for t, m in zip(targets, matched_idxs, strict=True):
+            if len(t["labels"]) == 0:
+                classes = t["labels"].new_zeros((len(m),))
+                boxes = t["boxes"].new_zeros((len(m), 4))
+            else:
+                classes = t["labels"][m.clip(min=0)]
+                boxes = t["boxes"][m.clip(min=0)]
+            classes[m < 0] = -1  # background
+            gt_classes.append(classes)
+            gt_boxes.append(boxes)
+        all_boxes, all_classes, stacked = torch.stack(gt_boxes), torch.stack(gt_classes), torch.stack(anchors)
+        foreground = all_classes >= 0
+        num_foreground = max(1, int(foreground.sum().item()))
         labels = anchor_labels(targets, matched_idxs, num_classes, ignore=-2)  # FCOS ignores nothing
         quality = None
         if self.term.loss_name == "eqfl":
-            quality = _quality(
-                self.box_coder, head_outputs["bbox_regression"], anchors, targets, matched_idxs
+            quality = _quality(self.box_coder, bbox_regression, anchors, targets, matched_idxs)
+        pred_boxes = self.box_coder.decode(bbox_regression, stacked)
+        loss_box = generalized_box_iou_loss(pred_boxes[foreground], all_boxes[foreground], reduction="sum")
+        reg_targets = self.box_coder.encode(stacked, all_boxes)
+        if len(reg_targets) == 0:
+            ctrness = reg_targets.new_zeros(reg_targets.size()[:-1])
+        else:
+            lr, tb = reg_targets[:, :, [0, 2]], reg_targets[:, :, [1, 3]]
+            ctrness = torch.sqrt(
+                (lr.min(dim=-1)[0] / lr.max(dim=-1)[0]) * (tb.min(dim=-1)[0] / tb.max(dim=-1)[0])
             )
-        losses["classification"] = self.term(logits, labels, quality)
-        return losses
+        pred_ctrness = head_outputs["bbox_ctrness"].squeeze(dim=2)
+        loss_ctrness = F.binary_cross_entropy_with_logits(
+            pred_ctrness[foreground], ctrness[foreground], reduction="sum"
+        )
+        return {
+            "classification": self.term(cls_logits.reshape(-1, num_classes), labels, quality),
+            "bbox_regression": loss_box / num_foreground,
+            "bbox_ctrness": loss_ctrness / num_foreground,
+        }

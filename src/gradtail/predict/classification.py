@@ -1,4 +1,5 @@
-"""``gradtail predict``: class probabilities for image files from a checkpoint alone (no training data).
+"""``gradtail predict`` for classification: class probabilities for image files from a checkpoint alone
+(no training data).
 
 :meth:`Predictor.from_checkpoint` rebuilds what the run evaluates with, from the checkpoint only:
 
@@ -302,4 +303,34 @@ def output_format(path: str | Path | None) -> str:
     return suffix[1:]
 
 
-__all__ = ["FORMATS", "PredictionSet", "Predictor", "output_format"]
+def run(state: dict[str, Any], checkpoint: Path, request: Any) -> str:
+    """``gradtail predict`` of a classification checkpoint: top-k classes and probabilities of the images
+    (CSV, or JSON by the extension of ``request.output``); the text when there is no output file."""
+    from gradtail.data.preprocess import collect_image_paths
+    from gradtail.rundir import RunDirectory, write_text
+
+    if request.split is not None:
+        raise ConfigError("--split: classification predicts image files (give them as inputs)")
+    if request.draw:
+        raise ConfigError("--draw draws detection boxes; classification writes classes and probabilities")
+    fmt = output_format(request.output)  # a wrong extension fails before any work
+    predictor = Predictor.from_checkpoint(
+        checkpoint, posthoc=request.posthoc, device=request.device, batch_size=request.batch_size
+    )
+    c = predictor.num_classes
+    k = request.top_k if request.top_k is not None else min(5, c)
+    if not 1 <= k <= c:
+        raise ConfigError(f"--top-k {k}: the model has {c} classes (give 1 to {c})")
+    out = Path(request.output) if request.output else None
+    if out is not None:  # an output that cannot be written fails before the images are read
+        RunDirectory(out.parent).ensure_writable()
+    paths = collect_image_paths(request.inputs)
+    result = predictor.predict(paths)
+    text = result.to_csv(k) if fmt == "csv" else result.to_json(k, predictor.describe())
+    if out is None:
+        return text
+    write_text(out, text, "predictions")
+    return ""
+
+
+__all__ = ["FORMATS", "PredictionSet", "Predictor", "output_format", "run"]

@@ -1,4 +1,5 @@
-"""Write a suite's ``results.json``, ``report.md`` and a self-contained ``report.html`` (PNG figures inlined).
+"""The report of a classification suite: ``results.json``, ``report.md`` and a self-contained
+``report.html`` (PNG figures inlined).
 
 The report states its protocol (docs/methods/protocol.md §5): the subset and its hash, the recipe, the group
 thresholds (and the rule that chose them, from the runs' ``final.json``), last-epoch reporting with
@@ -7,54 +8,34 @@ mean ± std over seeds, validation-selected results in separate rows.
 
 from __future__ import annotations
 
-import base64
-import datetime as _dt
 import html
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from gradtail.report import plots
 from gradtail.report.aggregate import METRICS, aggregate, display_label, format_mean_std, format_params
+from gradtail.report.page import (
+    code_spans,
+    duration,
+    html_page,
+    jsonable,
+    method_notes,
+    plural,
+    precision_text,
+    report_paths,
+    results_header,
+    write_figures,
+)
+from gradtail.report.table import format_table
 
 HEADERS = ("method", "overall", "many", "medium", "few", "ECE", "cwECE")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
-
-
-def results_header(
-    suite: Any, finals: list[dict[str, Any]], run_dir: Path, wall_seconds: float | None
-) -> dict[str, Any]:
-    """The record every report's ``results.json`` starts with: the suite, when, how long, and the machine
-    (``environment.json`` of ``run_dir``, the suite's first run)."""
-    return {
-        "suite": suite.name,
-        "description": suite.description,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_seconds": wall_seconds,
-        "train_seconds_total": sum(f.get("train_seconds") or 0.0 for f in finals),
-        "environment": json.loads((run_dir / "environment.json").read_text()),
-    }
 
 
 def build_results(
     suite: Any, finals: list[dict[str, Any]], output: Path, wall_seconds: float | None
 ) -> dict[str, Any]:
-    """Everything the report shows, as one JSON-serialisable record (segmentation suites:
-    :func:`gradtail.report.segmentation.build_results`)."""
-    if finals and "miou" in (finals[0].get("last_epoch") or {}):
-        from gradtail.report import segmentation
-
-        return segmentation.build_results(suite, finals, output, wall_seconds)
+    """Everything the report shows, as one JSON-serialisable record."""
     order = [m.name for m in suite.methods]
     rows = aggregate(finals, order)
     for row in rows:
@@ -146,51 +127,6 @@ def _groups_sentence(results: dict[str, Any]) -> str:
     )
 
 
-def method_notes(suite: Any) -> list[str]:
-    """Notes the methods themselves attach to reports (``report_note`` on a loss / regularizer / rule)."""
-    from gradtail.losses import LOSSES
-    from gradtail.optim import UPDATE_RULES
-    from gradtail.regularizers import REGULARIZERS
-
-    notes: list[str] = []
-    for m in suite.methods:
-        cfg = suite.run_config(m, suite.seeds[0])
-        for registry, name in ((LOSSES, cfg.loss.name), (REGULARIZERS, cfg.regularizer.name),
-                               (UPDATE_RULES, cfg.update_rule.name)):  # fmt: skip
-            factory = registry.get(name) if name else None
-            # classes declare ``report_note`` (gradtail.contracts); factory functions (``drw``) have none
-            note = factory.report_note if isinstance(factory, type) else None  # type: ignore[attr-defined]
-            if note and note not in notes:
-                notes.append(note)
-    notes += tuned_notes(suite)
-    return notes
-
-
-def tuned_notes(suite: Any) -> list[str]:
-    """One line per tuned twin (``tuned: true``): the values ``gradtail tune`` chose on validation."""
-    from gradtail.tune.spaces import method_search_space
-
-    notes = []
-    for m in suite.methods:
-        if m.tuned_from is None:
-            continue
-        cfg = suite.run_config(m, suite.seeds[0])
-        sections = {
-            "loss": cfg.loss.params,
-            "regularizer": cfg.regularizer.params,
-            "update_rule": cfg.update_rule.params,
-        }
-        values = []
-        for p in method_search_space(cfg):
-            v = sections[p.section].get(p.name, p.default)
-            values.append(f"{p.name}={v:.3g}" if isinstance(v, float) else f"{p.name}={v}")
-        notes.append(
-            f"{m.name}: {', '.join(values)}, chosen by gradtail tune on the validation split "
-            f"({m.tuned_from})."
-        )
-    return notes
-
-
 def _table_markdown(rows: list[dict[str, Any]], published: bool) -> str:
     headers = [*HEADERS, "published"] if published else list(HEADERS)
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -202,22 +138,8 @@ def _table_markdown(rows: list[dict[str, Any]], published: bool) -> str:
     return "\n".join(lines)
 
 
-def plural(count: float, noun: str, plural_form: str | None = None) -> str:
-    """``1 epoch``, ``2 epochs``, ``0.5 epochs`` (singular only for exactly one)."""
-    return f"{count:g} {noun if count == 1 else plural_form or noun + 's'}"
-
-
 def _model_text(model: str, params: dict[str, Any] | None) -> str:
     return f"{model} ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else model
-
-
-def precision_text(amp: dict[str, str] | None) -> str:
-    """``bfloat16 autocast (auto: CPU with AVX512-BF16)`` from a run's ``amp`` record; runs recorded
-    before ``train.amp`` had ``auto`` trained in float32."""
-    if not amp:
-        return "float32"
-    name = {"none": "float32", "bf16": "bfloat16 autocast", "fp16": "float16 autocast"}[amp["resolved"]]
-    return f"{name} (auto: {amp['reason']})" if amp.get("setting") == "auto" else name
 
 
 def protocol_paragraph(results: dict[str, Any]) -> str:
@@ -338,101 +260,16 @@ def _time_text(results: dict[str, Any]) -> str:
     wall = results.get("wall_seconds")
     parts = []
     if total:
-        parts.append(f" Training time summed over runs: {_duration(total)}.")
+        parts.append(f" Training time summed over runs: {duration(total)}.")
     if wall:
-        parts.append(f" Wall time of the last invocation (finished runs are skipped): {_duration(wall)}.")
+        parts.append(f" Wall time of the last invocation (finished runs are skipped): {duration(wall)}.")
     return "".join(parts)
-
-
-def _code_spans(escaped: str) -> str:
-    """Markdown code spans in already-escaped text as <code> (notes are written for both formats)."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
-
-
-def _duration(seconds: float) -> str:
-    """``42 s`` under a minute, else ``3.5 min`` (a short run no longer reads ``0.0 min``)."""
-    return f"{seconds:.0f} s" if seconds < 59.5 else f"{seconds / 60:.1f} min"
-
-
-PAGE_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-table { border-collapse: collapse; font-size: 14px; }
-th, td { padding: 4px 10px; border-bottom: 1px solid #ddd; text-align: right; }
-td:first-child, th:first-child { text-align: left; }
-tr.posthoc td { color: #345; background: #f5f8fb; }
-tr.val_selected td { color: #666; font-style: italic; }
-img { max-width: 100%; } .protocol { font-size: 14px; line-height: 1.5; }
-figure { margin: 0 0 1.5em 0; }
-figcaption { font-size: 13px; line-height: 1.45; color: #444; max-width: 900px; }
-span.params { font-size: 12px; color: #567; }
-"""
-
-
-def html_page(title: str, body: str) -> str:
-    """A self-contained report page: ``title`` (escaped here) and ``body`` (HTML) in the shared style."""
-    t = html.escape(title)
-    return (
-        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{t}</title>\n'
-        f"<style>{PAGE_STYLE}</style></head><body>\n<h1>{t}</h1>\n{body}\n</body></html>\n"
-    )
-
-
-def report_body(
-    results: dict[str, Any],
-    table_head: str,
-    table_rows: str,
-    protocol: str,
-    env_line: str,
-    figures: list[str],
-    lead: str = "",
-) -> str:
-    """The body of the segmentation and detection pages: description, results table (``lead``: a line
-    above it), protocol, environment, figures."""
-    return f"""<p>{html.escape(results.get("description", ""))}</p>
-<h2>Results</h2>{lead}
-<table><thead><tr>{table_head}</tr></thead><tbody>{table_rows}</tbody></table>
-<h2>Protocol</h2><p class='protocol'>{html.escape(protocol)}</p>
-<p class='protocol'>Environment: {html.escape(env_line)}</p>
-<h2>Figures</h2>{"".join(figures)}"""  # fmt: skip
-
-
-def report_paths(output: Path) -> dict[str, Path]:
-    """The files every report writes into ``output``."""
-    return {
-        "results": output / "results.json",
-        "markdown": output / "report.md",
-        "html": output / "report.html",
-    }
-
-
-def write_figures(figures: list[tuple[str, bytes, str]], output: Path, md: list[str]) -> list[str]:
-    """Write each (title, PNG, caption) as ``figure_<k>.png``, append its Markdown to ``md`` and return its
-    HTML (the PNG inlined), for every report page (classification, segmentation)."""
-    html_figs = []
-    for k, (title, png, caption) in enumerate(figures):
-        name = f"figure_{k + 1}.png"
-        (output / name).write_bytes(png)
-        md += [f"### {title}", "", f"![{title}]({name})", "", caption, ""]
-        b64 = base64.b64encode(png).decode()
-        html_figs.append(
-            f"<h3>{html.escape(title)}</h3><figure><img alt='{html.escape(title)}' "
-            f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
-    return html_figs
 
 
 def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     """Write results.json, report.md (+ PNG files) and report.html; return their paths."""
-    if results.get("task") == "segmentation":
-        from gradtail.report import segmentation
-
-        return segmentation.write_report(results, output)
-    if results.get("task") == "detection":
-        from gradtail.report import detection
-
-        return detection.write_report(results, output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    (output / "results.json").write_text(json.dumps(jsonable(results), indent=1))
     figs = _figures(results, output)
     has_published = any(r.get("published") is not None for r in results["table"])
     table = _table_markdown(results["table"], has_published)
@@ -464,7 +301,7 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     html_figs = write_figures([(title, png, caption) for title, (png, caption) in figs.items()], output, md)
     (output / "report.md").write_text("\n".join(md))
     notes_html = "".join(
-        f"<p class='protocol'><b>Note:</b> {_code_spans(html.escape(n))}</p>"
+        f"<p class='protocol'><b>Note:</b> {code_spans(html.escape(n))}</p>"
         for n in results.get("notes", [])
     )
     wall_text = _time_text(results)
@@ -490,3 +327,9 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
     page = html_page(f"gradtail bench: {results['suite']}", body)
     (output / "report.html").write_text(page)
     return report_paths(output)
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results table as text (what ``gradtail bench`` / ``report`` print)."""
+    rows = [[display_label(r), *(format_mean_std(r[m]) for m in METRICS)] for r in results["table"]]
+    return format_table(rows, HEADERS)
