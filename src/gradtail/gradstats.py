@@ -44,12 +44,30 @@ silently stay at zero.
 
 Update rules that run several forward/backward passes per optimizer step (SAM's ascent pass, per-group
 gradients) wrap the passes that must not count in :func:`frozen_statistics`.
+
+Three more rules, for using the statistics in anyone's loop (docs/losses.md, "Drop-in"):
+
+8. Global normalisation: a loss whose gradient carries a normaliser (1/B of a mean, 1/#pos of EFL) passes
+   its per-sample gradients *without* it and the normaliser's count as ``norm``; the count travels in
+   the same all-reduce and the summed sums are divided by max(summed count, 1). W processes with any
+   split of a batch (20 + 12 samples as well as 16 + 16) thus add exactly what one process with the
+   whole batch adds.
+9. Accumulation: inside :meth:`GradientStatistics.accumulate` (what ``LongTailLoss.accumulate`` enters)
+   updates are kept aside; at its exit their sums are added at once, as one step, with one all-reduce,
+   normalised by the total given (the normaliser of the union of the micro-batches). Until then every
+   reader sees the statistics from before the context.
+10. Precision and compile: the statistics keep float64 through ``module.to(dtype)``, ``.half()``,
+   ``.bfloat16()`` (a device move still applies; :func:`keep_buffer_dtypes`), and a loss reads them
+   through :func:`read_statistics`, which under ``torch.compile`` is an opaque copy: inductor's
+   partitioner may otherwise recompute a read of a buffer in the backward, after the same graph updated
+   it in place (wrong gradients, pytorch/pytorch#197039).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -82,6 +100,65 @@ def frozen_statistics() -> Iterator[None]:
 def statistics_frozen() -> bool:
     """True inside :func:`frozen_statistics`; losses skip their closed-form gradient computation then."""
     return _frozen_depth > 0
+
+
+@torch.library.custom_op("gradtail::snapshot", mutates_args=())
+def _snapshot(statistics: torch.Tensor) -> torch.Tensor:
+    """A copy of a statistics buffer, opaque to the compiler (custom ops are never recomputed)."""
+    return statistics.clone()
+
+
+@_snapshot.register_fake
+def _snapshot_fake(statistics: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(statistics)
+
+
+def read_statistics(buffer: torch.Tensor) -> torch.Tensor:
+    """The value of a statistics buffer as this step's loss reads it (rule 10 of this module).
+
+    Eager: the buffer itself (no copy). Under ``torch.compile``: a copy made by an opaque custom op.
+    Inductor's min-cut partitioner may recompute, in the backward graph, a value the forward read from
+    a buffer; when the same graph then updates that buffer in place (every stateful loss does), the
+    backward reads the *updated* statistics and the gradients are silently wrong (pytorch/pytorch#197039:
+    up to 60 where 0.03 is right for Softmax-EQL). A custom op is never recomputed (the partitioner bans
+    non-builtin ops), so the backward uses the saved pre-update copy. Every read of a statistics buffer
+    that feeds a loss value goes through this function.
+    """
+    if torch.compiler.is_compiling():
+        return _snapshot(buffer)
+    return buffer
+
+
+def keep_buffer_dtypes(
+    module: nn.Module, apply: Callable[[], nn.Module], names: tuple[str, ...] | None = None
+) -> nn.Module:
+    """Run ``apply`` (a module's ``_apply``) and give the buffers ``names`` (default: every buffer of
+    ``module`` itself, not of its children) their previous dtype back (rule 10).
+
+    ``module.to(torch.bfloat16)``, ``.half()``, ``.double()`` convert every floating buffer (and
+    ``module.type(dtype)`` every buffer, integer step counters included); statistics
+    summed over thousands of steps in bfloat16 lose most of their value (64-68% after 2,000 steps). The
+    conversion is undone from the *original* tensor, so no precision is lost, and a device move that came
+    with it is kept (as torchmetrics keeps its metric states).
+    """
+    if names is None:
+        names = tuple(k for k, b in module._buffers.items() if b is not None)
+    before = {k: module._buffers[k] for k in names if module._buffers.get(k) is not None}
+    out = apply()
+    for k, old in before.items():
+        new = module._buffers[k]
+        if new is not None and new.dtype != old.dtype:
+            module._buffers[k] = old.to(device=new.device)
+    return out
+
+
+@dataclass
+class _Deferred:
+    """Updates kept aside inside :meth:`GradientStatistics.accumulate` (rule 9)."""
+
+    total: torch.Tensor | None  # the normaliser of the union (float64, 0-dim), None: sums not normalised
+    parts: list[torch.Tensor] = field(default_factory=list)  # per update: [sums..., samples]
+    normalized: bool | None = None  # whether the updates carried a normaliser (all or none)
 
 
 def flatten_class_dim(x: torch.Tensor) -> torch.Tensor:
@@ -147,18 +224,33 @@ class GradientStatistics(nn.Module):
         if track_matrix:
             self.register_buffer("matrix", torch.zeros(num_classes, num_classes, dtype=torch.float64))
         self._pending_hook = False
+        self._deferred: _Deferred | None = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Module conversions: devices apply, dtypes do not (the sums stay float64, rule 10)."""
+        return keep_buffer_dtypes(self, lambda: super(GradientStatistics, self)._apply(fn, recurse))
 
     # ------------------------------------------------------------------ reading
     def ratio(self, eps: float = RATIO_EPS) -> torch.Tensor:
         """g_j = P_j / (N_j + eps) (docs/methods/eql.md §1), float64, shape (C,)."""
-        return self.pos / (self.neg + eps)
+        return read_statistics(self.pos) / (read_statistics(self.neg) + eps)
 
     def negative_produced(self) -> torch.Tensor:
         """phi_c = sum_{j != c} M[j, c]: negative gradient produced by samples of class c
         (docs/methods/gala.md §1)."""
         if not self.track_matrix:
             raise TrainingError("negative_produced() needs GradientStatistics(track_matrix=True)")
-        return self.matrix.sum(dim=0) - torch.diagonal(self.matrix)
+        m = read_statistics(self.matrix)
+        return m.sum(dim=0) - torch.diagonal(m)
+
+    def started(self) -> torch.Tensor:
+        """0-dim bool tensor: at least one step accumulated (no device sync; ``steps > 0``)."""
+        return read_statistics(self.steps) > 0
+
+    @property
+    def accumulating(self) -> bool:
+        """True inside :meth:`accumulate` (updates are kept aside until its exit)."""
+        return self._deferred is not None
 
     @property
     def is_empty(self) -> bool:
@@ -183,6 +275,7 @@ class GradientStatistics(nn.Module):
         valid: torch.Tensor | None = None,
         *,
         scale: float | torch.Tensor = 1.0,
+        norm: int | torch.Tensor | None = None,
     ) -> None:
         """Add one step of single-label gradients.
 
@@ -192,8 +285,11 @@ class GradientStatistics(nn.Module):
                 Entries where ``valid`` is False may hold anything (an ignore index).
             valid: optional (n,) bool mask of samples to count (ignored labels excluded). Masking is
                 arithmetic (no boolean indexing), so it never forces a device sync.
-            scale: multiplies this step's per-class sums (e.g. 1 / (B * world_size)), a float or a
-                0-dim tensor.
+            scale: multiplies this step's per-class sums (e.g. 1 / world_size), a float or a 0-dim
+                tensor.
+            norm: the count of the loss's normaliser in this batch (e.g. B for a mean over samples):
+                the sums are divided by max(count summed over ranks, 1) (rule 8); ``None``: not
+                normalised.
         """
         if statistics_frozen():
             return
@@ -208,7 +304,7 @@ class GradientStatistics(nn.Module):
         else:
             onehot = torch.zeros_like(g).scatter_(1, targets.view(-1, 1), 1.0)
             count = g.shape[0]
-        self._accumulate(g, onehot, single_label=True, scale=scale, count=count)
+        self._accumulate(g, onehot, single_label=True, scale=scale, count=count, norm=norm)
 
     @torch.no_grad()
     def update_from_elementwise_grad(
@@ -218,6 +314,7 @@ class GradientStatistics(nn.Module):
         *,
         scale: float | torch.Tensor = 1.0,
         count: int | torch.Tensor | None = None,
+        norm: int | torch.Tensor | None = None,
     ) -> None:
         """Add one step of element-wise (sigmoid, multi-label) gradients.
 
@@ -228,6 +325,7 @@ class GradientStatistics(nn.Module):
             scale: multiplies this step's per-class sums (float or 0-dim tensor).
             count: samples counted this step (rule 7); default n, every row. A loss that zeroes ignored
                 rows passes the number of the others.
+            norm: the count of the loss's normaliser (rule 8, as in :meth:`update_from_softmax_grad`).
         """
         if statistics_frozen():
             return
@@ -242,7 +340,8 @@ class GradientStatistics(nn.Module):
             raise TrainingError("the C x C matrix is defined for single-label targets only")
         g = grad_abs.detach().to(torch.float64)
         t = target_matrix.detach().to(device=g.device, dtype=torch.float64)
-        self._accumulate(g, t, single_label=False, scale=scale, count=g.shape[0] if count is None else count)
+        count = g.shape[0] if count is None else count
+        self._accumulate(g, t, single_label=False, scale=scale, count=count, norm=norm)
 
     def attach_hook(
         self,
@@ -321,8 +420,9 @@ class GradientStatistics(nn.Module):
         single_label: bool,
         scale: float | torch.Tensor,
         count: int | torch.Tensor,
+        norm: int | torch.Tensor | None = None,
     ) -> None:
-        """Per-class sums of this step, one all-reduce, then add (rules 1, 3, 5, 6, 7)."""
+        """Per-class sums of this step, one all-reduce, then add (rules 1, 3, 5, 6, 7, 8)."""
         with torch.autocast(device_type=g.device.type, enabled=False):
             pos_step = (g * pos_mask).sum(dim=0)
             neg_step = (g * (1.0 - pos_mask)).sum(dim=0)
@@ -332,7 +432,7 @@ class GradientStatistics(nn.Module):
                     raise TrainingError("the C x C matrix is defined for single-label targets only")
                 # M[j, c] += sum_{i: y_i = c} |dL/dz_ij|  ==  G^T @ onehot(y)   (docs/methods/gala.md §1)
                 parts.append((g.t() @ pos_mask).reshape(-1))
-            self._reduce_and_add(parts, scale, count)
+            self._reduce_and_add(parts, scale, count, norm)
 
     @torch.no_grad()
     def update_from_class_sums(
@@ -342,37 +442,126 @@ class GradientStatistics(nn.Module):
         *,
         scale: float | torch.Tensor = 1.0,
         count: int | torch.Tensor,
+        norm: int | torch.Tensor | None = None,
     ) -> None:
         """Add one step given its per-class sums of |dL/dz| over positives (``pos_step``) and negatives
         (``neg_step``), (C,) each, computed by the loss in closed form (Softmax-EQL per pixel: sums of
-        probabilities instead of an (n, C) gradient matrix). Same scaling, sample count, all-reduce and
-        skip rules as :meth:`update_from_softmax_grad`; not with ``track_matrix``."""
+        probabilities instead of an (n, C) gradient matrix). Same scaling, sample count, normaliser,
+        all-reduce and skip rules as :meth:`update_from_softmax_grad`; not with ``track_matrix``."""
         if statistics_frozen():
             return
         if self.track_matrix:
             raise TrainingError("update_from_class_sums cannot fill the C x C matrix (track_matrix)")
         with torch.autocast(device_type=pos_step.device.type, enabled=False):
-            self._reduce_and_add([pos_step.to(torch.float64), neg_step.to(torch.float64)], scale, count)
+            parts = [pos_step.to(torch.float64), neg_step.to(torch.float64)]
+            self._reduce_and_add(parts, scale, count, norm)
 
     def _reduce_and_add(
-        self, parts: list[torch.Tensor], scale: float | torch.Tensor, count: int | torch.Tensor
+        self,
+        parts: list[torch.Tensor],
+        scale: float | torch.Tensor,
+        count: int | torch.Tensor,
+        norm: int | torch.Tensor | None = None,
     ) -> None:
-        """Scale the step's sums, all-reduce them with the sample count and the skip flag, add them."""
+        """Scale the step's sums; inside :meth:`accumulate` keep them aside (rule 9), otherwise
+        all-reduce them with the sample count, the normaliser count and the skip flag and add them."""
         flat = torch.cat(parts).to(self.pos.device)
         if not (isinstance(scale, float | int) and scale == 1):
             flat = flat * torch.as_tensor(scale, dtype=torch.float64, device=flat.device)
-        bad = (~torch.isfinite(flat)).any().to(torch.float64).view(1)
         samples = torch.as_tensor(count, dtype=torch.float64, device=flat.device).view(1)
-        flat = torch.cat([flat, samples, bad])  # count and skip flag ride in the same collective (5, 7)
-        all_reduce_sum_(flat)
-        ok = (flat[-1] == 0) & (flat[-2] > 0)
-        zero = torch.zeros((), dtype=torch.float64, device=flat.device)
+        deferred = self._deferred
+        if deferred is not None:
+            if deferred.normalized is not None and deferred.normalized != (norm is not None):
+                raise InputError(
+                    "inside accumulate(), every update must carry a normaliser or none does (a loss "
+                    "called with and without normalizer= in one accumulated step)"
+                )
+            deferred.normalized = norm is not None
+            deferred.parts.append(torch.cat([flat, samples]))
+            return
+        total = None if norm is None else torch.as_tensor(norm, dtype=torch.float64, device=flat.device)
+        self._commit(flat, samples, total)
+
+    def _commit(self, flat: torch.Tensor, samples: torch.Tensor, norm: torch.Tensor | None) -> None:
+        """One all-reduce of [sums, samples, (normaliser count), non-finite flag], then add (3, 5, 7, 8)."""
+        bad = (~torch.isfinite(flat)).any().to(torch.float64).view(1)
+        extra = [samples.view(1)] + ([] if norm is None else [norm.reshape(1)]) + [bad]
+        vec = torch.cat([flat, *extra])  # counts and skip flag ride in the same collective
+        all_reduce_sum_(vec)
+        k = flat.numel()
+        ok = (vec[-1] == 0) & (vec[k] > 0)
+        sums = vec[:k]
+        if norm is not None:  # rule 8: the union's normaliser, at least 1
+            sums = sums / vec[k + 1].clamp(min=1.0)
+        zero = torch.zeros((), dtype=torch.float64, device=vec.device)
+        sums = torch.where(ok, sums, zero)
         c = self.num_classes
-        self.pos.add_(torch.where(ok, flat[:c], zero))
-        self.neg.add_(torch.where(ok, flat[c : 2 * c], zero))
+        self.pos.add_(sums[:c])
+        self.neg.add_(sums[c : 2 * c])
         if self.track_matrix:
-            self.matrix.add_(torch.where(ok, flat[2 * c : -2], zero).view(c, c))
+            self.matrix.add_(sums[2 * c :].view(c, c))
         self.steps.add_(ok.to(torch.int64))
+
+    # ------------------------------------------------------------------ accumulation (rule 9)
+    def begin_accumulation(self, total: int | float | torch.Tensor | None = None) -> None:
+        """Keep updates aside until :meth:`end_accumulation`; ``total``: the normaliser count of the
+        union on this process (for updates that carry ``norm``). Prefer :meth:`accumulate`."""
+        if self._deferred is not None:
+            raise TrainingError("GradientStatistics.accumulate() is already active (contexts do not nest)")
+        t = None if total is None else torch.as_tensor(total, dtype=torch.float64, device=self.pos.device)
+        self._deferred = _Deferred(total=t)
+
+    def end_accumulation(self, commit: bool = True) -> None:
+        """Add the updates kept aside as one step (one all-reduce; ``commit=False`` drops them).
+
+        Every rank must commit at the same point (a collective); a context with no update on this rank
+        still runs it (zero sums), as an empty batch does (rule 7).
+        """
+        deferred, self._deferred = self._deferred, None
+        if deferred is None:
+            raise TrainingError("end_accumulation() without begin_accumulation()")
+        if not commit or statistics_frozen():
+            return
+        size = 2 * self.num_classes + (self.num_classes**2 if self.track_matrix else 0)
+        if deferred.parts:
+            summed = torch.stack(deferred.parts).sum(dim=0)
+        else:
+            summed = torch.zeros(size + 1, dtype=torch.float64, device=self.pos.device)
+        norm = None
+        if deferred.normalized:
+            if deferred.total is None:
+                raise TrainingError("accumulated updates carry a normaliser: accumulate(total) needs total")
+            norm = deferred.total.to(summed.device)
+        self._commit(summed[:size], summed[size:], norm)
+
+    @contextmanager
+    def accumulate(self, total: int | float | torch.Tensor | None = None) -> Iterator[None]:
+        """Inside: updates are kept aside and readers see the statistics from before; at the exit they
+        are added as one step with one all-reduce (rule 9); an exception inside drops them.
+
+        ``total``: the normaliser count of the union of the updates on this process (needed when they
+        carry ``norm``, e.g. the samples of the k micro-batches of a mean loss); the added sums are
+        divided by max(total summed over ranks, 1). Updates without ``norm`` (the autograd hook, whose
+        gradients already carry the loss's normalisation) are summed as they are.
+
+        Example:
+            >>> import torch
+            >>> stats = GradientStatistics(num_classes=2)
+            >>> with stats.accumulate(total=4):  # two micro-batches of 2 samples, normalised by 4
+            ...     stats.update_from_softmax_grad(torch.ones(2, 2), torch.tensor([0, 1]), norm=2)
+            ...     stats.update_from_softmax_grad(torch.ones(2, 2), torch.tensor([0, 0]), norm=2)
+            ...     int(stats.steps)  # nothing added yet
+            0
+            >>> stats.pos.tolist(), stats.neg.tolist(), int(stats.steps)
+            ([0.75, 0.25], [0.25, 0.75], 1)
+        """
+        self.begin_accumulation(total)
+        try:
+            yield
+        except BaseException:
+            self.end_accumulation(commit=False)
+            raise
+        self.end_accumulation()
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, track_matrix={self.track_matrix}"

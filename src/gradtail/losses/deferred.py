@@ -27,6 +27,7 @@ import torch
 
 from gradtail.errors import ConfigError
 from gradtail.losses.base import (
+    Accumulation,
     LongTailLoss,
     PerSampleLoss,
     batch_mean,
@@ -148,10 +149,37 @@ class DeferredReweighting(LongTailLoss):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         per_sample = self.inner.per_sample_loss(logits, targets)  # checks the inputs
+        acc = self._accumulation
         if not self.active:
-            return batch_mean(per_sample)
-        sample_weights = self.weights.to(per_sample.dtype)[targets.long()]
-        return weighted_reduction(per_sample, sample_weights, self.drw_normalize)
+            sample_weights = None
+        else:
+            sample_weights = self.weights.to(device=per_sample.device, dtype=per_sample.dtype)[targets.long()]
+        if acc is None or per_sample.numel() == 0:  # conventions N, E
+            if sample_weights is None:
+                return batch_mean(per_sample)
+            return weighted_reduction(per_sample, sample_weights, self.drw_normalize)
+        # convention A: divided by the union's normaliser (samples, or sum of class weights)
+        total = per_sample.sum() if sample_weights is None else (sample_weights * per_sample).sum()
+        return total / acc.divisor.to(device=total.device, dtype=total.dtype)
+
+    def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
+        """B, or after the switch with ``drw_normalize="weights"`` sum_i w_{y_i} (convention N)."""
+        if self.active and self.drw_normalize == "weights":
+            if not isinstance(targets, torch.Tensor) or targets.dim() != 1:
+                raise ConfigError("drw: normalizer expects (n,) targets")
+            return self.weights.to(targets.device)[targets.long()].sum().cpu()
+        return super().normalizer(targets)
+
+    def _begin_accumulation(self, acc: Accumulation, targets: torch.Tensor | None) -> None:
+        """The wrapped loss accumulates too (its statistics; seesaw needs the targets). With ``total``
+        after the switch (``drw_normalize="weights"``), ``total`` is the union's sum of class weights."""
+        if targets is not None:
+            self.inner.start_accumulation(targets=targets)
+        else:
+            self.inner.start_accumulation(acc.total)
+
+    def _end_accumulation(self, commit: bool) -> None:
+        self.inner.finish_accumulation(commit)
 
     def extra_repr(self) -> str:
         return f"drw_epoch={self.drw_epoch}, drw_beta={self.drw_beta}, drw_normalize={self.drw_normalize!r}"

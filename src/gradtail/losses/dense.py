@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from gradtail.errors import InputError
-from gradtail.losses.base import LongTailLoss
+from gradtail.losses.base import Accumulation, LongTailLoss
 
 
 class PixelLoss(LongTailLoss):
@@ -68,6 +68,24 @@ class PixelLoss(LongTailLoss):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         z, y = self.flatten(logits, targets)
         return self.inner(z, y)
+
+    def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
+        """The wrapped loss's normaliser of the non-ignored pixels of label maps ``targets``."""
+        if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
+            raise InputError("PixelLoss.normalizer expects label maps")
+        y = targets.reshape(-1)
+        return self.inner.normalizer(y[y != self.ignore_index])
+
+    def _begin_accumulation(self, acc: Accumulation, targets: torch.Tensor | None) -> None:
+        """The wrapped loss accumulates over the non-ignored pixels (convention A)."""
+        if targets is not None:
+            y = targets.reshape(-1)
+            self.inner.start_accumulation(targets=y[y != self.ignore_index])
+        else:
+            self.inner.start_accumulation(acc.total)
+
+    def _end_accumulation(self, commit: bool) -> None:
+        self.inner.finish_accumulation(commit)
 
     def train(self, mode: bool = True) -> PixelLoss:
         super().train(mode)

@@ -20,17 +20,24 @@ docs/methods/eql.md §1:
    - ``sigmoid_eql`` (EQLv2): by default (``accumulation="official"``) the released code's
      |sigmoid(z_ij) - T_ij| w_ij summed over the step's samples, *without* the 1/n of the loss and
      without any world-size factor (SUM over ranks = one process with the whole batch).
-     ``accumulation="exact"`` instead adds the exact |dL/dz| of the returned value (1/n included,
-     divided by the world size), which is what the other losses do.
-   - ``efl`` / ``eqfl``: |dl/dz| of the loss *including* its normaliser (the number of positives, or the
-     ``normalizer`` passed to ``forward``), divided by the world size (see :mod:`gradtail.gradstats`).
-   - ``softmax_eql``: the exact |dL/dz| of the mean over samples, divided by the world size.
+     ``accumulation="exact"`` instead adds the exact |dL/dz| of the mean over the step's samples, which
+     is what the other losses do.
+   - ``efl`` / ``eqfl``: |dl/dz| of the loss *including* its normaliser (the number of positives), or,
+     with a ``normalizer`` passed to ``forward``, that normaliser divided by the world size.
+   - ``softmax_eql``: the exact |dL/dz| of the mean over samples.
+
+   Normalisers are global (rule 8 of :mod:`gradtail.gradstats`): each rank adds its per-sample
+   gradients without the normaliser and the normaliser's count; the counts are summed in the same
+   all-reduce and divide the summed gradients. Any split of a batch over processes (20 + 12 samples as
+   well as 16 + 16) therefore accumulates exactly what one process with the whole batch does.
 
    Only a factor that is the same at every step leaves the ratios unchanged (rule 6 of §1).
 
 Empty batches, when statistics change (and the eval-mode warning), label options (``background_label``,
 ``ignore_index``) and normalisers follow the conventions E, S, L, N of :mod:`gradtail.losses.base`
-(``docs/losses.md``). One training forward = one accumulated step, so an update rule that evaluates the
+(``docs/losses.md``), as do accumulation (A: ``with loss.accumulate(total):``, k micro-batches = one
+step of their union), validation before any buffer changes (V), and precision and compile (P). One
+training forward outside ``accumulate`` = one accumulated step, so an update rule that evaluates the
 loss several times per optimizer step must freeze the extra passes. Buffers follow the logits' device
 (the module moves itself on the first forward on a new device).
 """
@@ -45,11 +52,14 @@ import torch.nn.functional as F
 
 from gradtail.distributed import world_size
 from gradtail.errors import ConfigError, InputError
-from gradtail.gradstats import GradientStatistics, flatten_class_dim
+from gradtail.gradstats import GradientStatistics, flatten_class_dim, read_statistics
 from gradtail.losses.base import (
+    Accumulation,
     LongTailLoss,
+    check_floating_logits,
     check_label_options,
-    check_label_range,
+    checked_labels,
+    checked_value,
     empty_batch_loss,
     label_options_hint,
 )
@@ -66,27 +76,23 @@ def _work_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def _check_2d_logits(logits: torch.Tensor, channels: int, name: str) -> None:
+    check_floating_logits(logits, f"{name}: logits")
     if logits.dim() != 2 or logits.shape[1] != channels:
         raise InputError(f"{name}: logits must be (n, {channels}), got shape {tuple(logits.shape)}")
-    if not logits.dtype.is_floating_point:
-        raise InputError(f"{name}: logits must be floating point, got {logits.dtype}")
 
 
 def _check_index_targets(targets: torch.Tensor, n: int, name: str) -> None:
+    if not isinstance(targets, torch.Tensor):
+        raise InputError(f"{name}: targets must be a tensor, got {type(targets).__name__}")
     if targets.dim() != 1 or targets.shape[0] != n:
         raise InputError(f"{name}: targets must be ({n},) class indices, got shape {tuple(targets.shape)}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise InputError(f"{name}: targets must be integer class indices, got dtype {targets.dtype}")
 
 
-def _check_unit_interval(x: torch.Tensor, what: str) -> None:
-    """Values in [0, 1]; an ordinary check on CPU, an asynchronous assert elsewhere (no device sync)."""
-    ok = ((x >= 0) & (x <= 1)).all()
-    if x.device.type == "cpu":
-        if not bool(ok):
-            raise InputError(f"{what} must lie in [0, 1]")
-    else:
-        torch._assert_async(ok, f"{what} must lie in [0, 1]")
+def _checked_unit_interval(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` after checking its values lie in [0, 1] (:func:`~gradtail.losses.base.checked_value`)."""
+    return checked_value(x, (x >= 0) & (x <= 1), f"{what} must lie in [0, 1]")
 
 
 def sigmoid_eql_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,8 @@ class _EqualizationLoss(LongTailLoss):
         self.stats = GradientStatistics(self.num_classes)
 
     def _prepare(self, logits: torch.Tensor) -> bool:
-        """Move buffers to the logits' device; return whether this call updates the statistics (S)."""
+        """After the input checks (convention V): move buffers to the logits' device; return whether
+        this call updates the statistics (S)."""
         if self.stats.pos.device != logits.device:
             self.to(logits.device)
         return self.updates_statistics(logits)
@@ -120,6 +127,12 @@ class _EqualizationLoss(LongTailLoss):
     def ratio(self) -> torch.Tensor:
         """g_j = P_j / (N_j + 1e-10) (docs/methods/eql.md §1), float64 (C,), as accumulated so far."""
         return self.stats.ratio()
+
+    def _begin_accumulation(self, acc: Accumulation, targets: torch.Tensor | None) -> None:
+        self.stats.begin_accumulation(acc.total)
+
+    def _end_accumulation(self, commit: bool) -> None:
+        self.stats.end_accumulation(commit)
 
 
 # ---------------------------------------------------------------------------------------------- §2
@@ -213,7 +226,7 @@ class SigmoidEQL(_EqualizationLoss):
         """g_j, with ``init_ratio`` while no step is accumulated (docs/methods/eql.md §2: 'initial ratio
         100')."""
         init = torch.full_like(self.stats.pos, self.init_ratio)
-        return torch.where(self.stats.steps > 0, self.stats.ratio(), init)
+        return torch.where(self.stats.started(), self.stats.ratio(), init)
 
     @torch.no_grad()
     def class_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +254,8 @@ class SigmoidEQL(_EqualizationLoss):
         irrelevant).
         """
         n, c = logits.shape[0], self.num_classes
+        if not isinstance(targets, torch.Tensor):
+            raise InputError(f"sigmoid_eql: targets must be a tensor, got {type(targets).__name__}")
         if targets.dim() == 2:
             if self.objectness:
                 raise InputError("sigmoid_eql: multi-label (n, C) targets are not supported with objectness")
@@ -249,16 +264,13 @@ class SigmoidEQL(_EqualizationLoss):
                     f"sigmoid_eql: multi-label targets must be ({n}, {c}), got {tuple(targets.shape)}"
                 )
             t = targets.detach().to(device=logits.device, dtype=dtype)
-            binary = ((t == 0) | (t == 1)).all()
-            if t.device.type == "cpu":
-                if not bool(binary):
-                    raise InputError("sigmoid_eql: multi-label targets must be 0 or 1")
-            else:
-                torch._assert_async(binary, "sigmoid_eql: multi-label targets must be 0 or 1")
+            t = checked_value(t, (t == 0) | (t == 1), "sigmoid_eql: multi-label targets must be 0 or 1")
             return t, None
         _check_index_targets(targets, n, "sigmoid_eql")
         hint = label_options_hint(c, self.background_label, self.ignore_index)
-        check_label_range(targets, c, allow=self.ignore_index, background=self.background_label, hint=hint)
+        targets = checked_labels(
+            targets, c, allow=self.ignore_index, background=self.background_label, hint=hint
+        )
         y = targets.to(device=logits.device, dtype=torch.long)
         valid = None
         if self.ignore_index is not None:
@@ -274,32 +286,35 @@ class SigmoidEQL(_EqualizationLoss):
         n = non-ignored samples, at least 1 (convention N of :mod:`gradtail.losses.base`).
         """
         _check_2d_logits(logits, self.num_channels, "sigmoid_eql")
-        collect = self._prepare(logits)
         dtype = _work_dtype(logits)
+        t, valid = self._target_matrix(logits, targets, dtype)  # every check before any change (V)
+        collect = self._prepare(logits)
         z = logits.to(dtype)
-        t, valid = self._target_matrix(z, targets, dtype)
         r, q = (w.to(dtype) for w in self.class_weights())  # constants: statistics through t-1
         w = t * q + (1.0 - t) * r  # w_ij = q_j if T_ij = 1 else r_j
         elem = F.binary_cross_entropy_with_logits(z, t, weight=w, reduction="none")  # w_ij BCE(z_ij, T_ij)
         count: int | torch.Tensor = z.shape[0]
-        n: int | torch.Tensor = max(z.shape[0], 1)
         if valid is not None:  # ignored rows: out of the loss, n and the statistics (convention L)
             elem = torch.where(valid, elem, torch.zeros((), dtype=dtype, device=z.device))
             count = valid.sum()
-            n = count.clamp(min=1).to(torch.float64)
-        loss = elem.sum() / (n if isinstance(n, int) else n.to(dtype))
+        loss = elem.sum() / _as(self._divisor(count), elem)  # n = max(count, 1), or the union's (A)
         if collect:
             with torch.no_grad():
                 grad = (torch.sigmoid(z.detach()) - t).abs() * w  # |sigmoid(z) - T| w = |dL/dz| * n (§2)
                 if valid is not None:
                     grad = torch.where(valid, grad, torch.zeros((), dtype=dtype, device=z.device))
                 c = self.num_classes
-                # official (§9): summed without 1/n and without a world-size factor; exact: |dL/dz| / W
-                scale = 1.0 if self.accumulation == "official" else 1.0 / (n * world_size())
-                self.stats.update_from_elementwise_grad(grad[:, :c], t[:, :c], scale=scale, count=count)
+                # official (§9): summed without 1/n and without a world-size factor; exact: the gradient
+                # of the mean over the step's samples, normalised globally (gradstats rule 8)
+                norm = None if self.accumulation == "official" else count
+                self.stats.update_from_elementwise_grad(grad[:, :c], t[:, :c], count=count, norm=norm)
         if z.numel() == 0:
             return empty_batch_loss(z)  # convention E (the statistics update above still ran)
         return loss
+
+    def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
+        """n of a batch (convention N): its non-ignored samples (rows of multi-label targets)."""
+        return _count_not_ignored(targets, self.ignore_index, multi_label_dims=2)
 
     def extra_repr(self) -> str:
         return (
@@ -341,7 +356,7 @@ class _FocalEqualization(_EqualizationLoss):
     def effective_ratio(self) -> torch.Tensor:
         """g_hat_j = clamp(g_j, 0, 1), 1 while the statistics are empty (docs/methods/eql.md §3: 'ratio starts
         at 1')."""
-        g = torch.where(self.stats.steps > 0, self.stats.ratio(), torch.ones_like(self.stats.pos))
+        g = torch.where(self.stats.started(), self.stats.ratio(), torch.ones_like(self.stats.pos))
         return g.clamp(0.0, 1.0)
 
     @torch.no_grad()
@@ -355,72 +370,129 @@ class _FocalEqualization(_EqualizationLoss):
 
     def _targets(
         self, logits: torch.Tensor, targets: torch.Tensor, name: str
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """((rows, cls), valid (n, 1) bool, normalizer 0-dim) for index targets (class docstring).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(y (n,) long, valid (n, 1) bool, is_pos (n,) bool) for index targets (class docstring).
 
-        T_ij = 1 exactly at the positive elements (rows[k], cls[k]): one per non-ignored, non-background
-        row, at its label (background and ignored rows are rows of zeros); :func:`_target_matrix` builds
-        the dense (n, C) T where a loss needs it.
+        T_ij = 1 exactly at the positive elements: one per non-ignored, non-background row, at its label
+        (background and ignored rows are rows of zeros); :func:`_positives` gives them as (rows, cls),
+        :func:`_dense_targets` as the dense (n, C) T.
         """
         _check_index_targets(targets, logits.shape[0], name)
         c = self.num_classes
         hint = label_options_hint(c, self.background_label, self.ignore_index)
-        check_label_range(targets, c, allow=self.ignore_index, background=self.background_label, hint=hint)
+        targets = checked_labels(
+            targets, c, allow=self.ignore_index, background=self.background_label, hint=hint
+        )
         y = targets.to(device=logits.device, dtype=torch.long)
         if self.ignore_index is None:
             valid = torch.ones_like(y, dtype=torch.bool).view(-1, 1)
         else:
             valid = (y != self.ignore_index).view(-1, 1)
         is_pos = valid.view(-1) & (y >= 0) & (y < c)  # the ignore index lies outside [0, C)
-        rows = torch.nonzero(is_pos).view(-1)
-        num_pos = is_pos.sum().clamp(min=1).to(logits.dtype)
-        return (rows, y[rows]), valid, num_pos
+        return y, valid, is_pos
 
     @staticmethod
-    def _normalizer(
-        num_pos: torch.Tensor, normalizer: float | torch.Tensor | None, name: str
-    ) -> torch.Tensor:
-        """The loss's denominator: the step's positive count (at least 1), or the caller's ``normalizer``
-        (e.g. a detector's positive count averaged over ranks, as the official one-stage codes do, §9)."""
+    def _check_normalizer(normalizer: float | torch.Tensor | None, name: str) -> torch.Tensor | None:
+        """The caller's ``normalizer`` as a float64 0-dim tensor (checked > 0), or None."""
         if normalizer is None:
-            return num_pos
-        norm = torch.as_tensor(normalizer, dtype=num_pos.dtype, device=num_pos.device).detach()
-        if norm.dim() != 0:
+            return None
+        if isinstance(normalizer, bool) or not isinstance(normalizer, int | float | torch.Tensor):
+            raise InputError(f"{name}: normalizer must be a number or a 0-dim tensor, got {normalizer!r}")
+        norm = torch.as_tensor(normalizer).detach()
+        if norm.dim() != 0 or norm.dtype == torch.bool:
             raise InputError(
                 f"{name}: normalizer must be a number or a 0-dim tensor, got shape {tuple(norm.shape)}"
             )
-        if norm.device.type == "cpu" and not bool(norm > 0):
-            raise InputError(f"{name}: normalizer must be > 0, got {float(norm)}")
-        return norm
+        norm = norm.to(torch.float64)
+        return checked_value(
+            norm, (norm > 0) & torch.isfinite(norm), f"{name}: normalizer must be > 0 and finite"
+        )
+
+    def _divide_by(self, num_pos: torch.Tensor, normalizer: torch.Tensor | None, like: torch.Tensor):
+        """The loss's denominator: the caller's ``normalizer`` (e.g. a detector's positive count averaged
+        over ranks, as the official one-stage codes do, §9), else max(#pos, 1), or inside
+        ``accumulate`` the union's max(total, 1) (conventions N, A)."""
+        if normalizer is not None:
+            return normalizer.to(device=like.device, dtype=like.dtype)
+        return _as(self._divisor(num_pos), like)
 
     def _collect(
         self,
         grad: torch.Tensor,
-        positives: tuple[torch.Tensor, torch.Tensor],
+        t: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         valid: torch.Tensor,
         num_pos: torch.Tensor,
+        normalizer: torch.Tensor | None,
         masked: bool = False,
     ) -> None:
-        """Add |dl/dz| / num_pos (ignored rows zeroed, not counted) to the statistics
-        (docs/methods/eql.md §3): P_j += sum_i T_ij |dl/dz_ij|, N_j += sum_i (1 - T_ij) |dl/dz_ij|.
+        """Add |dl/dz| (ignored rows zeroed, not counted) to the statistics (docs/methods/eql.md §3):
+        P_j += sum_i T_ij |dl/dz_ij|, N_j += sum_i (1 - T_ij) |dl/dz_ij|, divided by the number of
+        positives of the whole step over all ranks (gradstats rule 8), or by the caller's ``normalizer``
+        times the world size.
 
-        Per-class sums in float64 without a float64 copy of the (n, C) gradient: P gathered from the
-        ``positives`` (rows, cls) only, N = (column sums) - P. ``masked``: the ignored rows of ``grad``
-        are zero already."""
+        ``t``: the dense bool T, or the positives (rows, cls): then per-class sums in float64 without a
+        float64 copy of the (n, C) gradient, P gathered from the positives only, N = (column sums) - P.
+        ``masked``: the ignored rows of ``grad`` are zero already."""
         if not masked:
             grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-        rows, cls = positives
-        pos = torch.zeros(self.num_classes, dtype=torch.float64, device=grad.device)
-        pos.index_add_(0, cls, grad[rows, cls].to(torch.float64))
+        if isinstance(t, torch.Tensor):
+            pos = torch.where(t, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+            pos = pos.sum(dim=0, dtype=torch.float64)
+        else:
+            rows, cls = t
+            pos = torch.zeros(self.num_classes, dtype=torch.float64, device=grad.device)
+            pos.index_add_(0, cls, grad[rows, cls].to(torch.float64))
         neg = grad.sum(dim=0, dtype=torch.float64) - pos
-        scale = 1.0 / (num_pos.to(torch.float64) * world_size())
-        self.stats.update_from_class_sums(pos, neg, scale=scale, count=valid.sum())
+        count = valid.sum()
+        if normalizer is None:
+            self.stats.update_from_class_sums(pos, neg, count=count, norm=num_pos)
+        else:
+            scale = 1.0 / (normalizer.to(device=pos.device) * world_size())
+            self.stats.update_from_class_sums(pos, neg, scale=scale, count=count)
+
+    def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
+        """#pos of a batch (convention N): its non-ignored, non-background samples."""
+        if not isinstance(targets, torch.Tensor) or targets.dim() != 1:
+            raise InputError(f"{type(self).__name__}.normalizer expects (n,) targets")
+        y = targets.detach()
+        return ((y >= 0) & (y < self.num_classes)).sum().to(torch.float64)
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, gamma_b={self.gamma_b}, s={self.s}, "
             f"background_label={self.background_label}, ignore_index={self.ignore_index}"
         )
+
+
+def _as(x: torch.Tensor | int | float, like: torch.Tensor) -> torch.Tensor | int | float:
+    """A denominator in the dtype and on the device of ``like`` (numbers stay numbers)."""
+    return x.to(device=like.device, dtype=like.dtype) if isinstance(x, torch.Tensor) else x
+
+
+def _count_not_ignored(
+    targets: torch.Tensor, ignore_index: int | None, multi_label_dims: int = 0
+) -> torch.Tensor:
+    """float64 0-dim count of samples whose label is not ``ignore_index`` (multi-label rows all count)."""
+    if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
+        raise InputError("normalizer expects a tensor of targets")
+    if multi_label_dims and targets.dim() == multi_label_dims:
+        return torch.tensor(float(targets.shape[0]), dtype=torch.float64)
+    if ignore_index is None:
+        return torch.tensor(float(targets.numel()), dtype=torch.float64)
+    return (targets.detach() != ignore_index).sum().to(torch.float64)
+
+
+def _positives(y: torch.Tensor, is_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cls) of the positive elements (a data-dependent size: eager code only)."""
+    rows = torch.nonzero(is_pos).view(-1)
+    return rows, y[rows]
+
+
+def _dense_targets(y: torch.Tensor, is_pos: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dense bool (n, C) T: True at (i, y_i) for the positive rows, False elsewhere (static shapes:
+    what compiled code uses instead of :func:`_positives`)."""
+    classes = torch.arange(num_classes, device=y.device)
+    return (y.view(-1, 1) == classes) & is_pos.view(-1, 1)
 
 
 def _target_matrix(
@@ -504,6 +576,33 @@ class _EFLValue(torch.autograd.Function):
         return dz, None, None, None, None, None, None, None
 
 
+class _EFLValueDense(torch.autograd.Function):
+    """:class:`_EFLValue` with the dense T instead of the positives (rows, cls): static shapes, for
+    compiled code. Same values, same gradient."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        z: torch.Tensor,
+        elem_sum: torch.Tensor,
+        grad: torch.Tensor,
+        t: torch.Tensor,
+        gamma: torch.Tensor,
+        coef: torch.Tensor,
+        norm: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(z, grad, t, gamma, coef, norm)
+        return elem_sum / norm
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):  # type: ignore[override]
+        z, grad, t, gamma, coef, norm = ctx.saved_tensors  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph: a differentiable gradient
+            grad = _efl_terms(z, t, gamma, coef)[1]
+        dz = torch.where(t, -grad, grad) * (grad_out / norm)  # dl/dz = -(2 T - 1) |dl/dz|
+        return dz, None, None, None, None, None, None
+
+
 @register_loss("efl")
 class EqualizedFocalLoss(_FocalEqualization):
     """Equalized Focal Loss (docs/methods/eql.md §3): l_ij = -alpha_t omega_j (1 - p_t)^gamma_j log(p_t),
@@ -565,24 +664,39 @@ class EqualizedFocalLoss(_FocalEqualization):
         include the loss's normaliser), e.g. the positives of the whole batch averaged over ranks.
         """
         _check_2d_logits(logits, self.num_classes, "efl")
+        y, valid, is_pos = self._targets(logits, targets, "efl")  # every check before any change (V)
+        given = self._check_normalizer(normalizer, "efl")
         collect = self._prepare(logits)
         z = logits.to(_work_dtype(logits))
-        positives, valid, num_pos = self._targets(z, targets, "efl")
-        num_pos = self._normalizer(num_pos, normalizer, "efl")
+        num_pos = is_pos.sum()
+        norm = self._divide_by(num_pos, given, z)
         gamma, omega = (v.to(z.dtype) for v in self.focusing())  # constants: statistics through t-1
         # coef_ij = alpha_t omega_j on valid rows, 0 on ignored ones (the mask rides in the constant)
         a = 1.0 if self.alpha is None else self.alpha
         b = 1.0 if self.alpha is None else 1.0 - self.alpha
+        if torch.compiler.is_compiling():  # static shapes: the dense T instead of the positives
+            t = _dense_targets(y, is_pos, self.num_classes)
+            coef = valid * torch.where(t, a * omega, b * omega)
+            if z.numel() == 0:
+                if collect:
+                    self._collect(torch.zeros_like(z), t, valid, num_pos, given, masked=True)
+                return empty_batch_loss(z)
+            with torch.no_grad():
+                total, grad = _efl_terms(z.detach(), t, gamma, coef)
+            if collect:
+                self._collect(grad, t, valid, num_pos, given, masked=True)
+            return _EFLValueDense.apply(z, total, grad, t, gamma, coef, norm)
+        positives = _positives(y, is_pos)
         coef = valid * (b * omega)
         coef[positives] = (a * omega)[positives[1]]
         if z.numel() == 0:
             if collect:
-                self._collect(torch.zeros_like(z), positives, valid, num_pos, masked=True)
+                self._collect(torch.zeros_like(z), positives, valid, num_pos, given, masked=True)
             return empty_batch_loss(z)  # convention E (the statistics update above still ran)
         total, grad = _efl_terms_inplace(z.detach(), positives, gamma, coef)
         if collect:
-            self._collect(grad, positives, valid, num_pos, masked=True)
-        return _EFLValue.apply(z, total, grad, *positives, gamma, coef, num_pos)
+            self._collect(grad, positives, valid, num_pos, given, masked=True)
+        return _EFLValue.apply(z, total, grad, *positives, gamma, coef, norm)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"
@@ -645,25 +759,31 @@ class EqualizedQualityFocalLoss(_FocalEqualization):
         """Sum over valid elements of omega_j BCE(z, Q) |Q - p|^gamma_j, divided by #pos (§3), or by
         ``normalizer`` when given (as in :meth:`EqualizedFocalLoss.forward`)."""
         _check_2d_logits(logits, self.num_classes, "eqfl")
+        y, valid, is_pos = self._targets(logits, targets, "eqfl")  # every check before any change (V)
+        given = self._check_normalizer(normalizer, "eqfl")
+        work = _work_dtype(logits)
+        qv = None
+        if quality is not None:
+            if not isinstance(quality, torch.Tensor) or quality.dim() != 1 or quality.shape[0] != y.shape[0]:
+                shape = tuple(quality.shape) if isinstance(quality, torch.Tensor) else type(quality).__name__
+                raise InputError(f"eqfl: quality must be ({y.shape[0]},), got {shape}")
+            check_floating_logits(quality, "eqfl: quality")
+            qv = _checked_unit_interval(
+                quality.detach().to(device=logits.device, dtype=work), "eqfl: quality"
+            )
         collect = self._prepare(logits)
-        z = logits.to(_work_dtype(logits))
-        positives, valid, num_pos = self._targets(z, targets, "eqfl")
-        num_pos = self._normalizer(num_pos, normalizer, "eqfl")
-        t = _target_matrix(positives, z, z.dtype)
-        if quality is None:
-            soft = t
-        else:
-            if quality.dim() != 1 or quality.shape[0] != z.shape[0]:
-                raise InputError(f"eqfl: quality must be ({z.shape[0]},), got shape {tuple(quality.shape)}")
-            qv = quality.detach().to(device=z.device, dtype=z.dtype)
-            _check_unit_interval(qv, "eqfl: quality")
-            soft = t * qv.view(-1, 1)
+        z = logits.to(work)
+        num_pos = is_pos.sum()
+        norm = self._divide_by(num_pos, given, z)
+        tb = _dense_targets(y, is_pos, self.num_classes)
+        t = tb.to(z.dtype)
+        soft = t if qv is None else t * qv.view(-1, 1)
         gamma, omega = (v.to(z.dtype) for v in self.focusing())  # constants: statistics through t-1
         p = torch.sigmoid(z)
         bce = F.binary_cross_entropy_with_logits(z, soft, reduction="none")
         elem = omega * (bce * (p - soft).abs() ** gamma)
         elem = torch.where(valid, elem, torch.zeros((), dtype=elem.dtype, device=elem.device))
-        loss = elem.sum() / num_pos
+        loss = elem.sum() / norm
         if collect:
             with torch.no_grad():
                 # d/dz [BCE(z, Q) |p - Q|^gamma]
@@ -673,7 +793,7 @@ class EqualizedQualityFocalLoss(_FocalEqualization):
                 d = (pd - soft).abs()
                 bce_d = bce.detach()
                 grad = omega * d ** (gamma - 1.0) * (d * d + gamma * bce_d * pd * torch.sigmoid(-zd))
-                self._collect(grad, positives, valid, num_pos)
+                self._collect(grad, tb, valid, num_pos, given)
         if z.numel() == 0:
             return empty_batch_loss(z)  # convention E (the statistics update above still ran)
         return loss
@@ -750,11 +870,11 @@ class SoftmaxEQL(_EqualizationLoss):
     def indicator_values(self) -> torch.Tensor:
         """I_j = max(P_j, eps) (or N_j, or P_j + N_j), float64 (C,) (docs/methods/eql.md §4)."""
         if self.indicator == "pos":
-            raw = self.stats.pos
+            raw = read_statistics(self.stats.pos)
         elif self.indicator == "neg":
-            raw = self.stats.neg
+            raw = read_statistics(self.stats.neg)
         else:
-            raw = self.stats.pos + self.stats.neg
+            raw = read_statistics(self.stats.pos) + read_statistics(self.stats.neg)
         return raw.clamp(min=self.eps)
 
     @torch.no_grad()
@@ -766,18 +886,21 @@ class SoftmaxEQL(_EqualizationLoss):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """mean over non-ignored samples of CE(z + tau log I, y), I from statistics through t-1 (§1, §4)."""
         c = self.num_classes
-        if logits.dim() < 2 or logits.shape[1] != c or not logits.dtype.is_floating_point:
+        check_floating_logits(logits, "softmax_eql: logits")
+        if logits.dim() < 2 or logits.shape[1] != c:
             raise InputError(
                 f"softmax_eql: logits must be floating (N, {c}) or (N, {c}, d1, ...), got "
                 f"{logits.dtype} {tuple(logits.shape)}"
             )
         expected = (logits.shape[0], *logits.shape[2:])
+        if not isinstance(targets, torch.Tensor):
+            raise InputError(f"softmax_eql: targets must be a tensor, got {type(targets).__name__}")
         if tuple(targets.shape) != expected:
             raise InputError(f"softmax_eql: targets must have shape {expected}, got {tuple(targets.shape)}")
         if targets.dtype.is_floating_point or targets.dtype == torch.bool:
             raise InputError(f"softmax_eql: targets must be integer class indices, got dtype {targets.dtype}")
         hint = label_options_hint(c, None, self.ignore_index)
-        check_label_range(targets, c, allow=self.ignore_index, hint=hint)
+        targets = checked_labels(targets, c, allow=self.ignore_index, hint=hint)  # before any change (V)
         collect = self._prepare(logits)
         z = logits.to(_work_dtype(logits))
         y = targets.to(device=z.device, dtype=torch.long)
@@ -785,10 +908,11 @@ class SoftmaxEQL(_EqualizationLoss):
         z_adj = z + offsets
         ignore = -100 if self.ignore_index is None else self.ignore_index  # -100: no label is ignored
         valid = y != ignore
-        count = valid.sum().clamp(min=1)  # non-ignored samples, at least 1 (convention N)
+        count = valid.sum()  # non-ignored samples; the loss divides by at least 1 (convention N)
         # CE(z~, y) as log-softmax + NLL (what F.cross_entropy computes), the log-softmax reused below
         log_p = F.log_softmax(z_adj, dim=1)
-        loss = F.nll_loss(log_p, y, ignore_index=ignore, reduction="sum") / count
+        total = F.nll_loss(log_p, y, ignore_index=ignore, reduction="sum")
+        loss = total / _as(self._divisor(count), total)
         if collect:
             with torch.no_grad():
                 self._collect(log_p.detach(), y, valid, count)
@@ -802,7 +926,8 @@ class SoftmaxEQL(_EqualizationLoss):
         """Add |softmax(z~) - onehot(y)| / #samples per class (§1, §4) from per-class sums, without an
         (n, C) gradient matrix: with p = softmax(z~) over the counted samples,
         P_c += sum_{i: y_i = c} (1 - p_ic) = n_c - sum_{i: y_i = c} p_ic and
-        N_c += sum_{i: y_i != c} p_ic = sum_i p_ic - sum_{i: y_i = c} p_ic (float64 sums)."""
+        N_c += sum_{i: y_i != c} p_ic = sum_i p_ic - sum_{i: y_i = c} p_ic (float64 sums); #samples is
+        that of the whole step over all ranks (gradstats rule 8)."""
         c = self.num_classes
         prob = flatten_class_dim(log_p).exp()
         yf, vf = y.reshape(-1), valid.reshape(-1)
@@ -814,8 +939,11 @@ class SoftmaxEQL(_EqualizationLoss):
         n_c = zeros.index_add(0, y_safe, vf.to(torch.float64))
         pos_p = zeros.index_add(0, y_safe, p_y)
         col = prob.sum(dim=0, dtype=torch.float64)
-        scale = 1.0 / (count.to(torch.float64) * world_size())  # the 1/n of the mean, then 1/W (§1 rule 6)
-        self.stats.update_from_class_sums(n_c - pos_p, col - pos_p, scale=scale, count=vf.sum())
+        self.stats.update_from_class_sums(n_c - pos_p, col - pos_p, count=vf.sum(), norm=count)
+
+    def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
+        """The non-ignored samples (positions) of a batch (convention N)."""
+        return _count_not_ignored(targets, self.ignore_index)
 
     def extra_repr(self) -> str:
         return (

@@ -1,7 +1,8 @@
 """GALA: gradient-aware logit adjustment loss (docs/methods/gala.md §1-2; Zhang et al., ICASSP 2024).
 
 Statistics (docs/methods/gala.md §1). Each training step feeds G = |softmax(z~) - onehot(y)| / B, the
-closed-form gradient of the mean loss at the *adjusted* logits z~, into a C x C matrix M[j, c] (rows:
+closed-form gradient of the mean loss at the *adjusted* logits z~ (B: the samples of the whole step,
+over all ranks and, inside ``accumulate``, all micro-batches), into a C x C matrix M[j, c] (rows:
 classifier j, columns: sample class c), kept by :class:`gradtail.gradstats.GradientStatistics` (float64
 buffers, SUM-all-reduced across ranks, checkpointed). From it
 
@@ -30,10 +31,10 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from gradtail.distributed import world_size
 from gradtail.errors import ConfigError
-from gradtail.gradstats import GradientStatistics
-from gradtail.losses.base import LongTailLoss, check_logits_targets, empty_batch_loss
+from gradtail.gradstats import GradientStatistics, read_statistics
+from gradtail.losses.base import Accumulation as AccumulationState
+from gradtail.losses.base import LongTailLoss, checked_logits_targets, empty_batch_loss
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
@@ -83,9 +84,11 @@ class GALALoss(LongTailLoss):
     (``double`` grows roughly quadratically with steps). With lambda1 == lambda2 (and in ``code``) only
     ratios matter, up to eps.
 
-    Multi-process: G is divided by B * world_size, the gradient of the rank-averaged loss that DDP
-    optimizes, so with equal per-rank batches the summed statistics equal those of one process running
-    the whole global batch.
+    Multi-process: the per-sample |softmax(z~) - onehot(y)| and the batch size B are summed over ranks
+    in one all-reduce and divided there (:mod:`gradtail.gradstats` rule 8), so the statistics equal
+    those of one process running the whole global batch, whatever the split (20 + 12 samples as well
+    as 16 + 16). Accumulation, validation before any change and compile: conventions A, V, P of
+    :mod:`gradtail.losses.base`.
 
     Example:
         >>> import torch
@@ -144,14 +147,14 @@ class GALALoss(LongTailLoss):
         """theta_j: positive gradient received by class j (docs/methods/gala.md §1), from the active
         accumulator."""
         if self.accumulation == "double":
-            return self.theta2
-        return torch.diagonal(self.stats.matrix)
+            return read_statistics(self.theta2)
+        return torch.diagonal(read_statistics(self.stats.matrix))
 
     def phi(self) -> torch.Tensor:
         """phi_c: negative gradient produced by samples of class c (docs/methods/gala.md §1), active
         accumulator."""
         if self.accumulation == "double":
-            return self.phi2
+            return read_statistics(self.phi2)
         return self.stats.negative_produced()
 
     def logit_offsets(self, targets: torch.Tensor) -> torch.Tensor:
@@ -171,8 +174,7 @@ class GALALoss(LongTailLoss):
             per_sample = self.lambda2 * log_phi_k
             offsets = base.unsqueeze(0) - per_sample.unsqueeze(1)
             offsets = offsets.scatter(1, tgt.view(-1, 1), 0.0)  # z~_k = z_k: target not adjusted
-        started = self.stats.steps > 0
-        return torch.where(started, offsets, torch.zeros_like(offsets))
+        return torch.where(self.stats.started(), offsets, torch.zeros_like(offsets))
 
     # ------------------------------------------------------------------ loss
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -182,34 +184,59 @@ class GALALoss(LongTailLoss):
         An empty batch gives :func:`gradtail.losses.base.empty_batch_loss` and still runs the update
         (zero contribution, the same collective as every step; convention E).
         """
-        check_logits_targets(logits, targets, self.num_classes)
+        targets = checked_logits_targets(logits, targets, self.num_classes)  # before any change (V)
+        if self.stats.pos.device != logits.device:
+            self.to(logits.device)
+        collect = self.updates_statistics(logits)
         work_dtype = torch.promote_types(logits.dtype, torch.float32)
         z = logits.to(work_dtype)
         targets = targets.to(device=logits.device, dtype=torch.long)
         offsets = self.logit_offsets(targets).to(device=z.device, dtype=work_dtype)
         z_adj = z + offsets
-        loss = F.cross_entropy(z_adj, targets) if z.numel() else empty_batch_loss(z_adj)
-        if self.updates_statistics(logits):
+        if z.numel():  # the mean over B samples, or over the union's total inside accumulate (A)
+            total = F.cross_entropy(z_adj, targets, reduction="sum")
+            divisor = self._divisor(z.shape[0])
+            loss = total / (divisor.to(total) if isinstance(divisor, torch.Tensor) else divisor)
+        else:
+            loss = empty_batch_loss(z_adj)
+        if collect:
             self._update(z_adj.detach(), targets)
         return loss
 
     @torch.no_grad()
     def _update(self, z_adj: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add G = |softmax(z~) - onehot(y)| / (B * world_size) to M (docs/methods/gala.md §1), then the
-        second level."""
+        """Add G = |softmax(z~) - onehot(y)| / B to M (docs/methods/gala.md §1; B summed over ranks,
+        gradstats rule 8), then the second level."""
         with torch.autocast(device_type=z_adj.device.type, enabled=False):
             grad = torch.softmax(z_adj.to(torch.float64), dim=1)
             grad.scatter_add_(1, targets.view(-1, 1), -torch.ones_like(grad[:, :1]))
-            grad.abs_().div_(max(z_adj.shape[0], 1) * world_size())
+            grad.abs_()
             steps_before = self.stats.steps.clone()
-            self.stats.update_from_softmax_grad(grad, targets)
-            if self.accumulation == "double":
-                # second level: add the running sums again after every counted step (released code);
-                # a step the statistics did not count (empty everywhere, non-finite) adds nothing
-                counted = self.stats.steps != steps_before
-                zero = torch.zeros((), dtype=self.theta2.dtype, device=self.theta2.device)
-                self.theta2.add_(torch.where(counted, torch.diagonal(self.stats.matrix), zero))
-                self.phi2.add_(torch.where(counted, self.stats.negative_produced(), zero))
+            self.stats.update_from_softmax_grad(grad, targets, norm=z_adj.shape[0])
+            if not self.stats.accumulating:
+                self._second_level(steps_before)
+
+    def _second_level(self, steps_before: torch.Tensor) -> None:
+        """``double``: add the running sums again after every counted step (released code); a step the
+        statistics did not count (empty everywhere, non-finite) adds nothing."""
+        if self.accumulation != "double":
+            return
+        counted = self.stats.steps != steps_before
+        zero = torch.zeros((), dtype=self.theta2.dtype, device=self.theta2.device)
+        self.theta2.add_(torch.where(counted, torch.diagonal(self.stats.matrix), zero))
+        self.phi2.add_(
+            torch.where(counted, self.stats.matrix.sum(dim=0) - torch.diagonal(self.stats.matrix), zero)
+        )
+
+    def _begin_accumulation(self, acc: AccumulationState, targets: torch.Tensor | None) -> None:
+        self.stats.begin_accumulation(acc.total)
+
+    @torch.no_grad()
+    def _end_accumulation(self, commit: bool) -> None:
+        steps_before = self.stats.steps.clone()
+        self.stats.end_accumulation(commit)
+        if commit:
+            self._second_level(steps_before)
 
     def extra_repr(self) -> str:
         return (

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gradtail.errors import ConfigError
-from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half, validate_class_counts
+from gradtail.losses.base import PerSampleLoss, checked_logits_targets, upcast_half, validate_class_counts
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
@@ -72,7 +72,7 @@ class LDAMLoss(PerSampleLoss):
         self.register_buffer("margins", ldam_margins(counts, max_margin))
 
     def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        check_logits_targets(logits, targets, self.num_classes)
+        targets = checked_logits_targets(logits, targets, self.num_classes)
         z = upcast_half(logits)
         y = targets.long()
         margin = torch.zeros_like(z).scatter(1, y.unsqueeze(1), self.margins.to(z.dtype)[y].unsqueeze(1))

@@ -22,8 +22,14 @@ mmdetection's ``SeesawLoss.forward`` (accumulate, then compute the loss); it is 
 docs/methods/eql.md's timing rule, because a step's labels are known before its loss, unlike its gradients.
 Any other call only reads the counts. Empty batches, labels ([0, C)) and the eval-mode warning follow the
 conventions of :mod:`gradtail.losses.base` (``docs/losses.md``). ``class_counts`` is accepted and ignored: N
-counts what training has seen, not the dataset's counts. The detection-specific objectness branch of the
-mmdetection loss is not part of this classification loss.
+counts what training has seen, not the dataset's counts.
+
+Accumulation (convention A): ``with loss.accumulate(targets=union_targets):`` counts the union's labels
+(summed over ranks: the one all-reduce of the step) when it starts, every micro-batch inside uses
+N + those counts, as the whole batch would, and the exit adds them to ``cum_samples``. Seesaw needs
+the union's targets there (``total`` alone is refused): its factors count labels before the loss.
+The detection-specific objectness branch of the mmdetection loss is not part of this classification
+loss.
 """
 
 from __future__ import annotations
@@ -37,7 +43,14 @@ import torch.nn.functional as F
 
 from gradtail import distributed
 from gradtail.errors import ConfigError
-from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half
+from gradtail.gradstats import keep_buffer_dtypes, read_statistics, statistics_frozen
+from gradtail.losses.base import (
+    Accumulation,
+    PerSampleLoss,
+    checked_labels,
+    checked_logits_targets,
+    upcast_half,
+)
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
@@ -105,24 +118,55 @@ class SeesawLoss(PerSampleLoss):
         self.p, self.q, self.eps = p, q, eps
         self.register_buffer("cum_samples", torch.zeros(num_classes, dtype=torch.float64))
 
-    def accumulate(self, targets: torch.Tensor) -> None:
-        """N += all_reduce_sum(per-class label counts of this batch) (no host-device synchronisation)."""
-        batch = torch.zeros_like(self.cum_samples)
-        ones = torch.ones(targets.shape[0], dtype=batch.dtype, device=batch.device)
-        batch.index_add_(0, targets.long(), ones)
+        self._union_counts: torch.Tensor | None = None  # inside accumulate(): the union's label counts
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Devices apply to ``cum_samples``, dtypes do not (float64 counts; convention P)."""
+        return keep_buffer_dtypes(self, lambda: super(SeesawLoss, self)._apply(fn, recurse))
+
+    def label_counts(self, targets: torch.Tensor) -> torch.Tensor:
+        """all_reduce_sum(per-class label counts of ``targets``), float64 (C,) (no host-device sync)."""
+        batch = torch.zeros(self.num_classes, dtype=self.cum_samples.dtype, device=self.cum_samples.device)
+        y = targets.reshape(-1).to(device=batch.device, dtype=torch.long)
+        batch.index_add_(0, y, torch.ones(y.shape[0], dtype=batch.dtype, device=batch.device))
         distributed.all_reduce_sum_(batch)
-        self.cum_samples.add_(batch)
+        return batch
 
     def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        check_logits_targets(logits, targets, self.num_classes)
+        targets = checked_logits_targets(logits, targets, self.num_classes)  # before any change (V)
+        if self.cum_samples.device != logits.device:
+            self.to(logits.device)
+        counts = read_statistics(self.cum_samples)
         if self.updates_statistics(logits):  # convention S; an empty batch still all-reduces (E)
-            self.accumulate(targets)
+            if self._union_counts is not None:  # inside accumulate(): the union's labels (A)
+                counts = counts + self._union_counts.to(counts.device)
+            else:
+                batch = self.label_counts(targets)
+                counts = counts + batch  # step t uses the counts through step t (module docstring)
+                self.cum_samples.add_(batch)
         z = upcast_half(logits)
         y = targets.long()
         with torch.no_grad():
             log_probs = F.log_softmax(z, dim=1)
-            log_adjust = seesaw_log_factors(log_probs, y, self.cum_samples, self.p, self.q, self.eps)
+            log_adjust = seesaw_log_factors(log_probs, y, counts, self.p, self.q, self.eps)
         return F.cross_entropy(z + log_adjust, y, reduction="none")
+
+    def _begin_accumulation(self, acc: Accumulation, targets: torch.Tensor | None) -> None:
+        if targets is None:
+            raise ConfigError(
+                "seesaw: accumulate() needs targets=<the union's labels> (its factors count the labels of "
+                "the whole accumulated batch before its first micro-batch), not total"
+            )
+        if not isinstance(targets, torch.Tensor) or targets.dim() != 1:
+            raise ConfigError("seesaw: accumulate(targets=...) takes the (n,) labels of the union")
+        targets = checked_labels(targets, self.num_classes)
+        self._union_counts = self.label_counts(targets)
+
+    @torch.no_grad()
+    def _end_accumulation(self, commit: bool) -> None:
+        union, self._union_counts = self._union_counts, None
+        if commit and union is not None and self.training and not statistics_frozen():
+            self.cum_samples.add_(union.to(self.cum_samples.device))
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, p={self.p}, q={self.q}, eps={self.eps}"

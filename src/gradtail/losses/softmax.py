@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gradtail.errors import ConfigError
-from gradtail.losses.base import PerSampleLoss, check_logits_targets, upcast_half, validate_class_counts
+from gradtail.losses.base import PerSampleLoss, checked_logits_targets, upcast_half, validate_class_counts
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
@@ -66,7 +66,7 @@ class CrossEntropyLoss(PerSampleLoss):
         super().__init__(num_classes)
 
     def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        check_logits_targets(logits, targets, self.num_classes)
+        targets = checked_logits_targets(logits, targets, self.num_classes)
         return F.cross_entropy(upcast_half(logits), targets.long(), reduction="none")
 
 
@@ -92,7 +92,7 @@ class FocalLoss(PerSampleLoss):
         self.gamma = check_gamma(gamma, "focal")
 
     def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        check_logits_targets(logits, targets, self.num_classes)
+        targets = checked_logits_targets(logits, targets, self.num_classes)
         return focal_terms(upcast_half(logits), targets, self.gamma)
 
     def extra_repr(self) -> str:
@@ -119,7 +119,7 @@ class AdditiveLogitAdjustedCE(PerSampleLoss):
         self.register_buffer("adjustment", adjustment.to(torch.float64))
 
     def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        check_logits_targets(logits, targets, self.num_classes)
+        targets = checked_logits_targets(logits, targets, self.num_classes)
         z = upcast_half(logits)
         return F.cross_entropy(z + self.adjustment.to(z.dtype), targets.long(), reduction="none")
 
