@@ -12,6 +12,7 @@ import math
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,6 +162,27 @@ class Spec:
     cosine: bool = False  # feed cosines in [-1, 1] (LDAM's head)
 
 
+def ref_cb_focal_released(
+    z: np.ndarray, y: np.ndarray, counts: list[float], beta: float, gamma: float
+) -> float:
+    """The class-balanced focal loss as the authors' released code computes it (Cui et al. 2019,
+    class-balanced-loss ``src/cifar_main.py``: the class weights of ``main``, their tiling in ``_tower_fn``
+    and ``focal_loss``), transcribed to NumPy line by line."""
+    num_classes = z.shape[1]
+    effective_num = 1.0 - np.power(beta, np.array(counts, dtype=np.float64))
+    weights = (1.0 - beta) / effective_num
+    weights = weights / np.sum(weights) * num_classes
+    labels = np.eye(num_classes)[y]  # tf.one_hot
+    w = np.tile(weights[None, :], (labels.shape[0], 1)) * labels
+    w = np.tile(w.sum(axis=1)[:, None], (1, num_classes))  # the sample's class weight on every channel
+    # tf.nn.sigmoid_cross_entropy_with_logits: max(z, 0) - z * t + log(1 + exp(-|z|))
+    cross_entropy = np.maximum(z, 0.0) - z * labels + np.log1p(np.exp(-np.abs(z)))
+    modulator = np.exp(-gamma * labels * z - gamma * np.log1p(np.exp(-1.0 * z))) if gamma else 1.0
+    loss = modulator * cross_entropy
+    weighted_loss = w * loss
+    return float(np.sum(weighted_loss) / np.sum(labels))  # normalised by the number of positives
+
+
 def cb_ref(beta: float, base: str, gamma: float = 1.0) -> Ref:
     def ref(z: np.ndarray, y: np.ndarray, counts: list[float], at: np.ndarray) -> float:
         per = {
@@ -195,6 +217,19 @@ SPECS = [
     Spec("cb_ce", "cb", cb_ref(0.9999, "ce")),
     Spec("cb_ce_b0.9", "cb", cb_ref(0.9, "ce"), {"beta": 0.9}),
     Spec("cb_focal", "cb", cb_ref(0.9999, "focal", 2.0), {"base": "focal", "gamma": 2.0}),
+    Spec("cb_softmax_focal", "cb", cb_ref(0.999, "focal", 1.0), {"base": "softmax_focal", "beta": 0.999}),
+    Spec(
+        "cb_sigmoid_focal",
+        "cb",
+        lambda z, y, n, a: ref_cb_focal_released(z, y, n, 0.9999, 1.0),
+        {"base": "sigmoid_focal"},
+    ),
+    Spec(
+        "cb_sigmoid_focal_g2",
+        "cb",
+        lambda z, y, n, a: ref_cb_focal_released(z, y, n, 0.99, 2.0),
+        {"base": "sigmoid_focal", "gamma": 2.0, "beta": 0.99},
+    ),
     Spec("cb_sigmoid", "cb", cb_ref(0.99, "sigmoid"), {"base": "sigmoid", "beta": 0.99}),
     Spec("ldam", "ldam", lambda z, y, n, a: ref_ldam(z, y, n, 0.5, 30.0).mean(), cosine=True),
     Spec(
@@ -318,6 +353,36 @@ def test_cb_with_beta0_is_ce_and_drw_batch_equals_cb() -> None:
     v_drw, g_drw = run_loss(drw, z_np, y_np)
     assert v_drw == pytest.approx(v_cb, rel=1e-13)
     np.testing.assert_allclose(g_drw, g_cb, rtol=1e-12)
+
+
+def test_cb_sigmoid_focal_equals_the_released_code() -> None:
+    """The published class-balanced focal loss (the ``cb_focal`` configs): value and gradient against the
+    NumPy transcription of the released code, at logits large enough to saturate the sigmoids; gamma 0
+    is the class-balanced sigmoid loss."""
+    counts = [500, 120, 30, 8, 2]
+    rng = np.random.default_rng(4)
+    z_np = rng.normal(scale=4.0, size=(12, 5))
+    y_np = rng.integers(0, 5, size=12)
+    value, grad = run_loss(create_loss("cb", 5, counts, base="sigmoid_focal"), z_np, y_np)
+    assert value == pytest.approx(ref_cb_focal_released(z_np, y_np, counts, 0.9999, 1.0), rel=1e-12)
+    want_grad = numeric_grad(lambda zz: ref_cb_focal_released(zz, y_np, counts, 0.9999, 1.0), z_np)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-8)
+    v0, _ = run_loss(create_loss("cb", 5, counts, base="sigmoid_focal", gamma=0.0), z_np, y_np)
+    v_sig, _ = run_loss(create_loss("cb", 5, counts, base="sigmoid"), z_np, y_np)
+    assert v0 == pytest.approx(v_sig, rel=1e-13)
+    assert v0 == pytest.approx(ref_cb_focal_released(z_np, y_np, counts, 0.9999, 0.0), rel=1e-12)
+    with pytest.raises(ConfigError, match="focal bases"):
+        create_loss("cb", 5, counts, base="sigmoid", gamma=2.0)
+
+
+def test_cb_focal_configs_use_the_published_form() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for path in ("configs/fashion_mnist_lt/cb_focal.yaml", "configs/cifar100_lt_if100/cb_focal.yaml"):
+        loss = yaml.safe_load((root / path).read_text())["loss"]
+        assert loss["name"] == "cb" and loss["params"]["base"] == "sigmoid_focal", path
+        create_loss("cb", 3, [10, 5, 1], **loss["params"])  # the parameters build
 
 
 def test_ldam_drw_matches_reference_code_form() -> None:
