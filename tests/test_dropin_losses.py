@@ -331,6 +331,26 @@ def test_accumulate_takes_the_union_total_as_a_number(config: str) -> None:
     assert_buffers_equal(got_stats, want_stats, rtol=1e-6)
 
 
+@pytest.mark.parametrize("config", ["softmax_eql", "efl", "gala_code_double", "seesaw"])
+def test_a_compiled_loss_accumulates_like_eager(config: str) -> None:
+    """``accumulate`` around a compiled loss (2 accumulated steps of 3 micro-batches): eager's gradients
+    and statistics."""
+    torch._dynamo.reset()
+    eager, compiled = build(config), build(config)
+    runner = torch.compile(compiled)
+    for step in range(2):
+        z, y = batch(config, 18, seed=40 + step, dtype=torch.float32)
+        grads = []
+        for loss, call in ((eager, eager), (compiled, runner)):
+            zz = z.clone().requires_grad_()
+            with loss.accumulate(targets=y):
+                for part in (slice(0, 6), slice(6, 12), slice(12, 18)):
+                    call(zz[part], y[part]).backward()
+            grads.append(zz.grad)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    assert_buffers_equal(buffers(compiled), buffers(eager), rtol=1e-5)
+
+
 def test_micro_batches_read_the_statistics_from_before_the_context() -> None:
     loss = build("softmax_eql")
     for t in range(2):
