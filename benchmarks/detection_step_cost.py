@@ -1,8 +1,8 @@
 """Per-step cost of EQLv2 / EFL against the stock loss in the same process, same detector and batches.
 
-For each pair (Faster R-CNN: ce vs sigmoid_eql; RetinaNet and FCOS: focal vs efl) both detectors are built
-from the ``detector`` sections of the shipped configs (configs/detection/fm_*.yaml: the detectors the
-suite trains; FCOS: the RetinaNet configs' sections with ``arch: fcos``) and the same seed (identical
+For each pair (Faster R-CNN: ce vs sigmoid_eql; RetinaNet and FCOS: sigmoid_focal vs efl) both detectors are
+built from the shipped configs' ``model`` and ``loss`` sections (configs/detection/fm_*.yaml: the detectors
+the suite trains; FCOS: the RetinaNet configs with ``model.name: fcos``) and the same seed (identical
 weights), then timed on the same fixed training batches of the Fashion-MNIST detection benchmark,
 alternating stock / gradtail step by step (so slow drifts of the machine hit both), after warm-up steps.
 Reported: median seconds per step (forward + backward + SGD step) and the ratio gradtail / stock.
@@ -16,11 +16,12 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from gradtail.config import load_config
+from gradtail.contracts import create_task
 from gradtail.data.detection.fm_benchmark import build_fm_detection
 from gradtail.data.detection.lvis import (
     DetectionDataset,
@@ -28,7 +29,6 @@ from gradtail.data.detection.lvis import (
     detection_transforms,
     read_detection_json,
 )
-from gradtail.detection.training import load_detection_config
 from gradtail.models.detection import DetectorSpec, build_detector
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detection"
@@ -41,12 +41,11 @@ PAIRS = {
 
 
 def detector_spec(config: str, arch: str | None) -> DetectorSpec:
-    """The ``detector`` section of a shipped config (10 classes), ``arch`` replaced when given."""
-    values = asdict(load_detection_config(CONFIGS / f"{config}.yaml").detector)
-    values["num_classes"] = 10
-    if arch is not None:
-        values["arch"] = arch
-    return DetectorSpec(**values)
+    """The detector of a shipped config (10 classes; the detection task's ``spec``), ``arch`` replaced
+    when given."""
+    cfg = load_config(CONFIGS / f"{config}.yaml", [f"model.name={arch}"] if arch else [])
+    spec: DetectorSpec = create_task(cfg).spec(num_classes=10)  # type: ignore[attr-defined]
+    return spec
 
 
 def main() -> int:

@@ -17,8 +17,8 @@ import torch
 from bench_output import write_result
 
 from gradtail.config import load_config
-from gradtail.environment import environment_info
 from gradtail.engine.trainer import Trainer
+from gradtail.environment import environment_info
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ from torchvision import transforms
 
 from gradtail.config import load_config
 from gradtail.data.builder import build_data
-from gradtail.environment import environment_info
 from gradtail.engine.trainer import Trainer
+from gradtail.environment import environment_info
 from gradtail.models import create_model
 
 

@@ -27,9 +27,9 @@ from bench_output import write_result
 
 from gradtail.bench import load_suite
 from gradtail.config import apply_overrides, config_from_dict
-from gradtail.data.builder import build_data
-from gradtail.environment import environment_info
+from gradtail.contracts import create_task
 from gradtail.engine.trainer import Trainer
+from gradtail.environment import environment_info
 
 
 def forward_backward_split(
@@ -100,9 +100,10 @@ def main() -> None:
     trainers: dict[str, Trainer] = {}
     grouping_seconds: dict[str, float] = {}
     for name, cfg in configs.items():
-        key = json.dumps(cfg.to_dict()["data"], sort_keys=True)  # the same bundle for every precision
+        config = cfg.to_dict()  # the same bundle for every precision (the task's data settings)
+        key = json.dumps([cfg.task, config["data"], config.get(cfg.task)], sort_keys=True)
         if key not in bundles:
-            bundles[key] = build_data(cfg.data)
+            bundles[key] = create_task(cfg).build_data()
         t = Trainer(cfg, data=bundles[key], output_dir=tmp / name, verbose=False)  # type: ignore[arg-type]
         start = time.perf_counter()
         t.update_rule.on_epoch_start(0, t.training_view())  # GBG groups here; a no-op for the others

@@ -23,9 +23,10 @@ from PIL import Image
 
 from gradtail.cli.main import main
 from gradtail.config import DataConfig, config_from_dict, load_config
-from gradtail.data.builder import DATASETS, DataBundle, build_data
+from gradtail.data.builder import DATASETS, build_data
+from gradtail.data.bundle import ClassificationData
 from gradtail.data.longtail import build_longtail_split
-from gradtail.data.own_data import ImageFilesBundle, channel_statistics, stratified_holdout
+from gradtail.data.own_data import channel_statistics, stratified_holdout
 from gradtail.data.synthetic import make_synthetic
 from gradtail.engine.trainer import Trainer
 from gradtail.errors import ConfigError, DataError
@@ -115,7 +116,7 @@ def one_line_error(cfg: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_image_folder_takes_classes_counts_and_size_from_the_data(tmp_path):
     root = write_tree(tmp_path / "pets", {"train": {"cat": 20, "dog": 10, "owl": 5}, "test": balanced(4)})
     data = build_data(dcfg(dataset="image_folder", data_dir=str(root)))
-    assert isinstance(data, DataBundle)
+    assert isinstance(data, ClassificationData) and data.storage == "memory"
     assert data.class_names == CLASSES and data.num_classes == 3 and data.in_channels == 1
     # validation: a stratified 10% of each class (at least one), the rest trains
     assert data.split.val_counts == [2, 1, 1] and data.class_counts == [18, 9, 4]
@@ -446,7 +447,7 @@ def test_memory_and_files_paths_give_the_same_batches(tmp_path):
     memory = build_data(cfg.data)
     cfg.data.memory_budget_mb = 0.0
     files = build_data(cfg.data)
-    assert isinstance(memory, DataBundle) and isinstance(files, ImageFilesBundle)
+    assert (memory.storage, files.storage) == ("memory", "files")  # one bundle type, two storages
     assert files.class_counts == memory.class_counts and files.sha256 == memory.sha256
     assert files.preprocessing()["size"] == memory.preprocessing()["size"]
     assert files.class_names == memory.class_names and files.in_channels == memory.in_channels == 3
@@ -540,7 +541,7 @@ def test_files_path_trains_with_workers_and_longtail(tmp_path):
     }
     cfg = config_from_dict(tiny_run(data, loss={"name": "balanced_softmax"}))
     trainer = Trainer(cfg, output_dir=tmp_path / "run", verbose=False)
-    assert isinstance(trainer.data, ImageFilesBundle) and trainer.data.class_counts == [18, 8, 4]
+    assert trainer.data.storage == "files" and trainer.data.class_counts == [18, 8, 4]
     final = trainer.fit()
     assert final["class_counts"] == [18, 8, 4] and 0.0 <= final["last_epoch"]["top1"] <= 1.0
     subset = json.loads((tmp_path / "run" / "subset.json").read_text())
@@ -728,7 +729,7 @@ def test_bad_input_is_one_line_naming_the_problem(case, tmp_path, capsys):
     else:
         pytest.fail("no error")
     finally:
-        if trainer is not None and isinstance(trainer.data, ImageFilesBundle):
+        if trainer is not None and trainer.data.storage == "files":
             trainer.train_loader.close()  # stop the workers now, not at a later garbage collection
             trainer.data.close()
     assert "\n" not in message, message

@@ -82,6 +82,14 @@ class LossContract(nn.Module):
         """The model's logits as the loss reads them, for prediction and calibration (identity here)."""
         return logits
 
+    def accumulate(
+        self, total: Any = None, *, targets: torch.Tensor | None = None
+    ) -> AbstractContextManager[None]:  # pragma: no cover - interface
+        """Gradient accumulation: the micro-batches of one optimizer step called inside give the gradients
+        and statistics of one batch of their union (``total``: its normaliser, or ``targets``: its labels;
+        :meth:`gradtail.losses.base.LongTailLoss.accumulate`, docs/losses.md)."""
+        raise NotImplementedError
+
 
 # --------------------------------------------------------------------------- regularizers
 
@@ -312,10 +320,11 @@ class TaskContract:
         """The logit channels the gradient-ratio diagnostics observe (the loss's input channels)."""
         return int(data.num_classes)
 
-    def attach_observers(self, model: nn.Module, observers: Sequence[StepObserver]) -> None:
+    def attach_observers(self, model: nn.Module, observers: Sequence[StepObserver]) -> bool:
         """Let ``observers`` see the (logits, targets) the loss gets, where the step does not hand them
-        out itself (a detector's heads). Classification and segmentation observe in the step."""
-        return None
+        out itself (a detector's heads); False when the model has no logits to hand out (a stock head).
+        Classification and segmentation observe in the step."""
+        return True
 
     def train_mode(self, model: nn.Module) -> None:
         """Put the model in training mode for an epoch (classification keeps a frozen backbone in eval)."""

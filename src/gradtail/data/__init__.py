@@ -2,7 +2,8 @@
 the in-memory batch loader."""
 
 from gradtail.data.base import ImageArrays
-from gradtail.data.builder import DATASETS, DataBundle, build_data
+from gradtail.data.builder import DATASETS, build_data
+from gradtail.data.bundle import ClassificationData
 from gradtail.data.cifar import load_cifar, resolve_cifar_dir
 from gradtail.data.download import download_file, extract_tar, verify_checksum
 from gradtail.data.fashion_mnist import load_fashion_mnist, read_idx, resolve_fashion_mnist_dir
@@ -15,7 +16,7 @@ __all__ = [
     "SAMPLERS",
     "BatchAugment",
     "BatchLoader",
-    "DataBundle",
+    "ClassificationData",
     "ImageArrays",
     "LongTailSplit",
     "Sampler",

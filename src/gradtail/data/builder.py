@@ -9,34 +9,34 @@ small surface (counts, subset hash, loaders), whatever the storage.
   long-tailed; images are decoded by workers (:class:`~gradtail.data.image_list.ImageListLoader`). The
   "subset hash" is the SHA-256 of the training list file.
 - Own data (``image_folder``, ``image_csv``, ``npz``; :mod:`gradtail.data.own_data`): classes, counts, image
-  size and channels come from the data; a :class:`DataBundle` when the decoded images fit
-  ``data.memory_budget_mb``, else an :class:`~gradtail.data.own_data.ImageFilesBundle` decoding the files
-  with workers and augmenting on the device as :class:`DataBundle` does.
+  size and channels come from the data; held in memory when the decoded images fit
+  ``data.memory_budget_mb``, else kept in the files, decoded by workers and augmented on the device as in
+  memory.
+
+Every builder returns a :class:`~gradtail.data.bundle.ClassificationData` (the task's one bundle type).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from gradtail.config import DataConfig, RunConfig
+from gradtail.config import DataConfig
 from gradtail.data.base import ImageArrays
-from gradtail.data.bundle import DataBundle, pad_images
-from gradtail.data.longtail import build_longtail_split
+from gradtail.data.bundle import ClassificationData, pad_images
+from gradtail.data.longtail import LongTailSplit, build_longtail_split
 from gradtail.data.own_csv import read_image_csv
 from gradtail.data.own_data import build_own_data
 from gradtail.data.own_folders import read_image_folders
 from gradtail.data.own_npz import read_npz
-from gradtail.data.samplers import sampler_from_config
 from gradtail.errors import ConfigError
 from gradtail.registry import Registry
 
-# name -> build(cfg: DataConfig) -> a data bundle (DataBundle or ImageListBundle)
+# name -> build(cfg: DataConfig) -> ClassificationData
 DATASETS: Registry[Any] = Registry("dataset")
 
 # Standard per-channel statistics (of the full training splits).
@@ -114,7 +114,9 @@ def reject_own_data_settings(cfg: DataConfig) -> None:
             )
 
 
-def build_in_memory_data(cfg: DataConfig, load: Callable[[bool, DataConfig], ImageArrays]) -> DataBundle:
+def build_in_memory_data(
+    cfg: DataConfig, load: Callable[[bool, DataConfig], ImageArrays]
+) -> ClassificationData:
     """Load an in-memory dataset and build the long-tailed training subset, validation and test."""
     reject_own_data_settings(cfg)
     full_train = load(True, cfg)
@@ -139,7 +141,9 @@ def build_in_memory_data(cfg: DataConfig, load: Callable[[bool, DataConfig], Ima
             default = ([0.5] * channels, [0.25] * channels)
         mean = mean or default[0]
         std = std or default[1]
-    return DataBundle(
+    return ClassificationData(
+        name=cfg.dataset,
+        class_names=list(train.class_names),
         train=pad_images(train, cfg.pad_to),
         val=None if val is None else pad_images(val, cfg.pad_to),
         test=pad_images(test, cfg.pad_to),
@@ -149,6 +153,9 @@ def build_in_memory_data(cfg: DataConfig, load: Callable[[bool, DataConfig], Ima
         augment_cfg=cfg.augment,
         stored_size=(channels, *(int(v) for v in full_train.images.shape[-2:])),
         pad_to=cfg.pad_to,
+        # the LDAM-rule subset this bundle holds (subset.json, the report's protocol paragraph)
+        source={"imbalance_factor": cfg.imbalance_factor, "profile": cfg.profile,
+                "subset_seed": cfg.subset_seed},
     )
 
 
@@ -156,102 +163,7 @@ def _in_memory(name: str, load: Callable[[bool, DataConfig], ImageArrays]) -> No
     DATASETS.register(name)(lambda cfg: build_in_memory_data(cfg, load))
 
 
-@dataclass
-class ImageListBundle:
-    """Image-list data of a run (ImageNet-LT, Places-LT, iNaturalist 2018): datasets decoded by workers."""
-
-    name: str
-    train: Any  # ImageListDataset
-    val: Any | None
-    test: Any
-    num_classes: int
-    sha256: str
-    cfg: DataConfig
-    _eval: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def class_counts(self) -> list[int]:
-        return list(self.train.class_counts())
-
-    @property
-    def in_channels(self) -> int:
-        return 3
-
-    @property
-    def train_labels(self) -> torch.Tensor:
-        return torch.as_tensor(self.train.labels, dtype=torch.long)
-
-    @property
-    def class_names(self) -> list[str]:
-        """The split files give integer labels only: ``class_0`` ... (``class_999``)."""
-        return [f"class_{i}" for i in range(self.num_classes)]
-
-    def preprocessing(self) -> dict[str, Any]:
-        """The test-time input pipeline (:meth:`gradtail.contracts.RunData.preprocessing`): the ImageNet
-        test transform of :func:`gradtail.data.image_list.imagenet_transform`."""
-        from gradtail.data.image_list import IMAGENET_MEAN, IMAGENET_STD
-
-        size = self.cfg.image_size
-        return {
-            "transform": "imagenet",
-            "mode": "RGB",
-            "image_size": size,
-            "resize": round(size * 256 / 224),
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-        }
-
-    def has_split(self, split: str) -> bool:
-        return (self.val if split == "val" else self.test) is not None
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        raise ConfigError(
-            f"{self.name} is decoded from files by workers: methods that re-read the raw training images "
-            "(GBG's grouping pass) need an in-memory dataset"
-        )
-
-    def train_loader(self, cfg: RunConfig, device: torch.device, rank: int, world: int) -> Any:
-        from gradtail.data.image_list import ImageListLoader
-
-        sampler = sampler_from_config(cfg, self.train_labels, self.num_classes)
-
-        if cfg.data.augment.views:
-            raise ConfigError(
-                "data.augment.views (contrastive views, e.g. for the BCL term) needs an in-memory dataset "
-                f"(fashion_mnist, cifar10/100, synthetic); {self.name} streams images from list files"
-            )
-        return ImageListLoader(
-            self.train, cfg.optim.batch_size, sampler=sampler, train=True, drop_last=cfg.optim.drop_last,
-            seed=cfg.train.seed, device=device, num_workers=self.cfg.num_workers,
-            channels_last=cfg.train.channels_last, rank=rank, world_size=world,
-        )  # fmt: skip
-
-    def eval_loader(self, split: str, cfg: RunConfig, device: torch.device) -> Any:
-        """One loader per split, built once and reused (its workers persist across evaluations)."""
-        from gradtail.data.image_list import ImageListLoader
-
-        if split not in self._eval:
-            dataset = self.val if split == "val" else self.test
-            if dataset is None:
-                raise ConfigError(f"{self.name} has no {split} split")
-            self._eval[split] = ImageListLoader(
-                dataset, cfg.eval.batch_size, train=False, device=device, num_workers=self.cfg.num_workers,
-                channels_last=cfg.train.channels_last,
-            )  # fmt: skip
-        return self._eval[split]
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "counts": self.class_counts,
-            "train_images": len(self.train),
-            "val_counts": [] if self.val is None else list(self.val.class_counts()),
-            "sha256": self.sha256,
-            "test_images": len(self.test),
-            "list_files": {"train": str(self.train.list_file)},
-        }
-
-
-def build_image_list_data(cfg: DataConfig) -> ImageListBundle:
+def build_image_list_data(cfg: DataConfig) -> ClassificationData:
     """The community split files of ``cfg.dataset`` under ``data.image_root`` / ``data.list_dir``."""
     from gradtail.data.image_list import imagenet_transform, known_splits, load_image_list_split
 
@@ -267,15 +179,34 @@ def build_image_list_data(cfg: DataConfig) -> ImageListBundle:
 
     has_test = "test" in spec.files
     train = split("train", True)
-    digest = hashlib.sha256(Path(train.list_file).read_bytes()).hexdigest()
-    return ImageListBundle(
+    val = split("val", False) if has_test else None
+    counts = [int(n) for n in train.class_counts()]
+    if len(counts) < spec.num_classes:
+        counts += [0] * (spec.num_classes - len(counts))
+    given = LongTailSplit(  # the split files as given: nothing is subsampled here
+        train_indices=np.arange(len(train), dtype=np.int64),
+        val_indices=np.zeros(0, dtype=np.int64),
+        counts=counts,
+        val_counts=[] if val is None else [int(n) for n in val.class_counts()],
+        sha256=hashlib.sha256(Path(train.list_file).read_bytes()).hexdigest(),  # the training list file
+        imbalance_factor=max(counts) / max(min(counts), 1),
+        profile="as given by the split files",
+        seed=0,
+        n_max=max(counts),
+    )
+    return ClassificationData(
         name=cfg.dataset,
+        class_names=[f"class_{i}" for i in range(spec.num_classes)],  # the split files give integers only
         train=train,
-        val=split("val", False) if has_test else None,
+        val=val,
         test=split("test" if has_test else "val", False),  # iNaturalist 2018: val is the test set
-        num_classes=spec.num_classes,
-        sha256=digest,
-        cfg=cfg,
+        split=given,
+        storage="lists",
+        stored_size=(3, cfg.image_size, cfg.image_size),
+        num_workers=cfg.num_workers,
+        image_size=cfg.image_size,
+        source={"imbalance_factor": given.imbalance_factor, "profile": given.profile,
+                "list_files": {"train": str(train.list_file)}},
     )
 
 

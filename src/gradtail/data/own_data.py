@@ -50,8 +50,8 @@ return an :class:`OwnSource`; :func:`build_own_data` turns it into the data of a
    as uint8).
 6. **Storage.** Arrays, and image files whose decoded images (uint8, train + val + test, after padding)
    fit ``data.memory_budget_mb`` (default 2048 MiB), are held in memory: a
-   :class:`~gradtail.data.builder.DataBundle` batched by :class:`~gradtail.data.loader.BatchLoader`.
-   Larger data stays in its files: an :class:`ImageFilesBundle` whose ``data.num_workers`` processes decode
+   :class:`~gradtail.data.bundle.ClassificationData` batched by :class:`~gradtail.data.loader.BatchLoader`.
+   Larger data stays in its files (storage ``files``): ``data.num_workers`` processes decode
    the images and whose batches are augmented on the device by the same transform, so both paths give
    the same batches for the same seed. ``data.check_files`` (default true) reads every image header up
    front (unreadable files, mixed sizes and the channels are known before training); without it only the
@@ -75,8 +75,8 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +84,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gradtail.config import DataConfig, RunConfig
+from gradtail.config import DataConfig
 from gradtail.data.base import ImageArrays
-from gradtail.data.bundle import DataBundle, DeviceAugmentedData, build_view_augment, pad_images
-from gradtail.data.loader import BatchAugment, epoch_seed
+from gradtail.data.bundle import ClassificationData, pad_images
 from gradtail.data.longtail import PROFILES, LongTailSplit, build_longtail_split, split_hash
-from gradtail.data.samplers import sampler_from_config
 from gradtail.errors import ConfigError, DataError
 
 OWN_DATASETS: tuple[str, ...] = ("image_folder", "image_csv", "npz")
@@ -571,175 +569,6 @@ class ImageFileDataset(Dataset):
         return self.decoder(self.path(index)), int(self.labels[index])
 
 
-def _one_line(error: DataError) -> str:
-    """The message of a :class:`DataError` raised in a loader worker (PyTorch re-raises it with the
-    worker's traceback in the message): its last line, without the exception's name."""
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return str(error)
-    last = lines[-1]
-    prefix = f"{DataError.__module__}.{DataError.__name__}: "
-    return last.split(prefix, 1)[1] if prefix in last else last
-
-
-class FileBatchLoader:
-    """Batches of image files decoded by worker processes
-    (:class:`~gradtail.data.image_list.ImageListLoader`) and augmented on the device as
-    :class:`~gradtail.data.loader.BatchLoader` augments in-memory images: the same generator (seeded by
-    ``(seed, epoch, rank)``), the same transform, so the same batches for the same sampler order.
-    ``images`` is None (nothing is held in memory)."""
-
-    images: None = None
-
-    def __init__(
-        self,
-        files: Any,
-        augment: BatchAugment,
-        train: bool,
-        seed: int = 0,
-        rank: int = 0,
-        channels_last: bool = False,
-        views: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
-        num_views: int = 0,
-    ) -> None:
-        self.files = files
-        self.augment = augment
-        self.train = train
-        self.seed = seed
-        self.rank = rank
-        self.channels_last = channels_last
-        self.views = views
-        self.num_views = int(num_views) if train else 0
-        self.epoch = 0
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.files.labels
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self.files.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def close(self) -> None:
-        """Stop the decoding workers now."""
-        self.files.close()
-
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        gen = None
-        if self.train:
-            gen = torch.Generator(device=self.files.device)
-            gen.manual_seed(epoch_seed(self.seed, self.epoch, stream=1 + self.rank))
-        try:
-            for raw, y in self.files:
-                x = self._layout(self.augment(raw, gen) if self.train else self.augment.normalize(raw))
-                if self.num_views == 0:
-                    yield x, y
-                    continue
-                assert self.views is not None
-                v = torch.cat([self.augment.normalize(self.views(raw, gen)) for _ in range(self.num_views)])
-                yield x, y, self._layout(v)
-        except DataError as e:
-            raise DataError(_one_line(e)) from None
-
-
-@dataclass
-class ImageFilesBundle(DeviceAugmentedData):
-    """Own data that stays in its image files (larger than ``data.memory_budget_mb``): the
-    :class:`gradtail.contracts.RunData` of a run, decoded by ``num_workers`` processes per loader,
-    augmented and normalised on the device like a :class:`~gradtail.data.builder.DataBundle`."""
-
-    name: str
-    class_names: list[str]
-    train: ImageFileDataset
-    val: ImageFileDataset | None
-    test: ImageFileDataset
-    split: LongTailSplit
-    mean: list[float]
-    std: list[float]
-    augment_cfg: Any
-    stored_size: tuple[int, int, int]
-    pad_to: int | None
-    resize_to_size: bool
-    num_workers: int
-    source: dict[str, Any] = field(default_factory=dict)
-    _augment: BatchAugment | None = field(default=None, repr=False)
-    _eval: dict[str, FileBatchLoader] = field(default_factory=dict, repr=False)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.stored_size[0])
-
-    @property
-    def train_labels(self) -> torch.Tensor:
-        return torch.as_tensor(self.train.labels, dtype=torch.long)
-
-    def train_loader(self, cfg: RunConfig, device: torch.device, rank: int, world: int) -> FileBatchLoader:
-        from gradtail.data.image_list import ImageListLoader
-
-        sampler = sampler_from_config(cfg, self.train_labels, self.num_classes)
-
-        views, num_views = build_view_augment(self.augment_cfg)
-        files = ImageListLoader(
-            self.train,
-            cfg.optim.batch_size,
-            sampler=sampler,
-            train=False,
-            drop_last=cfg.optim.drop_last,
-            seed=cfg.train.seed,
-            device=device,
-            num_workers=self.num_workers,
-            rank=rank,
-            world_size=world,
-        )  # fmt: skip  (train=False: the workers only decode; augmentation runs on the device)
-        return FileBatchLoader(
-            files, self.augment, train=True, seed=cfg.train.seed, rank=rank,
-            channels_last=cfg.train.channels_last, views=views, num_views=num_views,
-        )  # fmt: skip
-
-    def eval_loader(self, split: str, cfg: RunConfig, device: torch.device) -> FileBatchLoader:
-        """One loader per split, built once and reused (its workers persist across evaluations)."""
-        from gradtail.data.image_list import ImageListLoader
-
-        if split not in self._eval:
-            dataset = self.val if split == "val" else self.test
-            if dataset is None:
-                raise ConfigError(f"this run has no {split} split")
-            files = ImageListLoader(
-                dataset, cfg.eval.batch_size, train=False, device=device, num_workers=self.num_workers
-            )
-            self._eval[split] = FileBatchLoader(
-                files, self.augment, train=False, channels_last=cfg.train.channels_last
-            )
-        return self._eval[split]
-
-    def close(self) -> None:
-        """Stop the decoding workers of the evaluation loaders now (the next evaluation starts new ones)."""
-        for loader in self._eval.values():
-            loader.close()
-        self._eval.clear()
-
-    def describe(self) -> dict[str, Any]:
-        """What ``subset.json`` records (counts, hash, and where the data came from)."""
-        return {
-            "counts": self.class_counts,
-            "train_images": len(self.train),
-            "val_counts": list(self.split.val_counts),
-            "sha256": self.split.sha256,
-            "test_images": len(self.test),
-            **self.source,
-        }
-
-
 # ---------------------------------------------------------------------------------------------- building
 def _relative(path: Path, root: Path) -> str:
     try:
@@ -810,7 +639,7 @@ def _longtail_split(
         raise DataError(f"data.longtail: {message}") from None
 
 
-def build_own_data(cfg: DataConfig, read: Callable[[DataConfig], OwnSource]) -> DataBundle | ImageFilesBundle:
+def build_own_data(cfg: DataConfig, read: Callable[[DataConfig], OwnSource]) -> ClassificationData:
     """The data of a run from a practitioner's own data (the rules are in the module docstring).
 
     ``read`` is a reader (:func:`gradtail.data.own_folders.read_image_folders`,
@@ -953,14 +782,16 @@ def _memory_bundle(
     splits: dict[str, SplitSource],
     split: LongTailSplit,
     info: dict[str, Any],
-) -> DataBundle:
+) -> ClassificationData:
     names = source.class_names
     channels, h, w = (int(v) for v in images["train"].shape[1:])
     mean, std, norm_from = _normalisation(cfg, channels, lambda: channel_statistics(images["train"]))
     arrays = {s: _arrays(splits[s], images[s], names, f"{cfg.dataset}-{s}") for s in images}
     info["source"] |= {"storage": "memory", "image_size": [channels, h, w], "normalisation_from": norm_from}
     val = arrays.get("val")
-    return DataBundle(
+    return ClassificationData(
+        name=cfg.dataset,
+        class_names=list(names),
         train=pad_images(arrays["train"], cfg.pad_to),
         val=None if val is None else pad_images(val, cfg.pad_to),
         test=pad_images(arrays["test"], cfg.pad_to),
@@ -981,7 +812,7 @@ def _arrays_bundle(
     splits: dict[str, SplitSource],
     split: LongTailSplit,
     info: dict[str, Any],
-) -> DataBundle:
+) -> ClassificationData:
     """The bundle of array data (npz): held in memory. ``splits``: train, test and optionally val."""
     train = splits["train"]
     first = {s: v.images for s, v in splits.items() if v.images is not None}
@@ -1011,7 +842,7 @@ def _files_bundle(
     splits: dict[str, SplitSource],
     split: LongTailSplit,
     info: dict[str, Any],
-) -> DataBundle | ImageFilesBundle:
+) -> ClassificationData:
     """The bundle of image files: decoded into memory within ``data.memory_budget_mb``, else kept in the
     files and decoded by workers. ``splits``: train, test and optionally val."""
     train = splits["train"]
@@ -1044,9 +875,10 @@ def _files_bundle(
         if norm_from != "training set"
         else f"training set (<= {NORMALIZATION_SAMPLE} images)",
     }
-    return ImageFilesBundle(
+    return ClassificationData(
         name=cfg.dataset,
         class_names=list(source.class_names),
+        storage="files",
         train=datasets["train"],
         val=datasets.get("val"),
         test=datasets["test"],
@@ -1067,10 +899,8 @@ __all__ = [
     "DEFAULT_VAL_FRACTION",
     "IMAGE_SUFFIXES",
     "OWN_DATASETS",
-    "FileBatchLoader",
     "ImageDecoder",
     "ImageFileDataset",
-    "ImageFilesBundle",
     "OwnSource",
     "SplitSource",
     "build_own_data",

@@ -77,6 +77,11 @@ def check_component_params(cfg: RunConfig) -> None:
         REGULARIZERS.check_params(cfg.regularizer.name, cfg.regularizer.params, "regularizer.params")
     UPDATE_RULES.check_params(rule, cfg.update_rule.params, "update_rule.params")
     _check_posthoc_params(cfg.eval.posthoc, cfg.eval.posthoc_params)
+    if cfg.optim.accumulation_steps > 1 and (rule != "plain" or cfg.regularizer.name or data.augment.views):
+        raise ConfigError(
+            "optim.accumulation_steps > 1 takes the plain update rule without a regularizer or extra views "
+            f"(SAM, GBG and the terms on features need the whole batch at once); got update rule {rule!r}"
+        )
 
 
 def _check_loss_params(name: str, params: Mapping[str, Any]) -> None:

@@ -134,7 +134,8 @@ class Trainer:
             channels = self.task.observed_classes(self.data, self.loss_fn)
             self.diagnostics = GradientRatioObserver(channels).to(self.device)
             self.observers.append(self.diagnostics)
-        self.task.attach_observers(self.model, self.observers)
+        if not self.task.attach_observers(self.model, self.observers):  # nothing hands out logits
+            self.observers, self.diagnostics = [], None
 
         o = cfg.optim
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -309,7 +310,7 @@ class Trainer:
             raise ConfigError("optim.accumulation_steps > 1 does not combine with regularizers or views")
         chunks_x, chunks_y = x.chunk(k), y.chunk(k)
         losses = []
-        with self.loss_fn.accumulate(y):  # type: ignore[operator]
+        with self.loss_fn.accumulate(targets=y):  # the union's normaliser from all its labels
             for xi, yi in zip(chunks_x, chunks_y, strict=True):
                 losses.append(self.update_rule(ctx, xi, yi).loss)
         return StepOutput(loss=torch.stack(losses).sum(), logits=None)
@@ -599,12 +600,7 @@ class Trainer:
             "amp": self.precision.to_dict(),
             "cpu_allocator": self.allocator,
         }
-        d = self.cfg.data
-        subset = {"task": self.cfg.task, "dataset": d.dataset}
-        if self.task.data_keys is None or "imbalance_factor" in self.task.data_keys:
-            subset |= {"imbalance_factor": d.imbalance_factor, "profile": d.profile}
-            subset |= {"subset_seed": d.subset_seed}
-        subset |= self.data.describe()
+        subset = {"task": self.cfg.task, "dataset": self.cfg.data.dataset} | self.data.describe()
         self.run_dir.write_text(CONFIG, dump_config(self.cfg))
         self.run_dir.write_json(ENVIRONMENT, env)
         self.run_dir.write_json(SUBSET, subset)

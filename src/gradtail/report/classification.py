@@ -25,6 +25,7 @@ from gradtail.report.page import (
     precision_text,
     report_paths,
     results_header,
+    test_curve_figure,
     write_figures,
 )
 from gradtail.report.table import format_table
@@ -142,6 +143,33 @@ def _model_text(model: str, params: dict[str, Any] | None) -> str:
     return f"{model} ({', '.join(f'{k}={v}' for k, v in params.items())})" if params else model
 
 
+def _training_set_sentence(s: dict[str, Any]) -> str:
+    """How the training set was made, as ``subset.json`` records it: an LDAM-rule subset of a built-in
+    dataset, the community's split files, or one's own data (long-tailed by ``data.longtail`` or as given)."""
+    name = s.get("dataset", "the data")
+    factor, profile = s.get("imbalance_factor"), s.get("profile")
+    if s.get("list_files"):
+        return f"Training set: {name}, the split files as given (imbalance factor {factor:.0f}): "
+    if factor is None:
+        return f"Training set: {name} as given (no long-tailed subsampling): "
+    seed = f", subset seed {s['subset_seed']}" if s.get("subset_seed") is not None else ""
+    return (
+        f"Training set: {name} long-tailed with imbalance factor {factor:g} ({profile} profile, LDAM "
+        f"rule{seed}): "
+    )
+
+
+def _validation_sentence(s: dict[str, Any]) -> str:
+    val = list(s.get("val_counts") or [])
+    if not sum(val):
+        return "Validation: none (no epoch selection, no post-hoc tuning). "
+    per_class = f"{plural(val[0], 'image')} per class" if len(set(val)) == 1 else f"per class {val}"
+    return (
+        f"Validation: {plural(sum(val), 'held-out image')} ({per_class}), held out of the training data; "
+        "used only for model selection and post-hoc tuning. "
+    )
+
+
 def protocol_paragraph(results: dict[str, Any]) -> str:
     s, r = results["subset"], results["recipe"]
     seeds = results["seeds"]
@@ -166,14 +194,11 @@ def protocol_paragraph(results: dict[str, Any]) -> str:
             f"validation (τ: {per_seed}). "
         )
     return (
-        f"Training set: {s['dataset']} long-tailed with imbalance factor {s['imbalance_factor']:g} "
-        f"({s['profile']} profile, LDAM rule, subset seed {s['subset_seed']}): "
+        f"{_training_set_sentence(s)}"
         f"{plural(s['train_images'], 'image')}, "
-        f"counts {s['counts']} (SHA-256 of the kept indices {s['sha256'][:16]}…). "
-        f"Validation: {plural(sum(s['val_counts']), 'held-out image')} "
-        f"({plural(s['val_counts'][0] if s['val_counts'] else 0, 'image')} per class), carved from the "
-        f"training split before subsampling; used only for model selection and post-hoc tuning. "
-        f"Test: the untouched balanced test split ({plural(s['test_images'], 'image')}). "
+        f"counts {s['counts']} (SHA-256 {s['sha256'][:16]}…). "
+        f"{_validation_sentence(s)}"
+        f"Test: the untouched test split ({plural(s['test_images'], 'image')}). "
         f"Recipe: {_model_text(r['model'], r['model_params'])}, {plural(r['epochs'], 'epoch')}, "
         f"batch {r['batch_size']}, SGD lr "
         f"{r['lr']:g} with {warmup}{decay}, weight decay "
@@ -247,6 +272,10 @@ def _figures(results: dict[str, Any], output: Path) -> dict[str, tuple[bytes, st
             f"The group GBG put each class in (update-rule state at the end of training, seed {seed}), "
             "classes ordered head → tail; one row per run.",
         )
+    methods = [(r["method"], r["label"]) for r in results["table"] if r["kind"] == "last_epoch"]
+    curve = test_curve_figure(output, methods, seed, "top1")
+    if curve is not None:
+        figs[curve[0]] = curve[1:]
     figs[f"Reliability diagrams (seed {seed})"] = (
         plots.reliability_plot(bins),
         "Test accuracy against confidence at the last epoch, in equal-width confidence bins (bars); the "

@@ -24,6 +24,7 @@ from gradtail.report.page import (
     report_body,
     report_paths,
     results_header,
+    test_curve_figure,
     write_figures,
 )
 from gradtail.report.plots import _png
@@ -200,6 +201,10 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
                     "Ground-truth boxes in green; the top predictions in red with class and score.",
                 )
             )
+    methods = [(r["method"], r["label"]) for r in results["table"] if r["kind"] == "last_epoch"]
+    curve = test_curve_figure(output, methods, seed, "AP")
+    if curve is not None:
+        figs.append(curve)
     headers = [*HEADERS, "training / run", "step"]
     rows_md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     rows_html = []

@@ -149,3 +149,41 @@ def write_figures(figures: list[tuple[str, bytes, str]], output: Path, md: list[
             f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(caption)}</figcaption></figure>"
         )
     return html_figs
+
+
+def test_curve_figure(
+    output: Path, methods: list[tuple[str, str]], seed: int, metric: str
+) -> tuple[str, bytes, str] | None:
+    """The per-epoch test curve of runs that recorded one (``eval.test_curve``): ``metric`` of each
+    method's ``test_curve`` records in ``<output>/<method>/seed<seed>/metrics.jsonl`` (``methods``:
+    (name, label)); None when no run recorded one. The caption says that nothing selects on it."""
+    from matplotlib.figure import Figure
+
+    from gradtail.report.plots import _png
+
+    curves = {}
+    for name, label in methods:
+        path = output / name / f"seed{seed}" / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        points = [(r["epoch"], r["test_curve"].get(metric)) for r in records if "test_curve" in r]
+        points = [(e, v) for e, v in points if v is not None]
+        if points:
+            curves[label] = points
+    if not curves:
+        return None
+    fig = Figure(figsize=(7.0, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        ax.plot([e for e, _ in points], [100 * v for _, v in points], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"test {metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    caption = (
+        f"Test {metric} after every evaluated epoch (eval.test_curve, seed {seed}): a curve for reading "
+        "only. It is never used for selection: the val-selected rows pick their epoch on the validation "
+        "split, and the table's test numbers are the last epoch's and the validation-selected epoch's."
+    )
+    return f"Test curve (seed {seed}; never used for selection)", _png(fig), caption

@@ -15,7 +15,14 @@ import numpy as np
 import torch
 
 from gradtail.report.aggregate import format_mean_std, mean_std
-from gradtail.report.page import html_page, report_body, report_paths, results_header, write_figures
+from gradtail.report.page import (
+    html_page,
+    report_body,
+    report_paths,
+    results_header,
+    test_curve_figure,
+    write_figures,
+)
 from gradtail.report.plots import _png
 from gradtail.report.table import format_table
 
@@ -213,6 +220,10 @@ def write_report(results: dict[str, Any], output: Path) -> dict[str, Path]:
                     "epoch (argmax of the logits), one colour per class.",
                 )
             )
+    methods = [(r["method"], r["label"]) for r in results["table"] if r["kind"] == "last_epoch"]
+    curve = test_curve_figure(output, methods, seed, "miou")
+    if curve is not None:
+        figs.append(curve)
     rows_md = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     rows_html = []
     for row in results["table"]:

@@ -180,9 +180,11 @@ class DetectionTask(TaskContract):
             return int(data.num_classes)
         return int(data.num_classes) + 1
 
-    def attach_observers(self, model: nn.Module, observers: Any) -> None:
+    def attach_observers(self, model: nn.Module, observers: Any) -> bool:
+        """The classification term's (logits, labels); torchvision's own one-stage head (``sigmoid_focal``)
+        has no term to observe."""
         assert isinstance(model, Detector)
-        model.set_observers(list(observers))
+        return model.set_observers(list(observers))
 
     # ------------------------------------------------------------------ the step
     def train_loss(self, ctx: StepContext, inputs: Any, targets: Any) -> StepLoss:

@@ -186,12 +186,14 @@ class Detector(nn.Module):
         self._term = [term]  # in a list: the term is already a submodule of ``model``
         self.label_offset = 1 if spec.arch == "faster_rcnn" else 0
 
-    def set_observers(self, observers: list[Any]) -> None:
-        """Hand the classification term's (logits, labels) to ``observers`` every training step; a stock
-        head (one-stage ``sigmoid_focal``) has no term to observe."""
+    def set_observers(self, observers: list[Any]) -> bool:
+        """Hand the classification term's (logits, labels) to ``observers`` every training step; False for
+        a stock head (one-stage ``sigmoid_focal``), which has no term to observe."""
         term = self._term[0]
-        if term is not None:
-            term.observers = list(observers)
+        if term is None:
+            return False
+        term.observers = list(observers)
+        return True
 
     def forward(
         self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
