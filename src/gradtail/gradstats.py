@@ -67,7 +67,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -157,7 +157,7 @@ class _Deferred:
     """Updates kept aside inside :meth:`GradientStatistics.accumulate` (rule 9)."""
 
     total: torch.Tensor | None  # the normaliser of the union (float64, 0-dim), None: sums not normalised
-    parts: list[torch.Tensor] = field(default_factory=list)  # per update: [sums..., samples]
+    summed: torch.Tensor | None = None  # the updates' [sums..., samples], added as they come
     normalized: bool | None = None  # whether the updates carried a normaliser (all or none)
 
 
@@ -477,7 +477,8 @@ class GradientStatistics(nn.Module):
                     "called with and without normalizer= in one accumulated step)"
                 )
             deferred.normalized = norm is not None
-            deferred.parts.append(torch.cat([flat, samples]))
+            part = torch.cat([flat, samples])
+            deferred.summed = part if deferred.summed is None else deferred.summed + part
             return
         total = None if norm is None else torch.as_tensor(norm, dtype=torch.float64, device=flat.device)
         self._commit(flat, samples, total)
@@ -523,9 +524,8 @@ class GradientStatistics(nn.Module):
         if not commit or statistics_frozen():
             return
         size = 2 * self.num_classes + (self.num_classes**2 if self.track_matrix else 0)
-        if deferred.parts:
-            summed = torch.stack(deferred.parts).sum(dim=0)
-        else:
+        summed = deferred.summed
+        if summed is None:
             summed = torch.zeros(size + 1, dtype=torch.float64, device=self.pos.device)
         norm = None
         if deferred.normalized:
