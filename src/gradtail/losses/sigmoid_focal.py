@@ -10,7 +10,8 @@ t_ij = 0), p_ij = sigmoid(z_ij):
 
 (docs/methods/eql.md §3, the EFL section, with gamma_j = gamma; torchvision's ``sigmoid_focal_loss`` is
 the elementwise FL). Positives are the non-ignored samples with a class label (convention N of
-:mod:`gradtail.losses.base`); ignored samples (``ignore_index``) contribute nothing. Stateless.
+:mod:`gradtail.losses.base`; inside ``accumulate``, the union's positives); ignored samples
+(``ignore_index``) contribute nothing. Stateless; validated before use (convention V).
 
 In RetinaNet and FCOS, the detection task trains ``sigmoid_focal`` with torchvision's own head (its
 per-image normaliser; docs/detection.md): the baseline exactly as torchvision ships it.
@@ -27,7 +28,7 @@ from gradtail.errors import ConfigError, InputError
 from gradtail.losses.base import (
     LongTailLoss,
     check_label_options,
-    check_label_range,
+    checked_labels,
     empty_batch_loss,
     label_options_hint,
     upcast_half,
@@ -78,6 +79,16 @@ class SigmoidFocalLoss(LongTailLoss):
             self.num_classes, background_label, ignore_index, "sigmoid_focal"
         )
 
+    def _valid_positives(self, y: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones_like(y, dtype=torch.bool) if self.ignore_index is None else y != self.ignore_index
+        return (keep & (y < self.num_classes)).sum()
+
+    def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
+        """The number of positive samples (non-ignored, non-background; convention N): the ``total`` of
+        :meth:`accumulate` for the union of the micro-batches."""
+        y = torch.as_tensor(targets).reshape(-1).long()
+        return self._valid_positives(y).to(torch.float64).cpu()
+
     def forward(
         self, logits: torch.Tensor, targets: torch.Tensor, normalizer: float | torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -96,11 +107,13 @@ class SigmoidFocalLoss(LongTailLoss):
             raise InputError(
                 f"loss 'sigmoid_focal': targets must be integer class indices, got {targets.dtype}"
             )
-        y = targets.to(device=logits.device, dtype=torch.long)
-        hint = label_options_hint(c, self.background_label, self.ignore_index)
-        check_label_range(y, c, allow=self.ignore_index, background=self.background_label, hint=hint)
         if normalizer is not None and not bool(torch.as_tensor(normalizer) > 0):
             raise InputError(f"loss 'sigmoid_focal': normalizer must be > 0, got {normalizer!r}")
+        hint = label_options_hint(c, self.background_label, self.ignore_index)
+        y = checked_labels(
+            targets.to(device=logits.device, dtype=torch.long), c, allow=self.ignore_index,
+            background=self.background_label, hint=hint,
+        )  # fmt: skip
         z = upcast_half(logits)
         if self.ignore_index is not None:
             keep = y != self.ignore_index
@@ -114,9 +127,9 @@ class SigmoidFocalLoss(LongTailLoss):
         term = bce * (1 - p_t) ** self.gamma
         if self.alpha >= 0:
             term = (self.alpha * t + (1 - self.alpha) * (1 - t)) * term
-        if normalizer is None:
-            normalizer = (y < c).sum().clamp(min=1).to(z.dtype)  # positives (convention N)
-        return term.sum() / normalizer
+        if normalizer is not None:  # the caller's (a detector's positives of the whole step), as given
+            return term.sum() / normalizer
+        return term.sum() / self._divisor((y < c).sum().to(z.dtype))  # positives, or the union's (A)
 
 
 __all__ = ["SigmoidFocalLoss"]
