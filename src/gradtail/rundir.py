@@ -15,6 +15,8 @@ Layout of ``<run>/``:
 ``predictions.png``        a few test images with the run's predictions (the task draws them at the end)
 ``checkpoints/last.pt``    the newest checkpoint; ``checkpoints/epoch_NNNN.pt`` the kept epoch ones;
                            ``checkpoints/best.pt`` the weights of the validation-selected epoch
+``tensorboard/``           TensorBoard event files (``log.tensorboard``)
+``tracking.json``          the experiment trackers' ids for this run (``log.mlflow``: the MLflow run)
 ``extras/<name>/``         files a method or a tool adds (per-method extras); ``extras/posthoc/<name>.pt``
                            the post-hoc adjusters fitted at the end of the run
 =========================  ==========================================================================
@@ -31,10 +33,17 @@ Rules (:meth:`RunDirectory.start`):
 Every write is atomic (a temporary file renamed over the target) and every failure to write (read-only
 directory, full disk, a path that cannot be created) is an :class:`~gradtail.errors.OutputError` that
 names the file, with no ``*.tmp`` left behind and the previous file intact.
+
+Checkpoints hold only tensors and plain data (:func:`plain_data_problem` checks before every write) and
+are read with ``torch.load(weights_only=True)``: a file that holds pickled objects (a checkpoint of an
+earlier format, or a file crafted to run code) is refused in one line and never executed; ``gradtail
+checkpoint upgrade PATH --trust`` converts an earlier format on the user's word
+(:func:`gradtail.engine.checkpoint.upgrade_checkpoint`).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -60,7 +69,14 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 EXTRAS = "extras"
 POSTHOC_EXTRAS = "posthoc"  # extras/posthoc/<name>.pt: fitted post-hoc adjusters (gradtail predict)
-RUN_FILES = (CONFIG, ENVIRONMENT, SUBSET, METRICS, FINAL, DIAGNOSTICS, PREDICTIONS)
+TENSORBOARD = "tensorboard"  # TensorBoard event files (log.tensorboard)
+TRACKING = "tracking.json"  # the experiment trackers' ids of the run (log.mlflow)
+RUN_FILES = (CONFIG, ENVIRONMENT, SUBSET, METRICS, FINAL, DIAGNOSTICS, PREDICTIONS, TRACKING)
+
+# The layout of a checkpoint (gradtail.engine.trainer.Trainer.state_dict): 3 = tensors and plain data
+# only, read with weights_only=True (2 pickled NumPy's and Python's RNG states as objects).
+CHECKPOINT_VERSION = 3
+UPGRADE_HINT = "gradtail checkpoint upgrade {path} --trust"
 
 # Config keys a resumed run may change: where and how the run executes and reports progress, never what
 # it trains or measures (docs/runs.md). Everything else must equal the checkpoint's config.
@@ -73,6 +89,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.cpu_allocator",
         "train.compile",
         "train.checkpoint_every",
+        "train.checkpoint_every_steps",
         "train.keep_checkpoints",
         "eval.batch_size",
         "data.data_dir",
@@ -82,6 +99,11 @@ RESUME_SAFE_KEYS = frozenset(
         "data.num_workers",
         "data.memory_budget_mb",  # where own-data images are held (memory or files), not the batches
         "data.check_files",
+        # experiment tracking: where the run's numbers are also sent, never what it trains or measures
+        "log.tensorboard",
+        "log.mlflow",
+        "log.mlflow_uri",
+        "log.mlflow_experiment",
     }
 )
 
@@ -135,24 +157,107 @@ def write_json(path: Path, obj: Any, what: str = "file", indent: int | None = 2)
 # --------------------------------------------------------------------------- checkpoints
 
 
+class UnsafeCheckpointError(DataError):
+    """A checkpoint refused without being executed: it holds pickled objects, or it has an earlier format
+    (one line; ``gradtail checkpoint upgrade PATH --trust`` converts a trusted one)."""
+
+
+_PLAIN_LEAVES = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def plain_data_problem(value: Any, where: str = "checkpoint") -> str | None:
+    """None when ``value`` is tensors and plain data only (what ``torch.load(weights_only=True)`` reads
+    back: dicts, lists, tuples, numbers, strings, None, dtypes, devices); otherwise where the first other
+    object is and its type (a NumPy array, an enum, a custom class: they would need the pickle to run
+    code to come back).
+
+    Example:
+        >>> import numpy as np
+        >>> plain_data_problem({"w": torch.zeros(2), "epoch": 3, "rng": [1, 2]}) is None
+        True
+        >>> plain_data_problem({"rng": {"numpy": np.zeros(2)}})
+        "checkpoint['rng']['numpy'] (a numpy.ndarray)"
+    """
+    if isinstance(value, torch.Tensor):
+        return None
+    if type(value) in _PLAIN_LEAVES:
+        return None
+    if type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            if type(key) not in _PLAIN_LEAVES:
+                return f"a key of {where} (a {type(key).__module__}.{type(key).__qualname__})"
+            problem = plain_data_problem(item, f"{where}[{key!r}]")
+            if problem is not None:
+                return problem
+        return None
+    if type(value) in (list, tuple, set):
+        for i, item in enumerate(value):
+            problem = plain_data_problem(item, f"{where}[{i}]")
+            if problem is not None:
+                return problem
+        return None
+    return f"{where} (a {type(value).__module__}.{type(value).__qualname__})"
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` atomically (temp file + rename), so a kill or a full disk never leaves
-    half a file, and the previous checkpoint stays intact when the write fails."""
+    half a file, and the previous checkpoint stays intact when the write fails. ``state`` must be
+    tensors and plain data (:func:`plain_data_problem`; anything else is a ``TypeError`` naming it, a
+    programming error: a checkpoint must load with ``weights_only=True``)."""
+    problem = plain_data_problem(state)
+    if problem is not None:
+        raise TypeError(f"cannot checkpoint {problem}: checkpoints hold only tensors and plain data")
     atomic_write(path, lambda f: torch.save(state, f), "checkpoint")
 
 
+def _unsafe_globals(path: Path) -> list[str]:
+    """The Python objects a torch file's pickle would construct besides tensors and plain data (read
+    from the pickle's opcodes, nothing executed); empty when it cannot tell."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a legacy (non-zip) or corrupt file: the load itself reports it
+        return []
+
+
+def safe_load(path: Path, map_location: str | torch.device = "cpu", what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain data only, nothing in the file is
+    executed. A file that holds pickled objects is a one-line :class:`DataError` naming it and them
+    (with the upgrade command for a gradtail checkpoint); a corrupt or foreign file is one line too."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / foreign / unsafe files
+        unsafe = _unsafe_globals(path)
+        if unsafe or "Unsupported global" in str(e) or "not an allowed global" in str(e):
+            named = f" ({', '.join(unsafe[:3])}{', ...' if len(unsafe) > 3 else ''})" if unsafe else ""
+            hint = (
+                "; if it is a checkpoint of an earlier gradtail whose source you trust, convert it with "
+                + UPGRADE_HINT.format(path=path)
+                if what == "checkpoint"
+                else ""
+            )
+            raise UnsafeCheckpointError(
+                f"{what} {path} holds pickled objects{named}; gradtail does not execute code from "
+                f"checkpoints{hint}"
+            ) from None
+        kind = e.__class__.__name__
+        raise DataError(f"{what} {path} is corrupt or not a gradtail {what} ({kind})") from None
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a gradtail checkpoint; a missing, corrupt or foreign file is a one-line :class:`DataError`."""
+    """Read a gradtail checkpoint with ``weights_only=True`` (:func:`safe_load`); a missing, corrupt or
+    foreign file, one that holds pickled objects or one of an earlier format is a one-line
+    :class:`DataError`."""
     if not path.is_file():
         raise DataError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises several types for truncated / foreign files
-        raise DataError(
-            f"checkpoint {path} is corrupt or not a gradtail checkpoint ({e.__class__.__name__})"
-        ) from None
+    state = safe_load(path, map_location)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise DataError(f"checkpoint {path} is not a gradtail checkpoint (missing model/config entries)")
+    version = state.get("version")
+    if isinstance(version, int) and version < CHECKPOINT_VERSION:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} has format {version} (this gradtail reads {CHECKPOINT_VERSION}); convert it "
+            f"with {UPGRADE_HINT.format(path=path)}"
+        )
     return state
 
 
@@ -267,11 +372,15 @@ class RunDirectory:
         path = self.best_checkpoint
         if not path.is_file():
             raise DataError(f"{path} is missing: the validation-selected weights were not kept")
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # truncated / foreign files raise several types
-            raise DataError(f"checkpoint {path} is corrupt ({e.__class__.__name__})") from None
+        state = safe_load(path, map_location)
+        if not isinstance(state, dict):
+            raise DataError(f"checkpoint {path} is not a gradtail checkpoint (no mapping of weights)")
         return dict(state)
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """``tensorboard/``: the run's TensorBoard event files (``log.tensorboard``)."""
+        return self.path / TENSORBOARD
 
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoint_dir / f"epoch_{epoch:04d}.pt"
@@ -299,6 +408,9 @@ class RunDirectory:
     def save_posthoc(self, name: str, state: dict[str, Any]) -> None:
         """Write a fitted adjuster's record atomically (rank 0), for ``gradtail predict --posthoc``."""
         if self.writer:
+            problem = plain_data_problem(state, f"post-hoc state {name!r}")
+            if problem is not None:
+                raise TypeError(f"cannot save {problem}: post-hoc states hold only tensors and plain data")
             atomic_write(self.posthoc_file(name), lambda f: torch.save(state, f), "post-hoc state")
 
     def load_posthoc(self, name: str) -> dict[str, Any]:
@@ -312,10 +424,7 @@ class RunDirectory:
                 f"the run in {self.path} has no fitted post-hoc adjuster {name!r} ({path} is missing); "
                 f"available: {', '.join(saved) if saved else 'none' + why}"
             )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated / foreign files raise several types
-            raise DataError(f"post-hoc state {path} is corrupt ({e.__class__.__name__})") from None
+        state = safe_load(path, "cpu", "post-hoc state")
         if not isinstance(state, dict) or "state" not in state:
             raise DataError(f"{path} is not a gradtail post-hoc state (no 'state' entry)")
         return state
@@ -423,7 +532,7 @@ class RunDirectory:
         try:
             for name in RUN_FILES:
                 self.file(name).unlink(missing_ok=True)
-            for folder in (self.checkpoint_dir, self.path / EXTRAS):
+            for folder in (self.checkpoint_dir, self.path / EXTRAS, self.tensorboard_dir):
                 if folder.is_dir():
                     shutil.rmtree(folder)
         except OSError as e:
@@ -484,6 +593,8 @@ class RunDirectory:
             return None
         try:
             return load_checkpoint(self.last_checkpoint, map_location)
+        except UnsafeCheckpointError:
+            raise  # never executed; its epoch checkpoints are of the same kind
         except DataError as e:
             for candidate in self.epoch_checkpoints():
                 try:
@@ -500,16 +611,20 @@ class RunDirectory:
 
 
 __all__ = [
+    "CHECKPOINT_VERSION",
     "RESUME_SAFE_KEYS",
     "RUN_FILES",
     "RunDirectory",
     "StartMode",
+    "UnsafeCheckpointError",
     "atomic_write",
     "config_changes",
     "describe_changes",
     "load_checkpoint",
     "make_directory",
+    "plain_data_problem",
     "resume_config_changes",
+    "safe_load",
     "save_checkpoint",
     "unsafe_changes",
     "write_json",
