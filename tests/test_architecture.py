@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "config": 0,
     "rundir": 0,
     "environment": 0,
+    "tracking": 0,  # TensorBoard / MLflow (log:), called by the engine and tune
     "gradstats": 1,
     "metrics": 1,
     "data": 1,
@@ -34,6 +35,7 @@ LAYERS: dict[str, int] = {
     "posthoc": 3,
     "report": 3,  # one report module per task, used by the tasks
     "predict": 3,  # one predictor module per task, used by the tasks
+    "export": 3,  # one exporter module per task (gradtail export), used by the tasks
     "tasks": 4,  # classification / segmentation / detection behind gradtail.contracts.TaskContract
     "engine": 5,  # one loop for every task, which it reaches through the contracts only
     "bench": 6,

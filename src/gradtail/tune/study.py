@@ -10,6 +10,10 @@ whose validation metric falls behind: median or successive halving).
 The test split is never read while searching: the trainer gets :class:`ValidationOnlyData`, a view of the
 run's data without it. Once the search is done, the chosen configuration is trained on the full schedule
 and evaluated on the test split once (``final/`` next to the study's files), unless ``final_test`` is off.
+
+With ``log.mlflow`` (:mod:`gradtail.tracking`), each study is one MLflow run (kept across resumes of the
+study: its id is a user attribute of the Optuna study), and each trial and the final run one MLflow run
+nested under it; pruned trials end ``KILLED``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from gradtail.config import RunConfig, config_from_dict, dump_config
 from gradtail.contracts import RunData, TrainLoader, create_task
 from gradtail.errors import ConfigError, OutputError, TrainingError
+from gradtail.tracking import Nesting, close_parent_run, open_parent_run
 from gradtail.tune.spaces import (
     TunedParam,
     apply_values,
@@ -303,6 +308,12 @@ def tune_method(
     if not study.get_trials(deepcopy=False):
         study.enqueue_trial(defaults(space), user_attrs={"default": True}, skip_if_exists=True)
     base = cfg.to_dict()
+    parent = open_parent_run(
+        cfg, f"tune {method}", study.user_attrs.get("mlflow_run_id"),
+        {"gradtail.study": name, "gradtail.objective": name_of_objective, "gradtail.task": cfg.task},
+    )  # fmt: skip
+    if parent is not None:
+        study.set_user_attr("mlflow_run_id", parent)
 
     def objective(trial: Any) -> float:
         values = suggest(trial, space, trial_epochs)
@@ -322,7 +333,13 @@ def tune_method(
                 )
 
         trainer = Trainer(trial_cfg, data=val_data, output_dir=trial_cfg.train.output_dir, verbose=False)
-        final = trainer.fit(overwrite=True, on_epoch_end=report)
+        if parent is not None:  # the trial's MLflow run, under the study's
+            trainer.tracking_nesting = Nesting(parent, f"trial {trial.number}")
+        try:
+            final = trainer.fit(overwrite=True, on_epoch_end=report)
+        except BaseException:  # pruned (or failed): its MLflow run ends, not left running
+            trainer.tracker.close("KILLED")
+            raise
         trial.set_user_attr("seconds", time.perf_counter() - start)
         return objective_value(final["val_last_epoch"], settings, task)
 
@@ -364,7 +381,13 @@ def tune_method(
         _write(path, header + dump_config(best_cfg))
         result.best_config = str(path)
         if settings.final_test:
-            result.final = _final_run(best_cfg, data, directory / "final", settings.overwrite, log, method)
+            nesting = Nesting(parent, "final") if parent is not None else None
+            result.final = _final_run(
+                best_cfg, data, directory / "final", settings.overwrite, log, method, nesting
+            )
+    best_metrics = {} if result.best_value is None else {f"best_{name_of_objective}": result.best_value}
+    best_tags = {f"gradtail.best.{k}": v for k, v in result.best_params.items()}
+    close_parent_run(cfg, parent, best_metrics, best_tags, sum(result.trials.get(s, 0) for s in FINISHED))
     _write(directory / "summary.json", json.dumps(result.to_dict(), indent=1))
     _write_trials_csv(directory / "trials.csv", study, space, trial_epochs)
     return result
@@ -400,7 +423,13 @@ def _summarise(
 
 
 def _final_run(
-    cfg: RunConfig, data: RunData, out: Path, overwrite: bool, log: Callable[[str], None], method: str
+    cfg: RunConfig,
+    data: RunData,
+    out: Path,
+    overwrite: bool,
+    log: Callable[[str], None],
+    method: str,
+    nesting: Nesting | None = None,
 ) -> dict[str, Any]:
     """Train the chosen configuration on its full schedule and evaluate the test split once."""
     from gradtail.engine.trainer import Trainer
@@ -413,9 +442,9 @@ def _final_run(
         log(f"gradtail tune: {method}: the chosen configuration's test run is done ({out})")
         return previous["last_epoch"]
     log(f"gradtail tune: {method}: training the chosen configuration, then one test evaluation -> {out}")
-    final = Trainer(cfg, data=data, output_dir=out, verbose=False).fit(
-        resume=not overwrite, overwrite=overwrite
-    )
+    trainer = Trainer(cfg, data=data, output_dir=out, verbose=False)
+    trainer.tracking_nesting = nesting
+    final = trainer.fit(resume=not overwrite, overwrite=overwrite)
     return dict(final["last_epoch"])
 
 
