@@ -13,11 +13,14 @@ declared member with a default, never an attribute probed with ``getattr`` / ``h
 - :class:`UpdateRule`: ``__call__(ctx, x, y)`` with a :class:`StepContext`, ``on_epoch_start(epoch, view)``
   with a :class:`TrainingView`, ``epoch_summary()``, ``state_dict`` / ``load_state_dict``, ``report_note``;
 - :class:`PosthocAdjuster`: ``fit`` / ``transform`` on ``input_kind`` (logits or features),
-  ``construction_inputs``, ``fitted_params()``, ``state_dict`` / ``load_state_dict``, ``report_note``;
+  ``construction_inputs``, ``fitted_params()``, ``state_dict`` / ``load_state_dict``, ``report_note``,
+  ``logit_affine`` / ``feature_head`` (the fitted transform as a linear map, for ``gradtail export``);
 - :class:`StepObserver`: ``observe(logits, targets)``;
 - :class:`TaskContract`: ``forward(model, inputs, batch)``, ``adapt_loss``, ``evaluate(view, split)``
-  returning an :class:`EvalReport`, ``groups``, ``check``: what differs between classification and dense
-  prediction (segmentation; detection), so the trainer has no task branch;
+  returning an :class:`EvalReport`, ``groups``, ``class_groups``, ``check``, ``predict`` / ``export``
+  (``gradtail predict`` / ``gradtail export``, with :class:`PredictRequest` / :class:`ExportRequest`): what
+  differs between classification and dense prediction (segmentation; detection), so the trainer has no
+  task branch;
 - :class:`TrainLoader` and :class:`RunData`: the data of a run (counts, class names, subset hash, loaders,
   the test-time preprocessing).
 
@@ -233,6 +236,17 @@ class PredictRequest:
     draw: bool = False
 
 
+@dataclass(frozen=True)
+class ExportRequest:
+    """What ``gradtail export`` asks of a task: the ``format`` (``onnx`` or ``torchscript``), where to
+    write the model file (``output``; None: ``<run>/export/model.<ext>``; its JSON sidecar beside it) and
+    the fitted post-hoc adjuster to fold into the model (``posthoc``: classification)."""
+
+    format: str = "onnx"
+    output: str | None = None
+    posthoc: str | None = None
+
+
 @dataclass
 class StepLoss:
     """What a task's :meth:`TaskContract.train_loss` returns for one batch: the loss to back-propagate
@@ -359,6 +373,13 @@ class TaskContract:
         record: dict[str, Any] = view.group_rule().to_dict()
         return record
 
+    def class_groups(self, view: EvalView) -> dict[str, list[int]]:
+        """The classes of each of the run's class groups, by group name (Many / Medium / Few; frequent /
+        common / rare; r / c / f): the trainer summarises the gradient ratios per group with them
+        (``grad_ratio`` in ``metrics.jsonl``). The default reads the ``classes`` of :meth:`groups`."""
+        classes = self.groups(view).get("classes") or {}
+        return {str(name): [int(c) for c in members] for name, members in classes.items()}
+
     def draw_predictions(self, view: EvalView, path: Any) -> bool:
         """Draw a few test predictions into ``path`` (PNG); False when the task draws none."""
         return False
@@ -396,6 +417,13 @@ class TaskContract:
         checkpoint's config and weights, no training data), ``request``'s images or split predicted, the
         task's output format written (to ``request.output``, or returned as text for standard output)."""
         raise NotImplementedError  # pragma: no cover - interface
+
+    def export(self, state: dict[str, Any], checkpoint: Path, request: ExportRequest) -> str:
+        """``gradtail export`` for a checkpoint of this task: the model rebuilt from ``state`` (with the
+        post-hoc adjustment ``request.posthoc`` folded in where the task takes one) written in
+        ``request.format`` with its JSON sidecar; returns a line saying what was written. A task that
+        cannot be exported (the default) refuses in one line."""
+        raise _config_error(f"task {self.name!r} cannot be exported (gradtail export)")
 
 
 def _config_error(message: str) -> Exception:
@@ -623,6 +651,18 @@ class PosthocAdjuster:
 
         raise ConfigError(f"post-hoc adjuster {self.name!r} cannot restore a fitted state")
 
+    def logit_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A fitted ``logits`` adjuster as a per-class affine map of the logits, z -> z * scale + offset
+        (``scale``, ``offset``: float64, (C,) or scalars), which ``gradtail export`` folds into the
+        classifier's weights and bias; None (the default) when the adjustment is not one."""
+        return None
+
+    def feature_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A fitted ``features`` adjuster as a linear head, logits = features @ weight.T + bias (``weight``
+        (C, D), ``bias`` (C,) or None), which ``gradtail export`` puts in place of the classifier; None
+        (the default) when its transform is not one."""
+        return None
+
 
 # --------------------------------------------------------------------------- data
 
@@ -699,6 +739,7 @@ __all__ = [
     "Accepts",
     "EvalReport",
     "EvalView",
+    "ExportRequest",
     "LossContract",
     "PosthocAdjuster",
     "PredictRequest",

@@ -1,5 +1,6 @@
-"""The ``gradtail`` command: ``train``, ``eval``, ``predict``, ``bench``, ``report``, ``tune``, ``list``, for
-every task (the task comes from the config; the commands know it only through its contract).
+"""The ``gradtail`` command: ``train``, ``eval``, ``predict``, ``export``, ``bench``, ``report``, ``tune``,
+``list``, for every task (the task comes from the config; the commands know it only through its contract),
+and ``checkpoint upgrade`` (checkpoints of earlier gradtail versions, on the user's ``--trust``).
 
 Errors gradtail raises on purpose (bad config key, missing data, wrong labels, an output that cannot be
 written, a run directory that already holds a run, ...) are printed as one line ``gradtail: error: ...``
@@ -143,6 +144,40 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_checkpoint(target: str) -> Path:
+    """A run directory's last checkpoint, or the checkpoint file given."""
+    path = Path(target)
+    if path.is_dir():
+        from gradtail.rundir import RunDirectory
+
+        checkpoint = RunDirectory(path).last_checkpoint
+        if not checkpoint.is_file():
+            raise DataError(f"{path} holds no run checkpoint ({checkpoint} is missing)")
+        return checkpoint
+    return path
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from gradtail.contracts import ExportRequest, create_task
+
+    path = _run_checkpoint(args.run)
+    state, cfg = _load_run(path)
+    request = ExportRequest(format=args.format, output=args.output, posthoc=args.posthoc)
+    print(f"gradtail: {create_task(cfg).export(state, path, request)}")
+    return 0
+
+
+def _cmd_checkpoint(args: argparse.Namespace) -> int:
+    from gradtail.engine.checkpoint import upgrade_checkpoint
+
+    if args.output and len(args.paths) > 1:
+        raise ConfigError("--output takes one checkpoint; give one PATH, or convert the files in place")
+    for path in args.paths:
+        output = Path(args.output) if args.output else None
+        print(f"gradtail: {upgrade_checkpoint(Path(path), output, trust=args.trust)}")
+    return 0
+
+
 def _suite_report(suite: Any, output: Path, finals: list[dict[str, Any]], wall: float | None) -> str:
     """Write the suite's report (its task's report module); return the results table as text."""
     from gradtail.contracts import TASKS
@@ -253,6 +288,15 @@ PREDICT_DESCRIPTION = (
 )
 
 
+EXPORT_DESCRIPTION = (
+    "A trained run's model outside Python: classification and segmentation as ONNX (or TorchScript), "
+    "detection as ONNX (the format torchvision's detectors export to). A classification export with "
+    "--posthoc NAME outputs the scores gradtail predict --posthoc NAME gives: the fitted adjustment is "
+    "folded into the classifier's weights and bias. A JSON sidecar beside the model gives the class names, "
+    "the input size and normalisation and the adjustment applied (docs/export.md)."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradtail", description="Gradient-driven long-tailed recognition.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -328,6 +372,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     pr.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser(
+        "export",
+        help="a trained run's model as ONNX or TorchScript (post-hoc adjustment folded in) + a JSON sidecar",
+        description=EXPORT_DESCRIPTION,
+    )
+    ex.add_argument("run", help="a run directory (its checkpoints/last.pt) or a checkpoint file")
+    ex.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
+                    help="onnx (default; detection: the only one) or torchscript")  # fmt: skip
+    ex.add_argument(
+        "--posthoc",
+        metavar="NAME",
+        help="classification: fold in the post-hoc adjuster the run fitted on validation (posthoc_la, "
+        "tau_norm, temperature, gala_rebalance with the validation class mass)",
+    )
+    ex.add_argument(
+        "--output", help="the model file (default <run>/export/model.onnx or .pt); the sidecar: <stem>.json"
+    )
+    ex.set_defaults(func=_cmd_export)
+
+    ck = sub.add_parser("checkpoint", help="checkpoint files: upgrade those of earlier gradtail versions")
+    ck_sub = ck.add_subparsers(dest="checkpoint_command", required=True)
+    up = ck_sub.add_parser(
+        "upgrade",
+        help="rewrite checkpoints of earlier gradtail versions as tensors and plain data (needs --trust)",
+        description="Checkpoints hold only tensors and plain data and are loaded with weights_only=True; "
+        "files written by earlier versions hold pickled objects (NumPy's and Python's RNG states) and are "
+        "refused. This command unpickles such a file, which runs whatever code it holds, and writes it "
+        "in the current format: run it only on files whose source you trust, with --trust.",
+    )
+    up.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint files (e.g. checkpoints/*.pt)")
+    up.add_argument("--trust", action="store_true", help="unpickle the files: you trust where they come from")
+    up.add_argument("--output", help="write the converted checkpoint here (one PATH; default: in place)")
+    up.set_defaults(func=_cmd_checkpoint)
 
     b = sub.add_parser("bench", help="run a suite of methods x seeds and write results.json + report")
     b.add_argument("suite", help="suite YAML (see suites/)")

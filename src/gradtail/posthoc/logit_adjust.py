@@ -129,5 +129,9 @@ class PosthocLogitAdjuster(PosthocAdjuster):
         self.log_prior = log_prior.clone()
         self.tau = float(state["tau"])
 
+    def logit_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """z - tau log pi as z * 1 + offset (``gradtail export`` folds the offset into the bias)."""
+        return torch.ones(self.num_classes, dtype=torch.float64), -self.tau * self.log_prior.double()
+
     def __repr__(self) -> str:
         return f"PosthocLogitAdjuster(num_classes={self.num_classes}, tau={self.tau}, tune={self.tune})"

@@ -12,6 +12,11 @@ Two forms that give the same result:
 
 q is accumulated in float64; log q is clamped at the smallest positive float64, so a class whose
 probabilities all underflow gets a finite (very large) boost instead of an infinity.
+
+A model scoring one image at a time has no set to take q from: :meth:`PredictionRebalancer.fit` also
+keeps the validation split's class mass (normalised to sum 1, the set tau is tuned on), and ``gradtail
+export`` folds z - tau log q_val into the exported classifier (:meth:`PredictionRebalancer.logit_affine`).
+On a balanced evaluation set it is close to the set's own q; the transductive form stays the method.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class PredictionRebalancer(PosthocAdjuster):
             raise ConfigError("gala_rebalance: the tau grid is empty")
         self.num_classes = num_classes
         self.scores: list[float] = []
+        self.fitted_mass: torch.Tensor | None = None  # the validation class mass q_val / N (fit)
 
     def transform(self, logits: torch.Tensor) -> torch.Tensor:
         """z - tau log q with q = class_mass(logits) (transductive: q from this very set)."""
@@ -114,6 +120,8 @@ class PredictionRebalancer(PosthocAdjuster):
         """Pick tau on validation logits maximising balanced accuracy (no-op when ``tune=False``)."""
         check_logits(logits, self.num_classes, self.name)
         check_targets(targets, logits.shape[0], self.name)
+        if logits.shape[0]:
+            self.fitted_mass = (class_mass(logits) / logits.shape[0]).cpu()
         if self.tune:
             q = class_mass(logits)
             c = logits.shape[1]
@@ -133,14 +141,29 @@ class PredictionRebalancer(PosthocAdjuster):
     def state_dict(self) -> dict[str, Any]:
         """What :meth:`transform` needs: tau (and the class count when known). There is no stored prior:
         q comes from the very set transformed (transductive, docs/methods/gala.md §3)."""
-        return {"tau": self.tau, "num_classes": self.num_classes}
+        state: dict[str, Any] = {"tau": self.tau, "num_classes": self.num_classes}
+        if self.fitted_mass is not None:
+            state["q"] = self.fitted_mass.clone()  # the validation class mass, for gradtail export
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore tau (and the class count) of :meth:`state_dict`."""
+        """Restore tau (and the class count, and the validation class mass when saved) of
+        :meth:`state_dict`."""
         check_state(state, ("tau",), self.name)
         self.tau = _check_tau(state["tau"])
         num_classes = state.get("num_classes")
         self.num_classes = None if num_classes is None else int(num_classes)
+        q = state.get("q")
+        self.fitted_mass = None if q is None else torch.as_tensor(q, dtype=torch.float64).flatten().clone()
+
+    def logit_affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """z - tau log q_val with the validation class mass kept by :meth:`fit` (module docstring): the
+        form a model scoring one image at a time can apply; None before a fit (or from a state saved
+        without it)."""
+        if self.fitted_mass is None:
+            return None
+        offset = -self.tau * torch.log(self.fitted_mass.to(torch.float64).clamp_min(_TINY))
+        return torch.ones_like(offset), offset
 
     def __repr__(self) -> str:
         return f"PredictionRebalancer(tau={self.tau}, tune={self.tune})"

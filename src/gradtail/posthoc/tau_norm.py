@@ -232,6 +232,11 @@ class TauNormAdjuster(PosthocAdjuster):
         self.bias_mode = state["bias_mode"]
         self.tau = tau
 
+    def feature_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tau-normalised head's weight (C, D) and bias (C,) or None, as :meth:`transform` applies
+        them (``gradtail export`` puts them in place of the classifier)."""
+        return tau_normalized_parameters(self.weight, self.bias, self.tau, self.bias_mode)
+
     def head(self, tau: float | None = None) -> nn.Linear:
         """A fresh ``nn.Linear`` holding the tau-normalised classifier (current tau by default)."""
         w, b = tau_normalized_parameters(

@@ -131,5 +131,10 @@ class TemperatureScaling(PosthocAdjuster):
             raise ConfigError(f"temperature: the saved temperature must be positive, got {temperature}")
         self.temperature = temperature
 
+    def logit_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """z / T as z * (1 / T) + 0 (scalars: the same for every class)."""
+        one = torch.ones((), dtype=torch.float64)
+        return one / self.temperature, torch.zeros((), dtype=torch.float64)
+
     def __repr__(self) -> str:
         return f"TemperatureScaling(temperature={self.temperature:.4g}, tune={self.tune})"

@@ -14,12 +14,22 @@ from typing import Any, ClassVar
 
 import torch
 
-from gradtail.contracts import TASKS, LossContract, PredictRequest, RunData, TaskContract
+from gradtail.contracts import (
+    TASKS,
+    EvalView,
+    ExportRequest,
+    LossContract,
+    PredictRequest,
+    RunData,
+    TaskContract,
+)
 from gradtail.data.builder import DATASETS, build_data
 from gradtail.data.synthetic import make_synthetic
 from gradtail.distributed import is_distributed
 from gradtail.errors import ConfigError
+from gradtail.export import classification as classification_export
 from gradtail.losses import create_loss
+from gradtail.metrics import shot_groups
 from gradtail.models import MODELS, LongTailClassifier, create_model
 from gradtail.predict import classification as classification_predict
 from gradtail.registry import check_call_params
@@ -124,6 +134,11 @@ class ClassificationTask(TaskContract):
             model.backbone.eval()  # type: ignore[union-attr]  # a frozen backbone keeps its BN statistics
 
     # ------------------------------------------------------------------ evaluation
+    def class_groups(self, view: EvalView) -> dict[str, list[int]]:
+        """Many / Medium / Few by the run's group rule (:meth:`gradtail.metrics.GroupRule`)."""
+        rule = view.group_rule()
+        return shot_groups(view.data.class_counts, rule.many_threshold, rule.few_threshold)
+
     def search_space(self) -> list[Any]:
         return method_search_space(self.cfg)
 
@@ -156,6 +171,9 @@ class ClassificationTask(TaskContract):
 
     def predict(self, state: dict[str, Any], checkpoint: Path, request: PredictRequest) -> str:
         return classification_predict.run(state, checkpoint, request)
+
+    def export(self, state: dict[str, Any], checkpoint: Path, request: ExportRequest) -> str:
+        return classification_export.run(state, checkpoint, request)
 
 
 __all__ = ["ClassificationTask"]

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradtail.contracts import TASKS, Accepts, EvalView, LossContract, PredictRequest, RunData
+from gradtail.contracts import TASKS, Accepts, EvalView, ExportRequest, LossContract, PredictRequest, RunData
 from gradtail.data.samplers import SAMPLERS
 from gradtail.data.segmentation import SEGMENTATION_DATASETS, SegmentationOptions, segmentation_settings
 from gradtail.errors import ConfigError
+from gradtail.export import segmentation as segmentation_export
 from gradtail.losses.base import LongTailLoss
 from gradtail.losses.dense import PixelLoss
 from gradtail.metrics.segmentation import (
@@ -192,6 +193,11 @@ class SegmentationTask(ClassificationTask):
             "classes": groups,
         }
 
+    def class_groups(self, view: EvalView) -> dict[str, list[int]]:
+        """Frequent / common / rare by share of the training pixels."""
+        groups = pixel_frequency_groups(view.data.class_counts, self.frequent_threshold, self.rare_threshold)
+        return {str(name): [int(c) for c in members] for name, members in groups.items()}
+
     def draw_predictions(self, view: EvalView, path: Any) -> bool:
         """A few test images: input, ground truth and prediction (:mod:`gradtail.report.segmentation`)."""
         model = view.model
@@ -227,6 +233,9 @@ class SegmentationTask(ClassificationTask):
 
     def predict(self, state: dict[str, Any], checkpoint: Path, request: PredictRequest) -> str:
         return segmentation_predict.run(self, state, checkpoint, request)
+
+    def export(self, state: dict[str, Any], checkpoint: Path, request: ExportRequest) -> str:
+        return segmentation_export.run(self, state, checkpoint, request)
 
 
 __all__ = ["SegmentationTask", "slide_inference"]
