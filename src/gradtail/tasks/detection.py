@@ -163,7 +163,8 @@ class DetectionTask(TaskContract):
         loss = self.cfg.loss
         c = data.num_classes
         if self.two_stage:
-            return two_stage_loss(loss.name, c, loss.params)
+            # class_counts: the federated loss's sampling weights (training images per class)
+            return two_stage_loss(loss.name, c, loss.params, class_counts=data.class_counts)
         if (
             loss.name == "sigmoid_focal"
         ):  # torchvision's head computes it; the module documents what is trained

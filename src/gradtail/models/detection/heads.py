@@ -59,22 +59,32 @@ from gradtail.losses import create_loss
 from gradtail.losses.base import LongTailLoss
 from gradtail.losses.equalization import sigmoid_eql_scores
 
-TWO_STAGE_LOSSES = ("ce", "sigmoid_eql", "softmax_eql", "seesaw")
+TWO_STAGE_LOSSES = ("ce", "sigmoid_eql", "softmax_eql", "seesaw", "federated")
 # sigmoid_focal: torchvision's own head and loss (the stock one-stage baseline); efl / eqfl: gradtail terms
 ONE_STAGE_LOSSES = ("sigmoid_focal", "efl", "eqfl")
 
 
 def two_stage_loss(
-    loss_name: str, num_classes: int, loss_params: dict[str, Any] | None = None
+    loss_name: str,
+    num_classes: int,
+    loss_params: dict[str, Any] | None = None,
+    class_counts: Any = None,
 ) -> LongTailLoss:
     """The registry's loss as a two-stage RoI classifier applies it (:class:`TwoStageTerm`): EQLv2 on C + 1
-    sigmoid channels with the background / objectness channel last (label C); the softmax losses over
-    C + 1 classes, background = class C."""
+    sigmoid channels with the background / objectness channel last (label C); the federated loss on the C
+    category columns of C + 1 logits (the background column unused, detectron2's layout; ``class_counts``:
+    the training images per class, its sampling weights); the softmax losses over C + 1 classes,
+    background = class C."""
     params = dict(loss_params or {})
     if loss_name == "sigmoid_eql":
         params.setdefault("objectness", True)
         params.setdefault("background_label", True)
         return create_loss("sigmoid_eql", num_classes, **params)
+    if loss_name == "federated":
+        params.setdefault("background_column", True)
+        params.setdefault("background_label", True)
+        counts = params.pop("class_counts", class_counts)
+        return create_loss("federated", num_classes, counts, **params)
     return create_loss(loss_name, num_classes + 1, **params)
 
 
@@ -94,6 +104,8 @@ class TwoStageTerm(nn.Module):
     - ``sigmoid_eql`` (EQLv2): C + 1 sigmoid channels, the last the background / objectness channel
       (label C), ``objectness=True, background_label=True``; score_j = sigmoid(z_j) (1 - sigmoid(z_bg))
       (docs/methods/eql.md §2, §9).
+    - ``federated``: C + 1 logits, BCE on the C category columns over the step's class set, the background
+      column unused (docs/instance.md §2); score_j = sigmoid(z_j).
     - ``ce``, ``softmax_eql``, ``seesaw``: a softmax over C + 1 classes, background = class C (what
       torchvision's cross-entropy does, with the background moved last); score_j = softmax(z)_j (raw
       logits at test time). For ``softmax_eql`` and ``seesaw`` the background is thus one more class of
@@ -139,6 +151,8 @@ class TwoStageTerm(nn.Module):
         logits = torch.cat([tv_logits[:, 1:], tv_logits[:, :1]], dim=1)
         if self.loss_name == "sigmoid_eql":
             return sigmoid_eql_scores(logits)
+        if self.loss_name == "federated":  # sigmoid of the category columns (detectron2's use_sigmoid_ce)
+            return torch.sigmoid(logits[:, :-1])
         return F.softmax(logits, dim=-1)[:, :-1]
 
 
