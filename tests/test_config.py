@@ -29,7 +29,7 @@ def test_shipped_configs_load(repo_root):
         r = cfg.regularizer
         reg = create_regularizer(r.name, **r.params) if r.name else None
         assert cfg.data.augment.views == (reg.num_views if reg is not None else 0), path
-    assert tasks == {"classification", "segmentation", "detection"}
+    assert tasks == {"classification", "segmentation", "detection", "instance_segmentation"}
 
 
 def test_unknown_key_names_key_and_lists_valid():

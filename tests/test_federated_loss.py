@@ -28,7 +28,7 @@ def np_sigmoid(z: float) -> float:
 def reference(
     z: np.ndarray, y: np.ndarray, classes: list[int], num_classes: int, ignore: int | None = None
 ) -> tuple[float, np.ndarray]:
-    """The loss and dL/dz by loops: (1/n) sum over non-ignored rows i, classes j in S of BCE(z_ij, [y_i=j])."""
+    """The loss and dL/dz by loops: (1/n) sum over non-ignored rows i, j in S of BCE(z_ij, [y_i = j])."""
     rows = [i for i in range(len(y)) if ignore is None or y[i] != ignore]
     n = max(len(rows), 1)
     value, grad = 0.0, np.zeros_like(z)
@@ -96,7 +96,9 @@ def test_forward_is_the_loss_on_the_drawn_set() -> None:
 
 
 @pytest.mark.parametrize("k", [1, 5, 10, 20, 30])
-def test_the_drawn_set_holds_every_ground_truth_class_never_the_background_and_max_k_gt_classes(k: int) -> None:
+def test_the_drawn_set_holds_every_ground_truth_class_never_the_background_and_max_k_gt_classes(
+    k: int,
+) -> None:
     c = 20
     counts = [int(1000 / (i + 1) ** 1.5) for i in range(c)]
     loss = create_loss("federated", c, class_counts=counts, k=k, background_label=True, ignore_index=-1)

@@ -1,0 +1,204 @@
+"""Instance segmentation (docs/instance.md; the spec: ``instance.md``): torchvision's Mask R-CNN with the
+registry's loss as its box classifier, LVIS / COCO mask AP with box AP alongside; validation mask AP
+selects the epoch and the trial.
+
+The task is detection's (:class:`~gradtail.tasks.detection.DetectionTask`: the same loop, schedule, data
+loader, RFS and class-aware samplers, evaluation protocol, one-line errors) with what differs:
+
+- its section ``instance_segmentation:`` (:class:`~gradtail.data.detection.instance.InstanceOptions`:
+  the detection keys, the Fashion-MNIST instance benchmark, ``mask_threshold``);
+- data with masks (``data.dataset``: ``fm_instance`` or ``coco_files``,
+  :mod:`gradtail.data.detection.instance`);
+- ``model.name: mask_rcnn`` (:class:`~gradtail.models.detection.DetectorSpec`: ``backbone`` ``tiny``,
+  ``resnet50_fpn`` or ``resnet50_fpn_v2``, local ``checkpoint`` / ``backbone_checkpoint``);
+- the box classifier's losses: ``ce``, ``sigmoid_eql`` (EQLv2), ``seesaw`` (mmdetection's LVIS head:
+  normed-linear classifier, two objectness channels), ``federated``, ``softmax_eql``; the mask branch is
+  torchvision's per-class BCE, untouched by them;
+- evaluation: :func:`gradtail.metrics.instance.evaluate_instances` (mask AP, the run's primary metric,
+  and ``box_*`` box AP), results with RLE masks (``gradtail predict``), masks drawn in ``predictions.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from gradtail.contracts import TASKS, Accepts, EvalView, LossContract, PredictRequest, RunData, TaskContract
+from gradtail.data.detection.instance import INSTANCE_DATASETS, InstanceData, InstanceOptions
+from gradtail.data.samplers import SAMPLERS
+from gradtail.errors import ConfigError, DataError
+from gradtail.losses import create_loss
+from gradtail.metrics.instance import InstanceMetrics, detector_records, evaluate_instances
+from gradtail.models.detection import DetectorSpec
+from gradtail.models.detection.detectors import INSTANCE_ARCHS
+from gradtail.models.detection.heads import TWO_STAGE_LOSSES, two_stage_loss
+from gradtail.predict import instance as instance_predict
+from gradtail.registry import check_call_params
+from gradtail.report import instance as instance_report
+from gradtail.report.table import format_percent, run_rows
+from gradtail.tasks.detection import SPEC_SET_ELSEWHERE, DetectionTask
+
+COLUMNS = ("method", "mask AP", "AP50", "APr", "APc", "APf", "box AP", "box APr")
+KEYS = ("AP", "AP50", "APr", "APc", "APf", "box_AP", "box_APr")
+
+
+@TASKS.register("instance_segmentation")
+class InstanceSegmentationTask(DetectionTask):
+    """Instance segmentation (module docstring)."""
+
+    name: ClassVar[str] = "instance_segmentation"
+    options: ClassVar[type | None] = InstanceOptions
+    defaults: ClassVar[Mapping[str, Any]] = {
+        **DetectionTask.defaults,
+        "data": {"dataset": "fm_instance"},
+        "model": {"name": "mask_rcnn"},
+    }
+    resume_safe: ClassVar[frozenset[str]] = frozenset(
+        {
+            "instance_segmentation.image_root",
+            "instance_segmentation.benchmark_root",
+            "instance_segmentation.draw",
+        }
+    )
+    selection_metric: ClassVar[str] = "AP"  # mask AP
+    objectives: ClassVar[tuple[str, ...]] = ("AP", "APr", "AP50", "APc", "APf", "box_AP")
+
+    @classmethod
+    def catalog(cls) -> dict[str, list[str]]:
+        return {
+            "datasets": INSTANCE_DATASETS.names(),
+            "models": [f"mask_rcnn (losses {', '.join(TWO_STAGE_LOSSES)})"],
+        }
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def two_stage(self) -> bool:
+        return True
+
+    def accepts(self) -> Accepts:
+        return Accepts(
+            losses=tuple(TWO_STAGE_LOSSES), regularizers=(), update_rules=("plain",), posthoc=(),
+            samplers=tuple(SAMPLERS.names()),
+        )  # fmt: skip
+
+    def check(self) -> None:
+        cfg = self.cfg
+        INSTANCE_DATASETS.get(cfg.data.dataset)
+        if cfg.model.name not in INSTANCE_ARCHS:
+            raise ConfigError(
+                f"model.name for task 'instance_segmentation' must be one of {', '.join(INSTANCE_ARCHS)}, "
+                f"got {cfg.model.name!r}"
+            )
+        check_call_params(
+            DetectorSpec, cfg.model.params, "model.params", f"detector {cfg.model.name!r}",
+            reserved=SPEC_SET_ELSEWHERE,
+        )  # fmt: skip
+        DetectorSpec(arch=cfg.model.name, num_classes=1, **cfg.model.params).check()
+        t, default = cfg.train, type(cfg.train)()
+        unsupported = ("channels_last", "compile", "init_from", "freeze_backbone", "reset_classifier",
+                       "sync_batchnorm")  # fmt: skip
+        for key in unsupported:
+            if getattr(t, key) != getattr(default, key):
+                raise ConfigError(f"train.{key} is not supported by task 'instance_segmentation'")
+        if cfg.model.head != "linear":
+            raise ConfigError("model.head is a classification setting; Mask R-CNN's heads are its own")
+        if cfg.eval.many_threshold is not None:
+            raise ConfigError("eval.many_threshold / few_threshold are classification groups; instance "
+                              "segmentation groups classes by LVIS frequency")  # fmt: skip
+        if cfg.optim.accumulation_steps != 1:
+            raise ConfigError("optim.accumulation_steps is not supported by task 'instance_segmentation' "
+                              "(the detector's RPN, box and mask terms normalise per batch)")  # fmt: skip
+        cfg.options.check()
+
+    # ------------------------------------------------------------------ building
+    def build_data(self) -> RunData:
+        spec = DetectorSpec(arch=self.cfg.model.name, num_classes=1, **self.cfg.model.params)
+        missing = spec.missing_weights()
+        if missing:  # before the data (LVIS's files take minutes to read)
+            raise DataError(f"model.params.{missing[0]}: weights file not found (nothing is downloaded)")
+        data: RunData = INSTANCE_DATASETS.get(self.cfg.data.dataset)(self.cfg.data, self.cfg.options)
+        return data
+
+    def build_loss(self, data: RunData) -> LossContract:
+        """The registry's loss as Mask R-CNN's box classifier applies it: seesaw over the C categories of the
+        normed-linear head (with ``seesaw_form`` objectness, the default here), the others as in Faster
+        R-CNN (:func:`~gradtail.models.detection.heads.two_stage_loss`); the federated loss's class counts
+        are the training file's ``image_count`` (counted from the data when a category lacks it)."""
+        loss = self.cfg.loss
+        c = int(data.num_classes)
+        if self.spec(c).seesaw_objectness:
+            return create_loss("seesaw", c, **loss.params)
+        counts = data.federated_counts() if isinstance(data, InstanceData) else data.class_counts
+        return two_stage_loss(loss.name, c, loss.params, class_counts=counts)
+
+    def observed_classes(self, data: RunData, loss: LossContract) -> int:
+        """C + 1 channels (background / objectness last), C for the seesaw head (its category channels of
+        the foreground RoIs)."""
+        c = int(data.num_classes)
+        return c if self.spec(c).seesaw_objectness else c + 1
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict_split(self, view: EvalView, split: str) -> tuple[list[dict[str, Any]], Any]:
+        """Results records (box, score, RLE mask) of every image of a split, and the split."""
+        detector = view.model
+        detector.eval()
+        ev = view.data.eval_loader(split, view.cfg, view.device)
+        ids = view.data.category_ids
+        threshold = view.cfg.options.mask_threshold
+        records: list[dict[str, Any]] = []
+        bs = view.cfg.eval.batch_size
+        for start in range(0, len(ev.dataset), bs):
+            items = [ev.dataset[i] for i in range(start, min(start + bs, len(ev.dataset)))]
+            with view.autocast():
+                outs = detector([im.to(view.device) for im, _ in items])
+            for (_, target), out in zip(items, outs, strict=True):
+                records += detector_records(target["image_id"], out, ids, threshold)
+        return records, ev
+
+    def evaluate(self, view: EvalView, split: str) -> InstanceMetrics:
+        """Mask AP / AP50 / AP75 / APs/m/l / APr/c/f and the same of the boxes, through the official API."""
+        records, ev = self.predict_split(view, split)
+        o = view.cfg.options
+        return evaluate_instances(ev.annotations, records, o.protocol, o.max_dets, view.data.frequencies())
+
+    def draw_predictions(self, view: EvalView, path: Any) -> bool:
+        if not view.cfg.options.draw or not view.data.has_split("test"):
+            return False
+        detector = view.model
+        detector.eval()
+        ev = view.data.eval_loader("test", view.cfg, view.device)
+        items = [ev.dataset[i] for i in range(min(6, len(ev.dataset)))]
+        with torch.no_grad(), view.autocast():
+            outs = detector([im.to(view.device) for im, _ in items])
+        outs = [{k: v.detach().float().cpu() for k, v in o.items()} for o in outs]
+        instance_report.draw_instances(
+            items, outs, view.data.class_names, Path(path), threshold=view.cfg.options.mask_threshold
+        )
+        return True
+
+    # ------------------------------------------------------------------ presentation
+    def final_rows(self, final: Mapping[str, Any], label: str) -> tuple[list[str], list[list[str]]]:
+        return list(COLUMNS), run_rows(final, label, KEYS)
+
+    def headline(self, final: Mapping[str, Any]) -> str:
+        last = final["last_epoch"]
+        mask = ", ".join(f"{k} {format_percent(last.get(k))}" for k in ("AP", "APr", "APc", "APf"))
+        return f"mask {mask}; box AP {format_percent(last.get('box_AP'))}"
+
+    def report(self) -> Any:
+        return instance_report
+
+    def predict(self, state: dict[str, Any], checkpoint: Path, request: PredictRequest) -> str:
+        return instance_predict.run(self, state, checkpoint, request)
+
+    def export(self, state: dict[str, Any], checkpoint: Path, request: Any) -> str:
+        """Not wired for Mask R-CNN (its masks and RLE output have no exported form here): the contract's
+        one-line refusal, not detection's box exporter."""
+        return TaskContract.export(self, state, checkpoint, request)
+
+
+__all__ = ["InstanceSegmentationTask"]
