@@ -49,6 +49,7 @@ from gradtail.errors import ConfigError, DataError
 from gradtail.registry import Registry
 
 PROTOCOLS = ("auto", "lvis", "coco")
+EVALUATORS = ("auto", "lvis", "faster_coco_eval")  # gradtail.metrics.detection.EVALUATORS
 
 
 @dataclass
@@ -67,15 +68,21 @@ class DetectionOptions:
     flip: bool = True
     min_size: list[int] | None = None
     max_size: int | None = None
-    # evaluation: lvis | coco | auto (lvis when the categories carry LVIS frequencies), detections per image
+    # evaluation: lvis | coco | auto (lvis when the categories carry LVIS frequencies), detections per image,
+    # the LVIS protocol's program: auto (faster_coco_eval where installed) | lvis | faster_coco_eval
     protocol: str = "auto"
     max_dets: int | None = None
+    evaluator: str = "auto"
     draw: bool = True  # the run draws a few test images with their boxes at its end (predictions.png)
 
     def check(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(
                 f"detection.protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
+            )
+        if self.evaluator not in EVALUATORS:
+            raise ConfigError(
+                f"detection.evaluator must be one of {', '.join(EVALUATORS)}, got {self.evaluator!r}"
             )
         if self.min_size is not None and (not self.min_size or min(self.min_size) < 1):
             raise ConfigError(f"detection.min_size must be positive sizes, got {self.min_size}")
