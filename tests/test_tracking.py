@@ -167,6 +167,9 @@ def test_a_resumed_run_logs_every_epoch_once(tmp_path: Path, checkpoint_every: i
     assert {k: v for k, v in expected_series(run).items() if k in keep} == {
         k: v for k, v in expected_series(straight).items() if k in keep
     }
+    # resuming the finished run evaluates it again: still one value per step
+    Trainer(config_from_dict(raw), output_dir=run, verbose=False).fit(resume=True)
+    assert_exact(run, cfg.log.mlflow_uri)
 
 
 def test_log_keys_are_resume_safe_and_outside_the_config_hash(tmp_path: Path) -> None:
@@ -245,3 +248,15 @@ def test_tune_nests_one_mlflow_run_per_trial_under_the_study(tmp_path: Path) -> 
     history = client.get_metric_history(trial0.info.run_id, "val/balanced_accuracy")
     want = [(r["epoch"], r["val"]["balanced_accuracy"]) for r in records]
     assert [(m.step, m.value) for m in history] == want
+
+
+def test_overwrite_removes_the_trackers_files(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "run")
+    (run.tensorboard_dir).mkdir(parents=True)
+    (run.tensorboard_dir / "events.out.tfevents.1").write_bytes(b"")
+    run.write_json("tracking.json", {"mlflow": {"run_id": "x"}})
+    (run.path / "export").mkdir()
+    (run.path / "export" / "model.onnx").write_bytes(b"")
+    (run.path / "notes.txt").write_text("mine")
+    run.start("overwrite")
+    assert sorted(p.name for p in run.path.iterdir()) == ["notes.txt"]

@@ -17,6 +17,7 @@ Layout of ``<run>/``:
                            ``checkpoints/best.pt`` the weights of the validation-selected epoch
 ``tensorboard/``           TensorBoard event files (``log.tensorboard``)
 ``tracking.json``          the experiment trackers' ids for this run (``log.mlflow``: the MLflow run)
+``export/``                ``gradtail export``'s default output (the model file and its JSON sidecar)
 ``extras/<name>/``         files a method or a tool adds (per-method extras); ``extras/posthoc/<name>.pt``
                            the post-hoc adjusters fitted at the end of the run
 =========================  ==========================================================================
@@ -71,6 +72,7 @@ EXTRAS = "extras"
 POSTHOC_EXTRAS = "posthoc"  # extras/posthoc/<name>.pt: fitted post-hoc adjusters (gradtail predict)
 TENSORBOARD = "tensorboard"  # TensorBoard event files (log.tensorboard)
 TRACKING = "tracking.json"  # the experiment trackers' ids of the run (log.mlflow)
+EXPORTS = "export"  # gradtail export's default output folder (model.onnx / model.pt + model.json)
 RUN_FILES = (CONFIG, ENVIRONMENT, SUBSET, METRICS, FINAL, DIAGNOSTICS, PREDICTIONS, TRACKING)
 
 # The layout of a checkpoint (gradtail.engine.trainer.Trainer.state_dict): 3 = tensors and plain data
@@ -532,7 +534,8 @@ class RunDirectory:
         try:
             for name in RUN_FILES:
                 self.file(name).unlink(missing_ok=True)
-            for folder in (self.checkpoint_dir, self.path / EXTRAS, self.tensorboard_dir):
+            folders = (self.checkpoint_dir, self.path / EXTRAS, self.tensorboard_dir, self.path / EXPORTS)
+            for folder in folders:
                 if folder.is_dir():
                     shutil.rmtree(folder)
         except OSError as e:

@@ -23,8 +23,9 @@ Backends:
   at ``log.mlflow_uri`` (default: a local file store, ``./mlruns``; any tracking URI MLflow takes). The
   run's id is kept in ``<run>/tracking.json``: a resumed run continues its MLflow run, logging the
   checkpoint's epochs that it lacks; when the interrupted process had logged epochs that the checkpoint
-  does not hold (they are trained again), that MLflow run is deleted and a new one gets the whole history,
-  so no step is ever logged twice. ``gradtail tune`` nests one MLflow run per trial under one run per
+  does not hold (they are trained again), or the final numbers (a finished run resumed is evaluated
+  again), that MLflow run is deleted and a new one gets the whole history, so no step is ever logged
+  twice. ``gradtail tune`` nests one MLflow run per trial under one run per
   study (:class:`Nesting`).
 
 Only the main process logs (rank 0 under ``torchrun``); the others get a tracker without backends.
@@ -48,6 +49,7 @@ from gradtail.rundir import TRACKING, RunDirectory
 EXTRA = "pip install 'gradtail[track]'"
 STEP_KEY = "epoch"  # the record's key that is the step, never a metric itself
 TRAIN_LOSS = "train_loss"  # every epoch record has it: the key whose logged steps a resume checks
+FINAL_PREFIXES = ("test/", "posthoc/")  # what Tracker.log_final logs
 MLFLOW_PARAM_LIMIT = 6000  # MLflow's limit on a parameter value's length
 
 
@@ -252,7 +254,8 @@ class MLflowBackend:
                 alive = False
             if alive:
                 logged = {int(m.step) for m in client.get_metric_history(run_id, TRAIN_LOSS)}
-                if any(step > last for step in logged):  # epochs the checkpoint does not hold
+                ended = any(k.startswith(FINAL_PREFIXES) for k in run.data.metrics)  # re-evaluated run
+                if ended or any(step > last for step in logged):  # epochs the checkpoint does not hold
                     client.delete_run(run_id)
                 else:
                     client.update_run(run_id, status="RUNNING")

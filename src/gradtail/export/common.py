@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from gradtail.errors import ConfigError, DataError, OutputError
-from gradtail.rundir import make_directory, write_json
+from gradtail.rundir import EXPORTS, make_directory, write_json
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
 EXTRA = "pip install 'gradtail[export]'"
-EXPORT_DIR = "export"  # <run>/export/model.onnx by default
+EXPORT_DIR = EXPORTS  # <run>/export/model.onnx by default
 
 
 def check_format(fmt: str) -> None:

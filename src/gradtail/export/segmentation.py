@@ -45,13 +45,12 @@ class ExportedSegmenter(nn.Module):
         return logits, logits.argmax(1)
 
 
-def run(task: Any, state: dict[str, Any], checkpoint: Path, request: Any) -> str:
-    """``gradtail export`` of a segmentation checkpoint (module docstring)."""
+def build(task: Any, state: dict[str, Any], checkpoint: Path) -> tuple[ExportedSegmenter, Any, bool]:
+    """The module to export (the checkpoint's model and its loss's test-time transform), the
+    checkpoint's data record (:class:`gradtail.predict.CheckpointData`) and whether that transform is the
+    identity."""
     from gradtail.predict import CheckpointData, load_weights
 
-    if request.posthoc:
-        raise ConfigError("--posthoc: segmentation takes no post-hoc adjuster (nothing to fold in)")
-    model_path, sidecar = output_paths(request.format, request.output, checkpoint)
     data = CheckpointData.from_state(state, checkpoint)
     loss = task.build_loss(data)
     model = task.build_model(data, loss)
@@ -68,14 +67,26 @@ def run(task: Any, state: dict[str, Any], checkpoint: Path, request: Any) -> str
     scale, offset = affine_of(dense, c, f"the test-time transform of loss {type(loss).__name__}")
     identity = bool((scale == 1).all()) and bool((offset == 0).all())
     exported = ExportedSegmenter(model, None if identity else ClassAffine(scale, offset, c)).eval()
+    with torch.no_grad():  # the module reproduces the run's test-time logits
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(1, data.in_channels, EXAMPLE_SIZE, EXAMPLE_SIZE, generator=gen)
+        if not float((exported(x)[0] - loss.inference_logits(model(x).float())).abs().max()) <= TOLERANCE:
+            raise ConfigError("the exported module does not reproduce the model's test-time logits")
+    return exported, data, identity
+
+
+def run(task: Any, state: dict[str, Any], checkpoint: Path, request: Any) -> str:
+    """``gradtail export`` of a segmentation checkpoint (module docstring)."""
+    if request.posthoc:
+        raise ConfigError("--posthoc: segmentation takes no post-hoc adjuster (nothing to fold in)")
+    model_path, sidecar = output_paths(request.format, request.output, checkpoint)
+    exported, data, identity = build(task, state, checkpoint)
+    c = data.num_classes
     size = task.window or (EXAMPLE_SIZE, EXAMPLE_SIZE)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, data.in_channels, *size, generator=gen)
     with torch.no_grad():
         want = exported(x)
-        direct = loss.inference_logits(model(x).float())
-    if not float((want[0] - direct).abs().max()) <= TOLERANCE:
-        raise ConfigError("the exported module does not reproduce the model's test-time logits")
     if request.format == "onnx":
         dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
         write_onnx(exported, (x,), model_path, ["input"], ["logits", "labels"], dynamic_shapes=(dims,),
@@ -118,4 +129,4 @@ def run(task: Any, state: dict[str, Any], checkpoint: Path, request: Any) -> str
     return f"{request.format} model -> {model_path} (sidecar {sidecar})"
 
 
-__all__ = ["ExportedSegmenter", "run"]
+__all__ = ["ExportedSegmenter", "build", "run"]
