@@ -85,13 +85,19 @@ def main() -> None:
     args = parser.parse_args()
 
     result: dict[str, Any] = {
-        "case": {"images": args.images, "classes": args.classes, "dets_per_image": args.dets, "seed": args.seed},
+        "case": {
+            "images": args.images,
+            "classes": args.classes,
+            "dets_per_image": args.dets,
+            "seed": args.seed,
+        },
         "environment": environment_info(torch.device("cpu")),
     }
     with tempfile.TemporaryDirectory() as folder:
         for iou_type in args.iou_types:
             start = time.perf_counter()
-            gt, dets = lvis_case(args.images, args.classes, args.dets, masks=iou_type == "segm", seed=args.seed)
+            masks = iou_type == "segm"
+            gt, dets = lvis_case(args.images, args.classes, args.dets, masks=masks, seed=args.seed)
             (Path(folder) / "gt.json").write_text(json.dumps(gt))
             (Path(folder) / f"dets_{iou_type}.json").write_text(json.dumps(dets))
             case = {"annotations": len(gt["annotations"]), "detections": len(dets),

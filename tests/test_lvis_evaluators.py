@@ -5,6 +5,7 @@ tied scores) and on hand-made edge cases; and the choice ``auto`` makes (docs/de
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
@@ -23,6 +24,7 @@ from gradtail.metrics.detection import (
     SUMMARY_KEYS,
     _per_class,
     evaluate_detections,
+    federated_detections,
     lvis_evaluator,
     run_lvis_eval,
     top_detections_per_image,
@@ -100,7 +102,20 @@ def _edge_gt() -> dict[str, Any]:
     return {"images": images, "annotations": anns, "categories": cats}
 
 
-def test_edge_cases() -> None:
+def _as_masks(gt: dict[str, Any], dets: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The same case with masks: each box's octagon, as a polygon (ground truth) and as compressed RLE
+    without the box (results, as gradtail writes mask results)."""
+    case = _lvis_case_module()
+    gt = copy.deepcopy(gt)
+    for a in gt["annotations"]:
+        a["segmentation"] = [case._octagon(*a["bbox"])]
+    dets = copy.deepcopy(dets)
+    case._add_masks(dets, 64, 64)
+    return gt, [{k: v for k, v in d.items() if k != "bbox"} for d in dets]
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_edge_cases(iou_type: str) -> None:
     dets = [
         {"image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20], "score": 0.9},
         {"image_id": 1, "category_id": 2, "bbox": [0, 40, 10, 10], "score": 0.95},  # not exhaustive: ignored
@@ -111,8 +126,18 @@ def test_edge_cases() -> None:
         {"image_id": 2, "category_id": 1, "bbox": [40, 40, 10, 10], "score": 0.6},  # negative: FP
         {"image_id": 3, "category_id": 1, "bbox": [1, 1, 9, 9], "score": 0.5},  # nothing verified: dropped
     ]
-    assert_same_evaluation(_edge_gt(), dets, "bbox", max_dets=300)
-    assert_same_evaluation(_edge_gt(), dets, "bbox", max_dets=2)
+    gt = _edge_gt()
+    if iou_type == "segm":  # image 3: no annotation, its one detection dropped (unverified category)
+        gt, dets = _as_masks(gt, dets)
+    assert_same_evaluation(gt, dets, iou_type, max_dets=300)
+    assert_same_evaluation(gt, dets, iou_type, max_dets=2)
+
+
+def test_federated_detections_are_those_of_annotated_or_verified_negative_categories() -> None:
+    dets = [{"image_id": i, "category_id": c} for i in (1, 2, 3) for c in (1, 2, 3, 4)]
+    kept = federated_detections(_edge_gt(), dets)
+    pairs = [(d["image_id"], d["category_id"]) for d in kept]
+    assert pairs == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]  # image 3: nothing verified
 
 
 def test_top_detections_per_image_is_a_stable_sort() -> None:

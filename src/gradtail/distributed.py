@@ -8,6 +8,7 @@ process group is initialized, so single-process code never needs a special case
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,3 +93,50 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shard(n: int) -> range:
+    """This process's part of ``n`` evaluation items: every ``world``-th from its rank (disjoint, together
+    exactly ``range(n)``; an uneven last round leaves the higher ranks one item short)."""
+    return range(rank(), n, world_size())
+
+
+def gather_strided(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole evaluation set from each rank's :func:`shard` of it: ``tensor`` (k_r, ...) on rank r
+    holds items r, r + W, r + 2W, ...; returns (sum k_r, ...) in item order on every rank. Identity
+    without a process group. Sizes may differ by one between ranks (padded for the collective)."""
+    if not is_distributed():
+        return tensor
+    w = world_size()
+    size = torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(w)]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    most = max(counts)
+    padded = torch.zeros((most, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.zeros_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((sum(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    for r, (part, k) in enumerate(zip(parts, counts, strict=True)):
+        out[r::w] = part[:k]
+    return out
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable plain data: lists of result records), in rank order; ``[obj]``
+    without a process group."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (plain data); ``obj`` itself without a process group."""
+    if not is_distributed():
+        return obj
+    box = [obj if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

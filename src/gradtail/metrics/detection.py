@@ -229,6 +229,20 @@ def top_detections_per_image(dets: Sequence[dict[str, Any]], max_dets: int) -> l
     return kept
 
 
+def federated_detections(
+    ground_truth: dict[str, Any], dets: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The detections LVIS's federated protocol evaluates: those of a category annotated in their image
+    or listed in its ``neg_category_ids`` (both evaluators drop the others before matching). Applied
+    after the per-image cap, as the official API applies it; faster-coco-eval gets only these (its mask
+    mode fails on an image whose detections it would all drop and that has no annotation)."""
+    images = ground_truth["images"]
+    verified: dict[int, set[int]] = {im["id"]: set(im.get("neg_category_ids", [])) for im in images}
+    for a in ground_truth["annotations"]:
+        verified[a["image_id"]].add(a["category_id"])
+    return [d for d in dets if d["category_id"] in verified.get(d["image_id"], ())]
+
+
 def run_lvis_eval(
     ground_truth: dict[str, Any],
     dets: Sequence[dict[str, Any]],
@@ -248,7 +262,7 @@ def run_lvis_eval(
             gt_file = Path(tmp) / "gt.json"
             gt_file.write_text(json.dumps(ground_truth))
             gt = lvis.LVIS(str(gt_file))
-            dt = lvis.LVISResults(gt, list(dets), max_dets=max_dets)
+            dt = lvis.LVISResults(gt, [dict(d) for d in dets], max_dets=max_dets)  # it adds keys: copies
             ev = lvis.LVISEval(gt, dt, iou_type=iou_type)
             ev.params.max_dets = max_dets
             ev.run()
@@ -264,7 +278,8 @@ def run_lvis_eval(
             "annotations": [dict(a) for a in ground_truth["annotations"]],
         }
         gt.createIndex()
-        dt = gt.loadRes([dict(d) for d in top_detections_per_image(dets, max_dets)])
+        kept = federated_detections(ground_truth, top_detections_per_image(dets, max_dets))
+        dt = gt.loadRes([dict(d) for d in kept])
         ev = fce.COCOeval_faster(gt, dt, iouType=iou_type, lvis_style=True, print_function=lambda *a: None)
         ev.params.maxDets = [max_dets]
         ev.evaluate()

@@ -2,8 +2,9 @@
 ``instance.md`` §4): mask AP with box AP alongside.
 
 - :func:`evaluate_masks`: mask ("segm") AP, AP50, AP75, APs / APm / APl, APr / APc / APf and per-class AP,
-  through the official ``lvis`` API (``LVISEval(gt, dt, "segm")``, federated, 300 detections per image)
-  for LVIS-format ground truth, through pycocotools (``COCOeval(gt, dt, "segm")``, crowd regions as
+  through the official ``lvis`` API (``LVISEval(gt, dt, "segm")``, federated, 300 detections per image),
+  or faster-coco-eval's equal LVIS mode (``evaluator``; :mod:`gradtail.metrics.detection`), for
+  LVIS-format ground truth, through pycocotools (``COCOeval(gt, dt, "segm")``, crowd regions as
   ignore regions, maxDets 100; APr / APc / APf from per-class AP by frequency group) for COCO. This
   function is self-contained: it takes the annotations and the results records and calls the evaluator.
 - :func:`evaluate_instances`: both, mask AP from the records' ``segmentation`` and box AP from their
@@ -26,12 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -49,7 +47,7 @@ from gradtail.metrics.detection import (
     _per_class,
     _require,
     evaluate_detections,
-    numpy_float_alias,
+    run_lvis_eval,
 )
 
 BOX_PREFIX = "box_"
@@ -201,11 +199,13 @@ def evaluate_masks(
     protocol: str = "auto",
     max_dets: int | None = None,
     frequencies: Sequence[str] | None = None,
+    evaluator: str = "auto",
 ) -> DetectionMetrics:
     """Mask AP of ``records`` on ``ann`` (module docstring): ``protocol`` ``lvis``, ``coco`` or ``auto`` (LVIS
     when every category has a ``frequency``); ``max_dets`` by default the protocol's (300 / 100);
     ``frequencies`` (COCO): the r / c / f group of each class, by default LVIS's rule on this file's image
-    counts.
+    counts; ``evaluator``: the LVIS protocol's program (``auto``, ``lvis``, ``faster_coco_eval``;
+    :func:`gradtail.metrics.detection.lvis_evaluator`).
 
     Example:
         >>> import json, tempfile, pathlib
@@ -230,29 +230,20 @@ def evaluate_masks(
     if protocol == "lvis" or (protocol == "auto" and ann.is_lvis):
         if not ann.is_lvis:
             raise ConfigError(f"{ann.path}: not LVIS-format (a category lacks 'frequency'); use coco")
-        return _evaluate_lvis_masks(ann, records, MAX_DETS if max_dets is None else max_dets)
+        return _evaluate_lvis_masks(ann, records, MAX_DETS if max_dets is None else max_dets, evaluator)
     return _evaluate_coco_masks(ann, records, 100 if max_dets is None else max_dets, frequencies)
 
 
 def _evaluate_lvis_masks(
-    ann: DetectionAnnotations, records: Sequence[dict[str, Any]], max_dets: int
+    ann: DetectionAnnotations, records: Sequence[dict[str, Any]], max_dets: int, evaluator: str
 ) -> DetectionMetrics:
-    lvis = _require("lvis")
     dets = _check_mask_records(records, ann)
     freqs = [c.frequency or "" for c in ann.categories]
     if not dets:  # the API cannot load an empty result list: every defined AP is 0
         return _empty(ann, freqs, "lvis")
-    with tempfile.TemporaryDirectory() as tmp, numpy_float_alias(), contextlib.redirect_stdout(io.StringIO()):
-        gt_file = Path(tmp) / "gt.json"
-        gt_file.write_text(json.dumps(mask_ground_truth(ann)))
-        gt = lvis.LVIS(str(gt_file))
-        dt = lvis.LVISResults(gt, dets, max_dets=max_dets)
-        ev = lvis.LVISEval(gt, dt, iou_type="segm")
-        ev.params.max_dets = max_dets
-        ev.run()
-        summary = {k: _nan(ev.results[k]) for k in SUMMARY_KEYS}
-        per_class = _per_class(ev.eval["precision"])
-    return DetectionMetrics(summary, per_class, "lvis", len(dets), freqs)
+    results, precision, name = run_lvis_eval(mask_ground_truth(ann), dets, "segm", max_dets, evaluator)
+    summary = {k: _nan(results[k]) for k in SUMMARY_KEYS}
+    return DetectionMetrics(summary, _per_class(precision), "lvis", len(dets), freqs, evaluator=name)
 
 
 def _evaluate_coco_masks(
@@ -303,7 +294,7 @@ def _evaluate_coco_masks(
     }
     per_class = _per_class(ev.eval["precision"])
     summary.update(_group_means(per_class, freqs))
-    return DetectionMetrics(summary, per_class, "coco", len(dets), freqs)
+    return DetectionMetrics(summary, per_class, "coco", len(dets), freqs, evaluator="pycocotools")
 
 
 def evaluate_instances(
@@ -312,12 +303,13 @@ def evaluate_instances(
     protocol: str = "auto",
     max_dets: int | None = None,
     frequencies: Sequence[str] | None = None,
+    evaluator: str = "auto",
 ) -> InstanceMetrics:
     """Mask AP (:func:`evaluate_masks`) and box AP (:func:`~gradtail.metrics.detection.evaluate_detections`)
-    of the same records."""
+    of the same records, both through ``evaluator`` where the protocol is LVIS's."""
     boxes = [{k: r[k] for k in ("image_id", "category_id", "bbox", "score") if k in r} for r in records]
-    segm = evaluate_masks(ann, records, protocol, max_dets, frequencies)
-    bbox = evaluate_detections(ann, boxes, protocol, max_dets, frequencies)
+    segm = evaluate_masks(ann, records, protocol, max_dets, frequencies, evaluator)
+    bbox = evaluate_detections(ann, boxes, protocol, max_dets, frequencies, evaluator)
     return InstanceMetrics(segm, bbox)
 
 

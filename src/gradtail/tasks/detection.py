@@ -23,7 +23,9 @@ from torch import nn
 from gradtail.contracts import (
     TASKS,
     Accepts,
+    EvalReport,
     EvalView,
+    ExportRequest,
     LossContract,
     PredictRequest,
     RunData,
@@ -33,9 +35,11 @@ from gradtail.contracts import (
 )
 from gradtail.data.detection.builder import DETECTION_DATASETS, DetectionData, DetectionOptions
 from gradtail.data.samplers import SAMPLERS
+from gradtail.distributed import all_gather_objects, broadcast_object, is_main_process, shard
 from gradtail.errors import ConfigError
+from gradtail.export import detection as detection_export
 from gradtail.losses import create_loss
-from gradtail.metrics.detection import DetectionMetrics, detection_records, evaluate_detections
+from gradtail.metrics.detection import detection_records, evaluate_detections
 from gradtail.models.detection import ARCHS, Detector, DetectorSpec, build_detector
 from gradtail.models.detection.heads import ONE_STAGE_LOSSES, TWO_STAGE_LOSSES, one_stage_loss, two_stage_loss
 from gradtail.predict import detection as detection_predict
@@ -198,30 +202,48 @@ class DetectionTask(TaskContract):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict_split(self, view: EvalView, split: str) -> tuple[list[dict[str, Any]], Any]:
-        """COCO / LVIS result records of every image of a split, and the split."""
+        """COCO / LVIS result records of every image of a split, and the split: each process predicts its
+        shard of the images (:func:`gradtail.distributed.shard`); every process gets all the records, in
+        image order."""
         detector = view.model
         detector.eval()
         ev = view.data.eval_loader(split, view.cfg, view.device)
-        ids = view.data.category_ids
-        records: list[dict[str, Any]] = []
+        per_image: list[list[dict[str, Any]]] = []  # this shard's images, in order
         bs = view.cfg.eval.batch_size
-        for start in range(0, len(ev.dataset), bs):
-            items = [ev.dataset[i] for i in range(start, min(start + bs, len(ev.dataset)))]
+        n = len(ev.dataset)
+        mine = list(shard(n))
+        for start in range(0, len(mine), bs):
+            items = [ev.dataset[i] for i in mine[start : start + bs]]
             with view.autocast():
                 outs = detector([im.to(view.device) for im, _ in items])
             for (_, target), out in zip(items, outs, strict=True):
-                out = {k: v.detach().float().cpu() for k, v in out.items()}
-                records += detection_records(
-                    target["image_id"], out["boxes"], out["scores"], out["labels"], ids
-                )
-        return records, ev
+                per_image.append(self.image_records(view, target, out))
+        shards = all_gather_objects(per_image)  # image g is rank g % W's (g // W)-th
+        w = len(shards)
+        return [r for g in range(n) for r in shards[g % w][g // w]], ev
 
-    def evaluate(self, view: EvalView, split: str) -> DetectionMetrics:
-        """AP / AP50 / AP75 / APs/m/l / APr/c/f of the split through the official API (every process
-        evaluates the whole split)."""
-        records, ev = self.predict_split(view, split)
+    def image_records(
+        self, view: EvalView, target: dict[str, Any], out: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The result records of one image from the detector's output for it (boxes, scores, labels)."""
+        out = {k: v.detach().float().cpu() for k, v in out.items()}
+        ids = view.data.category_ids
+        return detection_records(target["image_id"], out["boxes"], out["scores"], out["labels"], ids)
+
+    def score(self, view: EvalView, annotations: Any, records: list[dict[str, Any]]) -> EvalReport:
+        """The metrics of a split's records (rank 0 alone calls it): AP / AP50 / AP75 / APs/m/l /
+        APr/c/f through the configured protocol and evaluator."""
         o = view.cfg.options
-        return evaluate_detections(ev.annotations, records, o.protocol, o.max_dets, view.data.frequencies())
+        freqs = view.data.frequencies()
+        return evaluate_detections(annotations, records, o.protocol, o.max_dets, freqs, o.evaluator)
+
+    def evaluate(self, view: EvalView, split: str) -> EvalReport:
+        """The split's metrics (:meth:`score`): the processes predict their shards, rank 0 scores the
+        gathered results and hands the metrics to the others."""
+        records, ev = self.predict_split(view, split)
+        metrics = self.score(view, ev.annotations, records) if is_main_process() else None
+        result: EvalReport = broadcast_object(metrics)
+        return result
 
     def groups(self, view: EvalView) -> dict[str, Any]:
         data: DetectionData = view.data
@@ -272,6 +294,9 @@ class DetectionTask(TaskContract):
 
     def predict(self, state: dict[str, Any], checkpoint: Path, request: PredictRequest) -> str:
         return detection_predict.run(self, state, checkpoint, request)
+
+    def export(self, state: dict[str, Any], checkpoint: Path, request: ExportRequest) -> str:
+        return detection_export.run(self, state, checkpoint, request)
 
 
 __all__ = ["DetectionTask"]

@@ -141,29 +141,20 @@ class InstanceSegmentationTask(DetectionTask):
         return c if self.spec(c).seesaw_objectness else c + 1
 
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def predict_split(self, view: EvalView, split: str) -> tuple[list[dict[str, Any]], Any]:
-        """Results records (box, score, RLE mask) of every image of a split, and the split."""
-        detector = view.model
-        detector.eval()
-        ev = view.data.eval_loader(split, view.cfg, view.device)
-        ids = view.data.category_ids
+    def image_records(
+        self, view: EvalView, target: dict[str, Any], out: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """One image's results records: box, score and RLE mask (binarised at ``mask_threshold``); the
+        images are predicted in shards by :meth:`DetectionTask.predict_split`."""
         threshold = view.cfg.options.mask_threshold
-        records: list[dict[str, Any]] = []
-        bs = view.cfg.eval.batch_size
-        for start in range(0, len(ev.dataset), bs):
-            items = [ev.dataset[i] for i in range(start, min(start + bs, len(ev.dataset)))]
-            with view.autocast():
-                outs = detector([im.to(view.device) for im, _ in items])
-            for (_, target), out in zip(items, outs, strict=True):
-                records += detector_records(target["image_id"], out, ids, threshold)
-        return records, ev
+        return detector_records(target["image_id"], out, view.data.category_ids, threshold)
 
-    def evaluate(self, view: EvalView, split: str) -> InstanceMetrics:
-        """Mask AP / AP50 / AP75 / APs/m/l / APr/c/f and the same of the boxes, through the official API."""
-        records, ev = self.predict_split(view, split)
+    def score(self, view: EvalView, annotations: Any, records: list[dict[str, Any]]) -> InstanceMetrics:
+        """Mask AP / AP50 / AP75 / APs/m/l / APr/c/f and the same of the boxes (rank 0; the evaluator of
+        ``instance.evaluator``)."""
         o = view.cfg.options
-        return evaluate_instances(ev.annotations, records, o.protocol, o.max_dets, view.data.frequencies())
+        freqs = view.data.frequencies()
+        return evaluate_instances(annotations, records, o.protocol, o.max_dets, freqs, o.evaluator)
 
     def draw_predictions(self, view: EvalView, path: Any) -> bool:
         if not view.cfg.options.draw or not view.data.has_split("test"):
