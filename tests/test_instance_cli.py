@@ -239,3 +239,15 @@ def test_a_tiny_suite_runs_and_reports(tmp_path: Path, fm_root: Path, capsys) ->
     assert row["box_AP"]["values"] == [f["last_epoch"]["box_AP"] for f in finals]
     page = (out / "report.html").read_text()
     assert "Mask AP per class against training frequency" in page and "Test images: federated" in page
+
+
+def test_gradtail_tune_selects_on_validation_mask_ap(tmp_path: Path, fm_root: Path, capsys) -> None:
+    pytest.importorskip("optuna")
+    out = tmp_path / "tune"
+    argv = ["tune", str(_config(tmp_path, fm_root, "federated", epochs=1)), "--trials", "2", "--epochs", "1",
+            "--no-test", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "validation AP" in capsys.readouterr().out
+    best = load_config(next(out.glob("*/best.yaml")))
+    assert best.task == "instance_segmentation" and best.loss.name == "federated"
+    assert set(best.loss.params) >= {"k", "power"}  # the federated loss's declared search space

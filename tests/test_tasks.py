@@ -328,3 +328,50 @@ def test_detectors_do_not_compute_torchvisions_classification_loss(monkeypatch) 
     with pytest.raises(AssertionError, match="torchvision's classification loss"):
         _detection_step("fcos", "sigmoid_focal")  # the stock baseline is torchvision's own loss
 
+
+# ----------------------------------------------------------------------------------------- accumulation
+def _tiny_classification(accumulation: int, loss: str) -> object:
+    from gradtail.config import config_from_dict
+
+    return config_from_dict({
+        "name": "acc", "data": {"dataset": "synthetic", "imbalance_factor": 4, "val_per_class": 2,
+                                "synthetic": {"num_classes": 4, "per_class": 20, "test_per_class": 2,
+                                              "image_size": 8}},
+        "model": {"name": "small_cnn", "params": {"width": 4, "norm": "none"}},
+        "loss": {"name": loss},
+        "optim": {"batch_size": 32, "epochs": 1, "warmup_epochs": 0, "lr": 0.1, "schedule": "constant",
+                  "accumulation_steps": accumulation},
+        "train": {"amp": "none", "progress": False, "diagnostics": True},
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", ["ce", "softmax_eql", "gala", "seesaw"])
+def test_gradient_accumulation_in_the_trainer_equals_one_batch(tmp_path: Path, loss: str) -> None:
+    """``optim.accumulation_steps: 4`` splits each batch into 4 micro-batches, one backward each: the
+    parameters and the loss's statistics after the optimizer step equal those of the whole batch at once."""
+    runs = []
+    for k in (1, 4):
+        trainer = Trainer(_tiny_classification(k, loss), output_dir=tmp_path / f"k{k}", verbose=False)
+        trainer.train_loader.set_epoch(0)
+        x, y = next(iter(trainer.train_loader))
+        assert len(y) == 32
+        trainer.model.train()
+        trainer.loss_fn.train()
+        for _ in range(2):  # the second step reads the statistics the first one accumulated
+            trainer.train_step(x, y, epoch=0)
+        runs.append(trainer)
+    one, four = runs
+    for name, p in one.model.state_dict().items():
+        torch.testing.assert_close(four.model.state_dict()[name], p, rtol=1e-6, atol=1e-6, msg=name)
+    for name, v in one.loss_fn.state_dict().items():
+        torch.testing.assert_close(four.loss_fn.state_dict()[name], v, rtol=1e-6, atol=1e-9, msg=name)
+    for name, v in one.diagnostics.state_dict().items():  # the observer counts one step per optimizer step
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(four.diagnostics.state_dict()[name], v, rtol=1e-6, atol=1e-9, msg=name)
+
+
+def test_accumulation_is_refused_where_the_whole_batch_is_needed(tmp_path: Path, capsys) -> None:
+    config = REPO / "configs" / "fashion_mnist_lt" / "gbg.yaml"
+    argv = ["train", str(config), "--output", str(tmp_path / "r"), "--set", "optim.accumulation_steps=2"]
+    assert main(argv) == 2
+    assert "optim.accumulation_steps > 1 takes the plain update rule" in _one_line_error(capsys)

@@ -197,6 +197,9 @@ class TrainConfig:
     compile: bool = False
     eval_every: int = 1  # evaluate validation every N epochs (and the last); test once, after the last
     checkpoint_every: int = 1
+    # also checkpoint every N training steps inside an epoch (last.pt: sampler position, RNG, statistics,
+    # scaler, partial epoch sums); a run killed mid-epoch resumes there, bit-identically; 0 = epoch ends only
+    checkpoint_every_steps: int = 0
     keep_checkpoints: int = 1  # how many epoch checkpoints to keep besides last.pt
     output_dir: str = "runs/{name}"
     progress: bool = True
@@ -230,6 +233,20 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """``log:``: experiment trackers that also receive a run's numbers (off by default; optional extras,
+    ``pip install 'gradtail[track]'``; :mod:`gradtail.tracking`). What a run trains and measures never
+    depends on them (the keys are resume-safe and out of the config hash)."""
+
+    tensorboard: bool = False  # TensorBoard event files in <run>/tensorboard/
+    mlflow: bool = False  # one MLflow run per training run (rank 0)
+    # MLflow tracking URI: None = a local file store, ./mlruns (file:<cwd>/mlruns); any URI MLflow takes
+    # (sqlite:///mlflow.db, http://host:5000, databricks, ...)
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "gradtail"  # the MLflow experiment runs are logged under
+
+
+@dataclass
 class RunConfig:
     """A run: its ``task`` (a registered :class:`~gradtail.contracts.TaskContract`, classification by
     default), the sections every task shares, and ``options``: the task's own section, a dataclass the
@@ -245,6 +262,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     options: Any = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,8 +274,10 @@ class RunConfig:
         return copy.deepcopy(d)
 
     def hash(self) -> str:
-        """SHA-256 of the canonical JSON of the resolved config (output paths excluded)."""
+        """SHA-256 of the canonical JSON of the resolved config (output paths and the trackers of
+        ``log`` excluded)."""
         d = self.to_dict()
+        d.pop("log", None)
         d["train"] = {k: v for k, v in d["train"].items() if k not in ("output_dir", "progress")}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -398,7 +418,7 @@ def _from_dict(cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 SHARED_SECTIONS = ("name", "task", "data", "model", "loss", "regularizer", "update_rule", "optim", "train",
-                   "eval")  # fmt: skip
+                   "eval", "log")  # fmt: skip
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
@@ -560,6 +580,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise ConfigError("eval.few_threshold must be <= eval.many_threshold")
     if t.eval_every < 1 or t.checkpoint_every < 1:
         raise ConfigError("train.eval_every and train.checkpoint_every must be >= 1")
+    if t.checkpoint_every_steps < 0:
+        raise ConfigError(f"train.checkpoint_every_steps must be >= 0, got {t.checkpoint_every_steps}")
     _validate_schedule(o)
     if o.grad_clip is not None and o.grad_clip <= 0:
         raise ConfigError(f"optim.grad_clip must be positive (or null), got {o.grad_clip}")

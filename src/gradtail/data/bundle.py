@@ -31,6 +31,7 @@ from gradtail.data.base import ImageArrays
 from gradtail.data.loader import BatchAugment, BatchLoader, epoch_seed
 from gradtail.data.longtail import LongTailSplit
 from gradtail.data.samplers import sampler_from_config
+from gradtail.distributed import rank, world_size
 from gradtail.errors import ConfigError, DataError
 
 STORAGES = ("memory", "files", "lists")
@@ -165,22 +166,24 @@ class ClassificationData:
                                channels_last=t.channels_last, views=views, num_views=num_views)  # fmt: skip
 
     def eval_loader(self, split: str, cfg: RunConfig, device: torch.device) -> Any:
-        """Batches of ``eval.batch_size`` of a split, in dataset order; file-backed loaders are built once
-        and reused (their workers persist across evaluations)."""
+        """This process's shard of a split (:func:`gradtail.distributed.shard`: every ``world``-th image
+        from its rank; the whole split in one process), in batches of ``eval.batch_size``, in order;
+        file-backed loaders are built once and reused (their workers persist across evaluations)."""
         from gradtail.data.image_list import ImageListLoader
 
         data = self.val if split == "val" else self.test
         if data is None:
             raise ConfigError(f"this run has no {split} split")
+        r, w = rank(), world_size()
         if self.storage == "memory":
             return BatchLoader(
-                data.images, data.labels, cfg.eval.batch_size, self.augment, sampler=None, train=False,
-                device=device, channels_last=cfg.train.channels_last,
+                data.images[r::w], data.labels[r::w], cfg.eval.batch_size, self.augment, sampler=None,
+                train=False, device=device, channels_last=cfg.train.channels_last,
             )  # fmt: skip
         if split not in self._eval:
             lists = self.storage == "lists"
             files = ImageListLoader(data, cfg.eval.batch_size, train=False, device=device,
-                                    num_workers=self.num_workers,
+                                    num_workers=self.num_workers, rank=r, world_size=w,
                                     channels_last=cfg.train.channels_last and lists)  # fmt: skip
             self._eval[split] = files if lists else FileBatchLoader(
                 files, self.augment, train=False, channels_last=cfg.train.channels_last

@@ -41,17 +41,26 @@ from gradtail.contracts import (
     UpdateRule,
     create_task,
 )
-from gradtail.distributed import average_gradients_, is_distributed, is_main_process, rank, world_size
+from gradtail.distributed import (
+    all_gather_objects,
+    average_gradients_,
+    gather_strided,
+    is_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
 from gradtail.engine.checkpoint import capture_rng_state, restore_rng_state, seed_everything
 from gradtail.engine.components import check_component_params
 from gradtail.engine.schedule import LRSchedule
 from gradtail.environment import configure_cpu_allocator, environment_info, resolve_amp, resolve_device
-from gradtail.errors import ConfigError, TrainingError
+from gradtail.errors import ConfigError, DataError, GradtailError, OutputError, TrainingError
 from gradtail.metrics import EvalResult, GroupRule, evaluate_logits, resolve_shot_groups
 from gradtail.optim import create_update_rule
 from gradtail.posthoc import POSTHOC, create_posthoc
 from gradtail.regularizers import create_regularizer
 from gradtail.rundir import (
+    CHECKPOINT_VERSION,
     CONFIG,
     DIAGNOSTICS,
     ENVIRONMENT,
@@ -62,8 +71,7 @@ from gradtail.rundir import (
     load_checkpoint,
     resume_config_changes,
 )
-
-CHECKPOINT_VERSION = 2
+from gradtail.tracking import Nesting, Tracker, group_means, start_tracking
 
 
 @dataclass
@@ -169,6 +177,10 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # val-selected epoch record
         self.resumes: list[dict[str, Any]] = []  # each resume: the epoch and the safe config changes
+        self._in_epoch: dict[str, Any] | None = None  # a mid-epoch checkpoint's place (resume there)
+        # experiment trackers (log:), started by fit; tune nests a trial's MLflow run under its study's
+        self.tracker = Tracker()
+        self.tracking_nesting: Nesting | None = None
 
     # ------------------------------------------------------------------ what update rules may read
     def training_view(self) -> TrainingView:
@@ -219,6 +231,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, Any]:
+        """One epoch of training steps; its record (mean loss and parts, lr, time, steps). Resumed from a
+        mid-epoch checkpoint (``train.checkpoint_every_steps``), the loader replays the epoch's first
+        batches without training on them (so every random draw the data makes is drawn again), the RNG
+        states of the checkpoint are restored after the last replayed batch, and the epoch's partial sums
+        continue: the epoch ends as if it had not stopped."""
         self._set_train_mode()
         self.loss_fn.train()
         self.loss_fn.set_epoch(epoch)
@@ -231,9 +248,23 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         extras_sum: dict[str, Any] = {}
+        skip, elapsed = 0, 0.0
+        resume, self._in_epoch = self._in_epoch, None
+        if resume is not None and int(resume["epoch"]) == epoch:
+            skip, elapsed = int(resume["step"]), float(resume["seconds"])
+            loss_sum += float(resume["loss_sum"])
+            first_bad.fill_(int(resume["first_bad"]))
+            extras_sum = {k: float(v) for k, v in resume["extras_sum"].items()}
+        every = self.cfg.train.checkpoint_every_steps
         bar = _progress(n_steps, f"epoch {epoch + 1}/{self.cfg.optim.epochs}", progress)
-        start = time.perf_counter()
+        if bar is not None and skip:
+            bar.update(skip)
+        start = time.perf_counter() - elapsed
         for i, batch in enumerate(self.train_loader):
+            if i < skip:  # replayed: the data's random draws are made again, nothing is trained
+                if i == skip - 1:
+                    self._restore_rng(resume["rng"])  # type: ignore[index]
+                continue
             lr = self.schedule.lr_for_step(self.global_step, epoch, i, n_steps, self.total_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -249,6 +280,9 @@ class Trainer:
                 v = v.detach().to(torch.float64) if isinstance(v, torch.Tensor) else float(v)
                 extras_sum[k] = extras_sum.get(k, 0.0) + v
             self.global_step += 1
+            if every and self.global_step % every == 0 and i + 1 < n_steps:
+                seconds = time.perf_counter() - start
+                self._save_in_epoch(epoch, i + 1, loss_sum, first_bad, extras_sum, seconds)
             if bar is not None:
                 bar.update(1)
                 if (i + 1) % 25 == 0 or i + 1 == n_steps:
@@ -310,10 +344,76 @@ class Trainer:
             raise ConfigError("optim.accumulation_steps > 1 does not combine with regularizers or views")
         chunks_x, chunks_y = x.chunk(k), y.chunk(k)
         losses = []
-        with self.loss_fn.accumulate(targets=y):  # the union's normaliser from all its labels
+        with contextlib.ExitStack() as one_step:
+            one_step.enter_context(self.loss_fn.accumulate(targets=y))  # the union's normaliser, its labels
+            if self.diagnostics is not None:  # the observer's hooked gradients: one step too
+                one_step.enter_context(self.diagnostics.stats.accumulate())
             for xi, yi in zip(chunks_x, chunks_y, strict=True):
                 losses.append(self.update_rule(ctx, xi, yi).loss)
         return StepOutput(loss=torch.stack(losses).sum(), logits=None)
+
+    def _begin_on_every_rank(self, resume: bool | str | Path, overwrite: bool) -> dict[str, Any] | None:
+        """:meth:`RunDirectory.begin` on every rank, the ranks agreeing: a refusal or a bad checkpoint on
+        any rank is raised on all (none is left waiting in a collective), and ranks that found different
+        checkpoints (an output directory that is not shared between the machines) stop the job."""
+        state, failure = None, None
+        try:
+            state = self.run_dir.begin(resume, overwrite, map_location=self.device)
+        except GradtailError as e:
+            failure = e
+        if not is_distributed():
+            if failure is not None:
+                raise failure
+            return state
+        found = None if state is None else (int(state["epoch"]), int(state["global_step"]))
+        failed = None if failure is None else (type(failure).__name__, str(failure))
+        seen = all_gather_objects((failed, found))
+        if failure is not None:
+            raise failure
+        kinds = {k.__name__: k for k in (ConfigError, DataError, OutputError)}
+        for r, (other, _) in enumerate(seen):
+            if other is not None:
+                raise kinds.get(other[0], OutputError)(f"rank {r}: {other[1]}")
+        if len({f for _, f in seen}) > 1:
+            where = ", ".join(f"rank {r}: {'none' if f is None else f'epoch {f[0]}, step {f[1]}'}"
+                              for r, (_, f) in enumerate(seen))  # fmt: skip
+            raise OutputError(
+                f"the processes found different checkpoints to resume from in {self.out} ({where}): the "
+                "output directory must be one that every machine sees (a shared file system)"
+            )
+        return state
+
+    def _save_in_epoch(
+        self,
+        epoch: int,
+        step: int,
+        loss_sum: torch.Tensor,
+        first_bad: torch.Tensor,
+        extras_sum: dict[str, Any],
+        seconds: float,
+    ) -> None:
+        """``checkpoints/last.pt`` after ``step`` steps of ``epoch``: the whole state (model, optimizer,
+        loss statistics, scaler, RNG of every process) plus the epoch's place and partial sums."""
+        state = self.state_dict()
+        state["in_epoch"] = {
+            "epoch": epoch,
+            "step": step,
+            "loss_sum": float(loss_sum),
+            "first_bad": int(first_bad),
+            "extras_sum": {k: float(v) for k, v in extras_sum.items()},
+            "seconds": seconds,
+            "world_size": world_size(),  # the place in the epoch is one of this many shards
+        }
+        self.run_dir.save_checkpoint(state, self.epoch, keep=0)
+
+    def _restore_rng(self, rng: dict[str, Any]) -> None:
+        """This process's RNG states from a checkpoint's (each rank's own when it recorded every rank's)."""
+        if "main" not in rng:  # a checkpoint that recorded one process's states only
+            restore_rng_state(rng)
+            return
+        by_rank = rng.get("by_rank")
+        own = by_rank[rank()] if by_rank is not None and len(by_rank) == world_size() else rng["main"]
+        restore_rng_state(own)
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         step = int(first_bad)
@@ -326,7 +426,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict(self, split: str, features: bool = False) -> Predictions:
-        """Logits (and features) of the ``val`` or ``test`` split, in dataset order (classification)."""
+        """Logits (and features) of the ``val`` or ``test`` split, in dataset order (classification): each
+        process computes its shard of the split (the data's ``eval_loader``), then every process gathers
+        the whole (:func:`gradtail.distributed.gather_strided`), so metrics and post-hoc fits are the same
+        on every rank and equal one process's."""
         self.model.eval()
         model: Any = self.model
         logits, feats, targets = [], [], []
@@ -338,10 +441,14 @@ class Trainer:
             targets.append(y)
             if features:
                 feats.append(h.float())
+        if not logits:  # a shard without images (fewer images than processes)
+            logits.append(torch.zeros(0, self.data.num_classes, device=self.device))
+            targets.append(torch.zeros(0, dtype=torch.long, device=self.device))
+            feats.append(torch.zeros(0, model.feature_dim, device=self.device))
         return Predictions(
-            logits=torch.cat(logits),
-            targets=torch.cat(targets),
-            features=torch.cat(feats) if features else None,
+            logits=gather_strided(torch.cat(logits)),
+            targets=gather_strided(torch.cat(targets)),
+            features=gather_strided(torch.cat(feats)) if features else None,
         )
 
     def group_rule(self) -> GroupRule:
@@ -395,36 +502,45 @@ class Trainer:
         Returns the final metrics (also written to ``final.json``) once training is done, or the last
         epoch record when stopped early.
         """
-        state = self.run_dir.begin(resume, overwrite, map_location=self.device)
+        state = self._begin_on_every_rank(resume, overwrite)
         if state is not None:
             where = self.out if resume is True else Path(str(resume))
             changes = resume_config_changes(
                 state["config"], self.cfg.to_dict(), where, extra_safe=self.task.resume_safe
             )
             self.load_state(state)
-            self.resumes.append({"at_epoch": self.epoch, "changed": changes})
+            at = {"at_epoch": self.epoch}
+            if self._in_epoch is not None:  # a mid-epoch checkpoint: the steps of the epoch it had done
+                at["at_step"] = int(self._in_epoch["step"])
+            self.resumes.append({**at, "changed": changes})
         self._write_run_header()
+        self.tracker = start_tracking(self.cfg, self.run_dir, self.history, state is not None,
+                                      self.tracking_nesting)  # fmt: skip
         progress = self.cfg.train.progress and is_main_process()
         epochs = self.cfg.optim.epochs
         ran = 0
         while self.epoch < epochs:
             if stop_after is not None and ran >= stop_after:
+                self.tracker.close("KILLED")
                 return self.history[-1] if self.history else {}
             epoch = self.epoch
-            self.update_rule.on_epoch_start(epoch, self.training_view())
+            if self._in_epoch is None:  # resumed mid-epoch: the rule's state is the checkpoint's
+                self.update_rule.on_epoch_start(epoch, self.training_view())
             record: dict[str, Any] = {"epoch": epoch + 1}
             record.update(self.train_epoch(epoch, progress=progress))
             last = epoch + 1 == epochs
             if last or (epoch + 1) % self.cfg.train.eval_every == 0:
                 record.update(self._epoch_eval(epoch + 1))
-            if self.diagnostics is not None:
-                self.diagnostics.end_epoch(epoch + 1)
+            if self.diagnostics is not None:  # the mean gradient ratio of each class group
+                g = self.diagnostics.end_epoch(epoch + 1)["g"]
+                record["grad_ratio"] = group_means(g, self.task.class_groups(self.eval_view()))
             self.history.append(record)
             self.epoch = epoch + 1
             ran += 1
             self.run_dir.append_metrics(record)
             if last or self.epoch % self.cfg.train.checkpoint_every == 0:
                 self.save()
+            self.tracker.log_epoch(record)
             if self.verbose and is_main_process():
                 print(_epoch_line(record, epochs), flush=True)
             if on_epoch_end is not None:
@@ -507,6 +623,8 @@ class Trainer:
             self.run_dir.write_json(DIAGNOSTICS, self.diagnostics.to_json(), indent=1)
         if test is not None and is_main_process():
             self.task.draw_predictions(self.eval_view(), self.run_dir.file(PREDICTIONS))
+        self.tracker.log_final(final, self.epoch)
+        self.tracker.close()
         return final
 
     def _posthoc(self) -> dict[str, Any]:
@@ -561,7 +679,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "resumes": self.resumes,
-            "rng": capture_rng_state(),
+            "rng": self._capture_rng(),
             "class_counts": self.data.class_counts,
             "class_names": self.data.class_names,
             "preprocessing": self.data.preprocessing(),
@@ -571,6 +689,13 @@ class Trainer:
     def load_state(self, state: dict[str, Any]) -> None:
         if state.get("subset_sha256") != self.data.sha256:
             raise ConfigError("checkpoint was trained on a different training subset (hash mismatch)")
+        in_epoch = state.get("in_epoch")
+        if in_epoch is not None and int(in_epoch.get("world_size", 1)) != world_size():
+            raise ConfigError(
+                f"the checkpoint was written in the middle of epoch {int(in_epoch['epoch']) + 1} by "
+                f"{int(in_epoch.get('world_size', 1))} process(es), this run has {world_size()}: resume it "
+                "with as many, or from an epoch checkpoint (--resume <run>/checkpoints/epoch_NNNN.pt)"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
@@ -586,8 +711,15 @@ class Trainer:
         self.history = list(state["history"])
         self.best = state.get("best")
         self.resumes = list(state.get("resumes", []))
-        restore_rng_state(state["rng"])
+        self._in_epoch = None if in_epoch is None else {**in_epoch, "rng": state["rng"]}
+        self._restore_rng(state["rng"])
         self.run_dir.rewrite_metrics(self.history)
+
+    def _capture_rng(self) -> dict[str, Any]:
+        """The RNG states of this process (``main``) and, under DDP, of every process (``by_rank``: a
+        resume with the same number of processes gives each its own back)."""
+        own = capture_rng_state()
+        return {"main": own, "by_rank": all_gather_objects(own) if is_distributed() else None}
 
     def save(self) -> None:
         """``checkpoints/last.pt`` and the kept epoch checkpoints (rank 0 writes)."""
