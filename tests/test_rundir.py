@@ -133,6 +133,10 @@ def test_resume_config_changes_lists_only_safe_keys():
     with pytest.raises(Exception, match=r"loss\.params: \{'a': 1\} -> \{'a': 2\}"):
         resume_config_changes(saved, {**saved, "loss": {"params": {"a": 2}}}, Path("r"))
     assert config_changes({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}}) == {"a.c": [None, 2]}
+    # a tuple-valued option (the FM benchmarks' train_counts) equals the list its config.yaml reads back as
+    assert config_changes({"x": {"counts": [3, 2]}}, {"x": {"counts": (3, 2)}}) == {}
+    changed = config_changes({"x": {"counts": [3, 2]}}, {"x": {"counts": (3, 1)}})
+    assert changed == {"x.counts": [[3, 2], [3, 1]]}
 
 
 # ------------------------------------------------------------------ fault 5: output faults

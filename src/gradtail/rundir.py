@@ -277,8 +277,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, list[Any]]:
     """``{dotted.key: [saved, current]}`` for every key whose value differs between two config mappings
-    (``params`` mappings compare whole)."""
-    old, new = dict(_flatten(saved)), dict(_flatten(current))
+    (``params`` mappings compare whole). Values compare as YAML / JSON hold them: a tuple in a config
+    dataclass equals the list that its saved ``config.yaml`` reads back as."""
+    old, new = (dict(_flatten(json.loads(json.dumps(d, default=str)))) for d in (saved, current))
     keys = sorted(old.keys() | new.keys())
     return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
 
