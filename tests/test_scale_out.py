@@ -305,15 +305,33 @@ def test_a_killed_gradtail_train_resumes_mid_epoch_bit_identically(tmp_path: Pat
     assert fa["last_epoch"] == fb["last_epoch"] and "at_step" in fb["resumes"][0]
 
 
-def _torchrun(args: list[str], env: dict | None = None, **kw: object) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", *args],
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,  # type: ignore[arg-type]
-    )
+def _torchrun(args: list[str], log: Path, **kw: object) -> subprocess.Popen:
+    """``torchrun ARGS`` with its output (the agent's and its workers') in the file ``log``: a file, not a
+    pipe, so that a node whose output is not being read never blocks the job."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", *args],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            **kw,  # type: ignore[arg-type]
+        )
+
+
+def _finish(nodes: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> None:
+    """Wait for every node process; a failure or a timeout shows the end of each node's output."""
+    deadline = time.time() + timeout
+    try:
+        for node in nodes:
+            node.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            if node.poll() is None:  # the node and its workers (each node is its own session)
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+    tails = "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}" for log in logs)
+    assert all(node.returncode == 0 for node in nodes), tails
 
 
 def _free_port() -> int:
@@ -364,10 +382,10 @@ def test_two_nodes_train_like_one_process_with_the_whole_batch(tmp_path: Path) -
     out = tmp_path / "nodes"
     train = ["-m", "gradtail", "train", str(config), "--output", str(out), "--no-progress"]
     try:
-        nodes = [_torchrun([*_two_node_args(port, "nodes"), "--node-rank", str(n), *train]) for n in (0, 1)]
-        for node in nodes:
-            _, err = node.communicate(timeout=300)
-            assert node.returncode == 0, err[-4000:]
+        logs = [tmp_path / f"node{n}.log" for n in (0, 1)]
+        nodes = [_torchrun([*_two_node_args(port, "nodes"), "--node-rank", str(n), *train], logs[n],
+                           start_new_session=True) for n in (0, 1)]  # fmt: skip
+        _finish(nodes, logs)
     finally:
         store.kill()
     one = copy.deepcopy(DDP_EXACT)
@@ -395,10 +413,13 @@ def test_elastic_restart_after_a_killed_worker_ends_like_an_uninterrupted_run(tm
     port = _free_port()
     store = _store(port)
 
-    def job(out: Path, run_id: str) -> list[subprocess.Popen]:
+    def job(out: Path, run_id: str) -> tuple[list[subprocess.Popen], list[Path]]:
         train = ["-m", "gradtail", "train", str(config), "--output", str(out), "--resume", "--no-progress"]
-        return [_torchrun([*_two_node_args(port, run_id, restarts=1), "--node-rank", str(n), *train],
-                          start_new_session=True) for n in (0, 1)]  # fmt: skip
+        logs = [tmp_path / f"{run_id}.node{n}.log" for n in (0, 1)]
+        args = _two_node_args(port, run_id, restarts=1)
+        nodes = [_torchrun([*args, "--node-rank", str(n), *train], logs[n], start_new_session=True)
+                 for n in (0, 1)]  # fmt: skip
+        return nodes, logs
 
     try:
         _elastic(tmp_path, config, job)
@@ -407,11 +428,9 @@ def test_elastic_restart_after_a_killed_worker_ends_like_an_uninterrupted_run(tm
 
 
 def _elastic(tmp_path: Path, config: Path, job) -> None:  # type: ignore[no-untyped-def]
-    for node in job(tmp_path / "uninterrupted", "plain"):
-        _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, err[-4000:]
+    _finish(*job(tmp_path / "uninterrupted", "plain"))
     out = tmp_path / "restarted"
-    nodes = job(out, "elastic")
+    nodes, logs = job(out, "elastic")
     _wait_for(
         lambda: (st := _in_epoch(out / "checkpoints" / "last.pt")) is not None and st["epoch"] >= 1, 300
     )
@@ -419,9 +438,7 @@ def _elastic(tmp_path: Path, config: Path, job) -> None:  # type: ignore[no-unty
     pids = [int(p) for p in workers.stdout.split() if int(p) not in {n.pid for n in nodes}]
     assert pids, "no worker found to kill"
     os.kill(pids[-1], signal.SIGKILL)
-    for node in nodes:
-        _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, err[-4000:]
+    _finish(nodes, logs)
     a = torch.load(tmp_path / "uninterrupted" / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
