@@ -40,7 +40,7 @@ import logging
 import math
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -289,6 +289,32 @@ def run_lvis_eval(
     return {k: float(stats[v]) for k, v in _FASTER_KEYS.items()}, ev.eval["precision"], name
 
 
+#: ``check(records, ann)``: the records an evaluator is given, checked against the annotations (one-line
+#: :class:`InputError` naming a bad record): :func:`_check_records` for boxes, the instance task's for masks.
+RecordCheck = Callable[[Sequence[dict[str, Any]], DetectionAnnotations], list[dict[str, Any]]]
+
+
+def lvis_metrics(
+    ann: DetectionAnnotations,
+    records: Sequence[dict[str, Any]],
+    iou_type: str,
+    max_dets: int,
+    evaluator: str,
+    check: RecordCheck,
+    ground_truth: Callable[[DetectionAnnotations], dict[str, Any]],
+) -> DetectionMetrics:
+    """LVIS AP of ``records`` (``iou_type`` ``bbox`` or ``segm``) on the LVIS-format ``ann``: the records
+    checked by ``check``, the evaluator given ``ground_truth(ann)`` (:func:`run_lvis_eval`); every defined
+    AP 0 when there is no record."""
+    dets = check(records, ann)
+    freqs = [c.frequency or "" for c in ann.categories]
+    if not dets:  # the API cannot load an empty result list: every defined AP is 0
+        return _empty(ann, freqs, "lvis")
+    results, precision, name = run_lvis_eval(ground_truth(ann), dets, iou_type, max_dets, evaluator)
+    summary = {k: _nan(results[k]) for k in SUMMARY_KEYS}
+    return DetectionMetrics(summary, _per_class(precision), "lvis", len(dets), freqs, evaluator=name)
+
+
 def evaluate_lvis(
     ann: DetectionAnnotations,
     records: Sequence[dict[str, Any]],
@@ -298,26 +324,12 @@ def evaluate_lvis(
     """LVIS box AP through the official ``lvis`` API or faster-coco-eval's equal one (module docstring)."""
     if not ann.is_lvis:
         raise ConfigError(f"{ann.path}: not LVIS-format (a category lacks 'frequency'); use evaluate_coco")
-    dets = _check_records(records, ann)
-    freqs = [c.frequency or "" for c in ann.categories]
-    if not dets:  # the API cannot load an empty result list: every defined AP is 0
-        return _empty(ann, freqs, "lvis")
-    results, precision, name = run_lvis_eval(lvis_ground_truth(ann), dets, "bbox", max_dets, evaluator)
-    summary = {k: _nan(results[k]) for k in SUMMARY_KEYS}
-    return DetectionMetrics(summary, _per_class(precision), "lvis", len(dets), freqs, evaluator=name)
+    return lvis_metrics(ann, records, "bbox", max_dets, evaluator, _check_records, lvis_ground_truth)
 
 
-def evaluate_coco(
-    ann: DetectionAnnotations,
-    records: Sequence[dict[str, Any]],
-    max_dets: int = 100,
-    frequencies: Sequence[str] | None = None,
-) -> DetectionMetrics:
-    """COCO box AP through pycocotools, APr / APc / APf from per-class AP (module docstring)."""
-    _require("pycocotools")
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
+def coco_frequencies(ann: DetectionAnnotations, frequencies: Sequence[str] | None) -> list[str]:
+    """The r / c / f group of each class under COCO's protocol: ``frequencies`` (checked), by default the
+    file's own (LVIS's rule on its image counts where a category has none)."""
     if frequencies is None:
         frequencies = [
             c.frequency or frequency_from_image_count(int(n))
@@ -325,24 +337,40 @@ def evaluate_coco(
         ]
     if len(frequencies) != ann.num_classes or any(f not in FREQUENCIES for f in frequencies):
         raise ConfigError(f"frequencies must be {ann.num_classes} values among r, c, f")
-    freqs = list(frequencies)
-    dets = _check_records(records, ann)
-    if not dets:
-        return _empty(ann, freqs, "coco")
+    return list(frequencies)
+
+
+def coco_box_ground_truth(ann: DetectionAnnotations) -> dict[str, Any]:
+    """The annotation dict as pycocotools reads it for box AP: ``iscrowd`` 0 and ``area`` w h where
+    missing."""
+    annotations = [
+        {"iscrowd": 0, **a, "area": a.get("area", float(a["bbox"][2]) * float(a["bbox"][3]))}
+        for a in ann.raw["annotations"]
+    ]
+    return {**ann.raw, "annotations": annotations}
+
+
+def run_coco_eval(
+    ground_truth: dict[str, Any],
+    dets: Sequence[dict[str, Any]],
+    iou_type: str,
+    max_dets: int,
+    category_ids: Sequence[int],
+) -> tuple[dict[str, float], np.ndarray]:
+    """pycocotools' ``COCOeval`` of ``dets`` (checked, non-empty) on ``ground_truth``, ``iou_type``
+    ``bbox`` or ``segm``, maxDets (1, 10, ``max_dets``): AP, AP50, AP75, APs / APm / APl at ``max_dets``
+    (NaN = nothing to average) and per-class AP."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-        gt.dataset = {
-            **ann.raw,
-            "annotations": [
-                {"iscrowd": 0, **a, "area": a.get("area", float(a["bbox"][2]) * float(a["bbox"][3]))}
-                for a in ann.raw["annotations"]
-            ],
-        }
+        gt.dataset = ground_truth
         gt.createIndex()
-        dt = gt.loadRes(dets)
-        ev = COCOeval(gt, dt, iouType="bbox")
+        dt = gt.loadRes(list(dets))
+        ev = COCOeval(gt, dt, iouType=iou_type)
         ev.params.maxDets = [1, 10, max_dets]
-        ev.params.catIds = sorted(ann.category_ids)
+        ev.params.catIds = sorted(category_ids)
         ev.evaluate()
         ev.accumulate()
     # COCOeval.summarize() reads AP at maxDets 100 whatever params.maxDets holds: read the same means at
@@ -361,9 +389,41 @@ def evaluate_coco(
         "APm": mean(prec[:, :, :, 2]),
         "APl": mean(prec[:, :, :, 3]),
     }
-    per_class = _per_class(ev.eval["precision"])
+    return summary, _per_class(ev.eval["precision"])
+
+
+def coco_metrics(
+    ann: DetectionAnnotations,
+    records: Sequence[dict[str, Any]],
+    iou_type: str,
+    max_dets: int,
+    frequencies: Sequence[str] | None,
+    check: RecordCheck,
+    ground_truth: Callable[[DetectionAnnotations], dict[str, Any]],
+    evaluator: str = "",
+) -> DetectionMetrics:
+    """COCO AP of ``records`` (``iou_type`` ``bbox`` or ``segm``) through pycocotools
+    (:func:`run_coco_eval` on ``ground_truth(ann)``), APr / APc / APf the mean per-class AP of each group
+    (:func:`coco_frequencies`); ``evaluator``: the name the metrics record (box AP's records leave it
+    empty)."""
+    _require("pycocotools")
+    freqs = coco_frequencies(ann, frequencies)
+    dets = check(records, ann)
+    if not dets:
+        return _empty(ann, freqs, "coco")
+    summary, per_class = run_coco_eval(ground_truth(ann), dets, iou_type, max_dets, ann.category_ids)
     summary.update(_group_means(per_class, freqs))
-    return DetectionMetrics(summary, per_class, "coco", len(dets), freqs)
+    return DetectionMetrics(summary, per_class, "coco", len(dets), freqs, evaluator=evaluator)
+
+
+def evaluate_coco(
+    ann: DetectionAnnotations,
+    records: Sequence[dict[str, Any]],
+    max_dets: int = 100,
+    frequencies: Sequence[str] | None = None,
+) -> DetectionMetrics:
+    """COCO box AP through pycocotools, APr / APc / APf from per-class AP (module docstring)."""
+    return coco_metrics(ann, records, "bbox", max_dets, frequencies, _check_records, coco_box_ground_truth)
 
 
 def _group_means(per_class: np.ndarray, freqs: Sequence[str]) -> dict[str, float]:

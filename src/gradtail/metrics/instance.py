@@ -25,29 +25,22 @@ Values are fractions in [0, 1]; NaN where the evaluator has nothing to average.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from gradtail.data.detection.lvis import FREQUENCIES, DetectionAnnotations, frequency_from_image_count
+from gradtail.data.detection.lvis import DetectionAnnotations
 from gradtail.data.detection.masks import SEGMENTATION_FIELD, encode_masks, segmentation_rle
 from gradtail.errors import ConfigError, InputError
 from gradtail.metrics.detection import (
     MAX_DETS,
-    SUMMARY_KEYS,
     DetectionMetrics,
-    _empty,
-    _group_means,
-    _nan,
-    _per_class,
-    _require,
+    coco_metrics,
+    detection_records,
     evaluate_detections,
-    run_lvis_eval,
+    lvis_metrics,
 )
 
 BOX_PREFIX = "box_"
@@ -99,8 +92,10 @@ def instance_records(
     category_ids: Sequence[int],
     threshold: float = 0.5,
 ) -> list[dict[str, Any]]:
-    """Results records of one image (module docstring): ``masks`` (n, [1,] H, W) probabilities (torchvision's
-    pasted masks) or binary masks, ``labels`` contiguous class indices mapped through ``category_ids``.
+    """Results records of one image (module docstring): detection's box records
+    (:func:`~gradtail.metrics.detection.detection_records`) with each mask, ``masks`` (n, [1,] H, W)
+    probabilities (torchvision's pasted masks) or binary masks, ``labels`` contiguous class indices mapped
+    through ``category_ids``.
 
     Example:
         >>> import numpy as np
@@ -120,16 +115,8 @@ def instance_records(
             f"boxes ({len(b)}), scores ({len(s)}), labels ({len(lab)}), masks {tuple(np.shape(masks))} differ"
         )
     rles = encode_masks(m >= threshold if m.dtype != np.bool_ else m)
-    return [
-        {
-            "image_id": int(image_id),
-            "category_id": int(category_ids[int(k)]),
-            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-            "score": float(sc),
-            "segmentation": rle,
-        }
-        for (x1, y1, x2, y2), sc, k, rle in zip(b, s, lab, rles, strict=True)
-    ]
+    boxes = detection_records(image_id, b, s, lab, category_ids)
+    return [{**r, "segmentation": rle} for r, rle in zip(boxes, rles, strict=True)]
 
 
 def detector_records(
@@ -230,71 +217,12 @@ def evaluate_masks(
     if protocol == "lvis" or (protocol == "auto" and ann.is_lvis):
         if not ann.is_lvis:
             raise ConfigError(f"{ann.path}: not LVIS-format (a category lacks 'frequency'); use coco")
-        return _evaluate_lvis_masks(ann, records, MAX_DETS if max_dets is None else max_dets, evaluator)
-    return _evaluate_coco_masks(ann, records, 100 if max_dets is None else max_dets, frequencies)
-
-
-def _evaluate_lvis_masks(
-    ann: DetectionAnnotations, records: Sequence[dict[str, Any]], max_dets: int, evaluator: str
-) -> DetectionMetrics:
-    dets = _check_mask_records(records, ann)
-    freqs = [c.frequency or "" for c in ann.categories]
-    if not dets:  # the API cannot load an empty result list: every defined AP is 0
-        return _empty(ann, freqs, "lvis")
-    results, precision, name = run_lvis_eval(mask_ground_truth(ann), dets, "segm", max_dets, evaluator)
-    summary = {k: _nan(results[k]) for k in SUMMARY_KEYS}
-    return DetectionMetrics(summary, _per_class(precision), "lvis", len(dets), freqs, evaluator=name)
-
-
-def _evaluate_coco_masks(
-    ann: DetectionAnnotations,
-    records: Sequence[dict[str, Any]],
-    max_dets: int,
-    frequencies: Sequence[str] | None,
-) -> DetectionMetrics:
-    _require("pycocotools")
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    if frequencies is None:
-        frequencies = [
-            c.frequency or frequency_from_image_count(int(n))
-            for c, n in zip(ann.categories, ann.image_counts(), strict=True)
-        ]
-    if len(frequencies) != ann.num_classes or any(f not in FREQUENCIES for f in frequencies):
-        raise ConfigError(f"frequencies must be {ann.num_classes} values among r, c, f")
-    freqs = list(frequencies)
-    dets = _check_mask_records(records, ann)
-    if not dets:
-        return _empty(ann, freqs, "coco")
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = mask_ground_truth(ann)
-        gt.createIndex()
-        dt = gt.loadRes(dets)
-        ev = COCOeval(gt, dt, iouType="segm")
-        ev.params.maxDets = [1, 10, max_dets]
-        ev.params.catIds = sorted(ann.category_ids)
-        ev.evaluate()
-        ev.accumulate()
-    # the means COCOeval._summarize takes, at max_dets (it reads maxDets 100 whatever params.maxDets holds)
-    prec = ev.eval["precision"][..., -1]
-    iou = ev.params.iouThrs
-
-    def mean(p: np.ndarray) -> float:
-        return float(p[p > -1].mean()) if (p > -1).any() else math.nan
-
-    summary = {
-        "AP": mean(prec[:, :, :, 0]),
-        "AP50": mean(prec[np.isclose(iou, 0.5)][:, :, :, 0]),
-        "AP75": mean(prec[np.isclose(iou, 0.75)][:, :, :, 0]),
-        "APs": mean(prec[:, :, :, 1]),
-        "APm": mean(prec[:, :, :, 2]),
-        "APl": mean(prec[:, :, :, 3]),
-    }
-    per_class = _per_class(ev.eval["precision"])
-    summary.update(_group_means(per_class, freqs))
-    return DetectionMetrics(summary, per_class, "coco", len(dets), freqs, evaluator="pycocotools")
+        max_dets = MAX_DETS if max_dets is None else max_dets
+        return lvis_metrics(ann, records, "segm", max_dets, evaluator, _check_mask_records, mask_ground_truth)
+    max_dets = 100 if max_dets is None else max_dets
+    return coco_metrics(
+        ann, records, "segm", max_dets, frequencies, _check_mask_records, mask_ground_truth, "pycocotools"
+    )
 
 
 def evaluate_instances(

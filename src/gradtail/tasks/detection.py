@@ -43,7 +43,7 @@ from gradtail.metrics.detection import detection_records, evaluate_detections
 from gradtail.models.detection import ARCHS, Detector, DetectorSpec, build_detector
 from gradtail.models.detection.heads import ONE_STAGE_LOSSES, TWO_STAGE_LOSSES, one_stage_loss, two_stage_loss
 from gradtail.predict import detection as detection_predict
-from gradtail.registry import check_call_params
+from gradtail.registry import Registry, check_call_params
 from gradtail.report import detection as detection_report
 from gradtail.report.table import DETECTION_COLUMNS, DETECTION_KEYS, format_percent, run_rows
 from gradtail.tasks.spaces import method_search_space
@@ -82,6 +82,13 @@ class DetectionTask(TaskContract):
     )
     selection_metric: ClassVar[str] = "AP"
     objectives: ClassVar[tuple[str, ...]] = ("AP", "APr", "AP50", "APc", "APf")
+    # what the instance segmentation task (a subclass) replaces: its datasets and architectures, and how
+    # its one-line errors name the task's heads, the task and the terms of its loss
+    datasets: ClassVar[Registry[Any]] = DETECTION_DATASETS
+    archs: ClassVar[tuple[str, ...]] = ARCHS
+    heads_text: ClassVar[str] = "a detector's heads are its architecture's"
+    task_text: ClassVar[str] = "detection"
+    terms_text: ClassVar[str] = "RPN and box terms"
 
     @classmethod
     def catalog(cls) -> dict[str, list[str]]:
@@ -107,10 +114,11 @@ class DetectionTask(TaskContract):
 
     def check(self) -> None:
         cfg = self.cfg
-        DETECTION_DATASETS.get(cfg.data.dataset)
-        if cfg.model.name not in ARCHS:
+        self.datasets.get(cfg.data.dataset)
+        if cfg.model.name not in self.archs:
             raise ConfigError(
-                f"model.name for task 'detection' must be one of {', '.join(ARCHS)}, got {cfg.model.name!r}"
+                f"model.name for task '{self.name}' must be one of {', '.join(self.archs)}, "
+                f"got {cfg.model.name!r}"
             )
         check_call_params(
             DetectorSpec,
@@ -121,11 +129,7 @@ class DetectionTask(TaskContract):
         )
         # architecture, backbone, box loss, anchors (the loss: Accepts; the classes: the data)
         DetectorSpec(arch=cfg.model.name, num_classes=1, **cfg.model.params).check()
-        if cfg.loss.name == "sigmoid_focal" and cfg.loss.params:
-            raise ConfigError(
-                "loss.params: sigmoid_focal in a one-stage detector is torchvision's own head and loss "
-                "(alpha 0.25, gamma 2); it takes no parameters"
-            )
+        self.check_loss()
         t, default = cfg.train, type(cfg.train)()
         for key in (
             "channels_last",
@@ -136,17 +140,24 @@ class DetectionTask(TaskContract):
             "sync_batchnorm",
         ):
             if getattr(t, key) != getattr(default, key):
-                raise ConfigError(f"train.{key} is not supported by task 'detection'")
+                raise ConfigError(f"train.{key} is not supported by task '{self.name}'")
         if cfg.model.head != "linear":
-            raise ConfigError(
-                "model.head is a classification setting; a detector's heads are its architecture's"
-            )
+            raise ConfigError(f"model.head is a classification setting; {self.heads_text}")
         if cfg.eval.many_threshold is not None:
-            raise ConfigError("eval.many_threshold / few_threshold are classification groups; detection "
-                              "groups classes by LVIS frequency")  # fmt: skip
+            raise ConfigError("eval.many_threshold / few_threshold are classification groups; "
+                              f"{self.task_text} groups classes by LVIS frequency")  # fmt: skip
         if cfg.optim.accumulation_steps != 1:
-            raise ConfigError("optim.accumulation_steps is not supported by task 'detection' (the detector's "
-                              "RPN and box terms normalise per batch)")  # fmt: skip
+            raise ConfigError(f"optim.accumulation_steps is not supported by task '{self.name}' (the "
+                              f"detector's {self.terms_text} normalise per batch)")  # fmt: skip
+
+    def check_loss(self) -> None:
+        """What the loss settings may not be beside what :meth:`accepts` rules out: ``sigmoid_focal``,
+        torchvision's own one-stage head and loss, takes no parameters."""
+        if self.cfg.loss.name == "sigmoid_focal" and self.cfg.loss.params:
+            raise ConfigError(
+                "loss.params: sigmoid_focal in a one-stage detector is torchvision's own head and loss "
+                "(alpha 0.25, gamma 2); it takes no parameters"
+            )
 
     def spec(self, num_classes: int) -> DetectorSpec:
         """The detector settings of the run (``model.name``, ``model.params``, ``loss``)."""
@@ -158,7 +169,7 @@ class DetectionTask(TaskContract):
 
     # ------------------------------------------------------------------ building
     def build_data(self) -> RunData:
-        data: RunData = DETECTION_DATASETS.get(self.cfg.data.dataset)(self.cfg.data, self.cfg.options)
+        data: RunData = self.datasets.get(self.cfg.data.dataset)(self.cfg.data, self.cfg.options)
         return data
 
     def build_loss(self, data: RunData) -> LossContract:
@@ -267,8 +278,18 @@ class DetectionTask(TaskContract):
         with torch.no_grad(), view.autocast():
             outs = detector([im.to(view.device) for im, _ in items])
         outs = [{k: v.detach().float().cpu() for k, v in o.items()} for o in outs]
-        detection_report.draw_detections(items, outs, view.data.class_names, Path(path))
+        self.draw(view, items, outs, Path(path))
         return True
+
+    def draw(
+        self,
+        view: EvalView,
+        items: list[tuple[Any, dict[str, Any]]],
+        outputs: list[dict[str, Any]],
+        path: Path,
+    ) -> None:
+        """The first test images (``items``) with the detector's ``outputs`` for them, written to ``path``."""
+        detection_report.draw_detections(items, outputs, view.data.class_names, path)
 
     def search_space(self) -> list[Any]:
         return method_search_space(self.cfg)

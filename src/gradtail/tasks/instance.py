@@ -24,22 +24,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-
-from gradtail.contracts import TASKS, Accepts, EvalView, LossContract, PredictRequest, RunData, TaskContract
+from gradtail.contracts import TASKS, EvalView, LossContract, PredictRequest, RunData, TaskContract
 from gradtail.data.detection.instance import INSTANCE_DATASETS, InstanceData, InstanceOptions
-from gradtail.data.samplers import SAMPLERS
-from gradtail.errors import ConfigError, DataError
+from gradtail.errors import DataError
 from gradtail.losses import create_loss
 from gradtail.metrics.instance import InstanceMetrics, detector_records, evaluate_instances
 from gradtail.models.detection import DetectorSpec
 from gradtail.models.detection.detectors import INSTANCE_ARCHS
 from gradtail.models.detection.heads import TWO_STAGE_LOSSES, two_stage_loss
 from gradtail.predict import instance as instance_predict
-from gradtail.registry import check_call_params
+from gradtail.registry import Registry
 from gradtail.report import instance as instance_report
 from gradtail.report.table import format_percent, run_rows
-from gradtail.tasks.detection import SPEC_SET_ELSEWHERE, DetectionTask
+from gradtail.tasks.detection import DetectionTask
 
 COLUMNS = ("method", "mask AP", "AP50", "APr", "APc", "APf", "box AP", "box APr")
 KEYS = ("AP", "AP50", "APr", "APc", "APf", "box_AP", "box_APr")
@@ -65,6 +62,11 @@ class InstanceSegmentationTask(DetectionTask):
     )
     selection_metric: ClassVar[str] = "AP"  # mask AP
     objectives: ClassVar[tuple[str, ...]] = ("AP", "APr", "AP50", "APc", "APf", "box_AP")
+    datasets: ClassVar[Registry[Any]] = INSTANCE_DATASETS
+    archs: ClassVar[tuple[str, ...]] = INSTANCE_ARCHS
+    heads_text: ClassVar[str] = "Mask R-CNN's heads are its own"
+    task_text: ClassVar[str] = "instance segmentation"
+    terms_text: ClassVar[str] = "RPN, box and mask terms"
 
     @classmethod
     def catalog(cls) -> dict[str, list[str]]:
@@ -76,42 +78,17 @@ class InstanceSegmentationTask(DetectionTask):
     # ------------------------------------------------------------------ configuration
     @property
     def two_stage(self) -> bool:
+        """Always (Mask R-CNN): :meth:`DetectionTask.accepts` takes the two-stage losses."""
         return True
 
-    def accepts(self) -> Accepts:
-        return Accepts(
-            losses=tuple(TWO_STAGE_LOSSES), regularizers=(), update_rules=("plain",), posthoc=(),
-            samplers=tuple(SAMPLERS.names()),
-        )  # fmt: skip
-
     def check(self) -> None:
-        cfg = self.cfg
-        INSTANCE_DATASETS.get(cfg.data.dataset)
-        if cfg.model.name not in INSTANCE_ARCHS:
-            raise ConfigError(
-                f"model.name for task 'instance_segmentation' must be one of {', '.join(INSTANCE_ARCHS)}, "
-                f"got {cfg.model.name!r}"
-            )
-        check_call_params(
-            DetectorSpec, cfg.model.params, "model.params", f"detector {cfg.model.name!r}",
-            reserved=SPEC_SET_ELSEWHERE,
-        )  # fmt: skip
-        DetectorSpec(arch=cfg.model.name, num_classes=1, **cfg.model.params).check()
-        t, default = cfg.train, type(cfg.train)()
-        unsupported = ("channels_last", "compile", "init_from", "freeze_backbone", "reset_classifier",
-                       "sync_batchnorm")  # fmt: skip
-        for key in unsupported:
-            if getattr(t, key) != getattr(default, key):
-                raise ConfigError(f"train.{key} is not supported by task 'instance_segmentation'")
-        if cfg.model.head != "linear":
-            raise ConfigError("model.head is a classification setting; Mask R-CNN's heads are its own")
-        if cfg.eval.many_threshold is not None:
-            raise ConfigError("eval.many_threshold / few_threshold are classification groups; instance "
-                              "segmentation groups classes by LVIS frequency")  # fmt: skip
-        if cfg.optim.accumulation_steps != 1:
-            raise ConfigError("optim.accumulation_steps is not supported by task 'instance_segmentation' "
-                              "(the detector's RPN, box and mask terms normalise per batch)")  # fmt: skip
-        cfg.options.check()
+        """Detection's checks (:meth:`DetectionTask.check`, with this task's datasets, architectures and
+        wording), then the section's own (``mask_threshold``)."""
+        super().check()
+        self.cfg.options.check()
+
+    def check_loss(self) -> None:
+        """Nothing beside :meth:`accepts`: Mask R-CNN has no stock one-stage head."""
 
     # ------------------------------------------------------------------ building
     def build_data(self) -> RunData:
@@ -119,8 +96,7 @@ class InstanceSegmentationTask(DetectionTask):
         missing = spec.missing_weights()
         if missing:  # before the data (LVIS's files take minutes to read)
             raise DataError(f"model.params.{missing[0]}: weights file not found (nothing is downloaded)")
-        data: RunData = INSTANCE_DATASETS.get(self.cfg.data.dataset)(self.cfg.data, self.cfg.options)
-        return data
+        return super().build_data()
 
     def build_loss(self, data: RunData) -> LossContract:
         """The registry's loss as Mask R-CNN's box classifier applies it: seesaw over the C categories of the
@@ -156,20 +132,16 @@ class InstanceSegmentationTask(DetectionTask):
         freqs = view.data.frequencies()
         return evaluate_instances(annotations, records, o.protocol, o.max_dets, freqs, o.evaluator)
 
-    def draw_predictions(self, view: EvalView, path: Any) -> bool:
-        if not view.cfg.options.draw or not view.data.has_split("test"):
-            return False
-        detector = view.model
-        detector.eval()
-        ev = view.data.eval_loader("test", view.cfg, view.device)
-        items = [ev.dataset[i] for i in range(min(6, len(ev.dataset)))]
-        with torch.no_grad(), view.autocast():
-            outs = detector([im.to(view.device) for im, _ in items])
-        outs = [{k: v.detach().float().cpu() for k, v in o.items()} for o in outs]
-        instance_report.draw_instances(
-            items, outs, view.data.class_names, Path(path), threshold=view.cfg.options.mask_threshold
-        )
-        return True
+    def draw(
+        self,
+        view: EvalView,
+        items: list[tuple[Any, dict[str, Any]]],
+        outputs: list[dict[str, Any]],
+        path: Path,
+    ) -> None:
+        """The first test images with Mask R-CNN's predicted masks (binarised at ``mask_threshold``)."""
+        threshold = view.cfg.options.mask_threshold
+        instance_report.draw_instances(items, outputs, view.data.class_names, path, threshold=threshold)
 
     # ------------------------------------------------------------------ presentation
     def final_rows(self, final: Mapping[str, Any], label: str) -> tuple[list[str], list[list[str]]]:

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +50,10 @@ from gradtail.registry import Registry
 
 PROTOCOLS = ("auto", "lvis", "coco")
 EVALUATORS = ("auto", "lvis", "faster_coco_eval")  # gradtail.metrics.detection.EVALUATORS
+
+
+_Built = TypeVar("_Built")
+_Annotations = TypeVar("_Annotations", bound=DetectionAnnotations)
 
 
 @dataclass
@@ -219,12 +223,14 @@ class DetectionData:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         raise ConfigError("detection images are read from files per batch; no stored images to normalise")
 
+    def _dataset(self, ann: DetectionAnnotations, transforms: Callable[..., Any]) -> DetectionDataset:
+        """The (image, target) pairs of one split's annotations (images under ``image_root``)."""
+        return DetectionDataset(ann, self.image_root, transforms)
+
     def train_loader(self, cfg: Any, device: torch.device, rank: int, world: int) -> DetectionLoader:
         o = self.options
         flip = 0.5 if o.flip else 0.0
-        dataset = DetectionDataset(
-            self.train, self.image_root, detection_transforms(True, o.min_size, o.max_size, flip)
-        )
+        dataset = self._dataset(self.train, detection_transforms(True, o.min_size, o.max_size, flip))
         labels = self.train_labels
         by_images = self.train.image_categories() if cfg.data.sampler == "repeat_factor" else labels
         sampler = sampler_from_config(cfg, by_images, self.num_classes)
@@ -234,7 +240,7 @@ class DetectionData:
         if split not in self.splits:
             raise ConfigError(f"this run has no {split} split")
         ann = self.splits[split]
-        return DetectionEvalSplit(DetectionDataset(ann, self.image_root, detection_transforms(False)), ann)
+        return DetectionEvalSplit(self._dataset(ann, detection_transforms(False)), ann)
 
     def describe(self) -> dict[str, Any]:
         """What ``subset.json`` records: the annotation files, the images of each split, the training
@@ -258,20 +264,48 @@ class DetectionData:
         }
 
 
-def _same_categories(split: DetectionAnnotations, train: DetectionAnnotations) -> None:
+def same_categories(split: DetectionAnnotations, train: DetectionAnnotations) -> None:
+    """A split's annotation file has the training file's categories (one line naming both otherwise)."""
     if split.category_ids != train.category_ids:
         raise DataError(f"{split.path}: its categories differ from those of {train.path}")
+
+
+def rank_zero_first(build: Callable[[], _Built]) -> _Built:
+    """``build()`` (a benchmark built or reused), on rank 0 first under ``torchrun``: the others wait for it,
+    then find its files intact and read them."""
+    if is_distributed() and not is_main_process():
+        barrier()
+    built = build()
+    if is_distributed() and is_main_process():
+        barrier()
+    return built
+
+
+def read_splits(
+    options: DetectionOptions, read: Callable[[str], _Annotations]
+) -> tuple[_Annotations, dict[str, _Annotations]]:
+    """The training annotations and the val (when given) and test annotations of ``options``' files, each
+    read by ``read`` and checked to have the training file's categories."""
+    assert options.train_annotations is not None  # the builders require it first, naming the section
+    train = read(options.train_annotations)
+    splits = {}
+    for split, path in (("val", options.val_annotations), ("test", options.test_annotations)):
+        if path is not None:
+            splits[split] = read(path)
+            same_categories(splits[split], train)
+    return train, splits
+
+
+def file_digest(path: str) -> str:
+    """The SHA-256 of a file (the data hash of ``coco_files``: the training annotation file's)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def build_fm_benchmark(cfg: Any, options: DetectionOptions) -> DetectionData:
     """``fm_detection``: the benchmark under ``detection.benchmark_root`` (rank 0 builds it first under
     ``torchrun``, the others then read it)."""
     options.check()
-    if is_distributed() and not is_main_process():
-        barrier()
-    fm = build_fm_detection(options.benchmark_root, options.benchmark, cfg.data_dir)
-    if is_distributed() and is_main_process():
-        barrier()
+    fm = rank_zero_first(lambda: build_fm_detection(options.benchmark_root, options.benchmark, cfg.data_dir))
     train = read_detection_json(fm.annotation_file("train"))
     splits = {s: read_detection_json(fm.annotation_file(s)) for s in ("val", "test")}
     return DetectionData("fm_detection", train, splits, fm.image_root, fm.sha256, options,
@@ -288,13 +322,8 @@ def build_coco_files(cfg: Any, options: DetectionOptions) -> DetectionData:
             "dataset 'coco_files' needs detection.train_annotations, detection.test_annotations and "
             "detection.image_root (or data.data_dir)"
         )
-    train = read_detection_json(options.train_annotations)
-    splits = {}
-    for split, path in (("val", options.val_annotations), ("test", options.test_annotations)):
-        if path is not None:
-            splits[split] = read_detection_json(path)
-            _same_categories(splits[split], train)
-    digest = hashlib.sha256(Path(options.train_annotations).read_bytes()).hexdigest()
+    train, splits = read_splits(options, read_detection_json)
+    digest = file_digest(options.train_annotations)
     return DetectionData("coco_files", train, splits, Path(root), digest, options)
 
 
@@ -312,4 +341,8 @@ __all__ = [
     "DetectionOptions",
     "build_coco_files",
     "build_fm_benchmark",
+    "file_digest",
+    "rank_zero_first",
+    "read_splits",
+    "same_categories",
 ]

@@ -34,6 +34,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,20 @@ def _pack(classes: np.ndarray, max_objects: int, rng: np.random.Generator) -> li
     return scenes
 
 
+#: What an annotation records of its object besides ids, box and source: ``fields(spec, patch, (x0, y0),
+#: box)`` of the resized glyph ``patch`` pasted at ``(x0, y0)`` with tight box ``box`` (x1, y1, x2, y2).
+ObjectFields = Callable[
+    [FMDetectionSpec, np.ndarray, tuple[int, int], tuple[int, int, int, int]], dict[str, Any]
+]
+
+
+def box_fields(
+    spec: FMDetectionSpec, patch: np.ndarray, origin: tuple[int, int], box: tuple[int, int, int, int]
+) -> dict[str, Any]:
+    """The detection benchmark's: ``area``, the box's."""
+    return {"area": float((box[2] - box[0]) * (box[3] - box[1]))}
+
+
 def _render_split(
     spec: FMDetectionSpec,
     images: np.ndarray,
@@ -137,7 +152,10 @@ def _render_split(
     rng: np.random.Generator,
     split: str,
     out_dir: Path,
+    object_fields: ObjectFields = box_fields,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The scenes of one split (module docstring): the PNGs written to ``out_dir``, their image entries and
+    annotations, each annotation with its ``object_fields``."""
     from PIL import Image
 
     chosen: list[int] = []
@@ -180,7 +198,7 @@ def _render_split(
                     "image_id": sid,
                     "category_id": int(labels[fm_index]) + 1,
                     "bbox": [float(box[0]), float(box[1]), float(w), float(h)],
-                    "area": float(w * h),
+                    **object_fields(spec, patch, (x0, y0), box),
                     "iscrowd": 0,
                     "fashion_mnist_index": fm_index,
                 }
@@ -204,29 +222,30 @@ def _hash_files(root: Path) -> str:
     return h.hexdigest()
 
 
-def build_fm_detection(
-    root: str | os.PathLike[str], spec: FMDetectionSpec | None = None, data_dir: str | None = None
-) -> FMDetection:
-    """Build (or reuse, when ``root/manifest.json`` matches the spec and the files hash to it) the benchmark.
-
-    ``data_dir``: the Fashion-MNIST folder, as for :func:`~gradtail.data.fashion_mnist.load_fashion_mnist`.
-    """
-    spec = spec or FMDetectionSpec()
-    spec.check()
-    root = Path(root)
+def _intact(root: Path, want: dict[str, Any], kind: str | None) -> str | None:
+    """The hash of the benchmark under ``root`` when its manifest names ``want`` (and ``kind``) and the
+    files hash to it; None when it must be (re)built."""
     manifest_path = root / "manifest.json"
-    want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}
-    if manifest_path.is_file():
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        manifest = {}
+    if manifest.get("spec") == want and manifest.get("kind") == kind:
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            manifest = {}
-        if manifest.get("spec") == want:
-            try:
-                if _hash_files(root) == manifest.get("sha256"):
-                    return FMDetection(root, spec, manifest["sha256"])
-            except OSError:
-                pass
+            if _hash_files(root) == manifest.get("sha256"):
+                return str(manifest["sha256"])
+        except OSError:
+            pass
+    return None
+
+
+def _render(
+    root: Path, spec: FMDetectionSpec, data_dir: str | None, object_fields: ObjectFields
+) -> dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Every split's scenes (images written under ``root/images``), from the spec's seed: val carved first
+    from the training images, then the train, val and test scenes."""
     train = load_fashion_mnist(True, data_dir, download=False)
     test = load_fashion_mnist(False, data_dir, download=False)
     tr_img, tr_lab = train.images[:, 0].numpy(), train.labels.numpy()
@@ -249,15 +268,21 @@ def build_fm_detection(
         out = root / "images" / split
         for old in out.glob("*.png") if out.is_dir() else []:
             old.unlink()
-        rendered[split] = _render_split(spec, imgs, labs, pool, counts, rng, split, out)
+        rendered[split] = _render_split(spec, imgs, labs, pool, counts, rng, split, out, object_fields)
+    return rendered
+
+
+def _categories(train_anns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The LVIS categories: each class's training images (``image_count``) and frequency group."""
+    num = len(CLASS_NAMES)
     train_images = np.zeros(num, dtype=np.int64)
     per_image: dict[int, set[int]] = {}
-    for a in rendered["train"][1]:
+    for a in train_anns:
         per_image.setdefault(a["image_id"], set()).add(a["category_id"])
     for cats in per_image.values():
         for c in cats:
             train_images[c - 1] += 1
-    categories = [
+    return [
         {
             "id": c + 1,
             "name": CLASS_NAMES[c],
@@ -266,6 +291,16 @@ def build_fm_detection(
         }
         for c in range(num)
     ]
+
+
+def _write_annotations(
+    root: Path,
+    rendered: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+    want: dict[str, Any],
+    title: str,
+) -> None:
+    """``{split}.json`` of every split: exhaustive LVIS files (every absent category negative)."""
+    categories = _categories(rendered["train"][1])
     for split, (image_entries, anns) in rendered.items():
         present: dict[int, set[int]] = {}
         for a in anns:
@@ -275,12 +310,46 @@ def build_fm_detection(
             im["neg_category_ids"] = [c["id"] for c in categories if c["id"] not in here]
             im["not_exhaustive_category_ids"] = []
         doc = {
-            "info": {"description": f"Fashion-MNIST detection benchmark ({split})", "spec": want},
+            "info": {"description": f"Fashion-MNIST {title} benchmark ({split})", "spec": want},
             "images": image_entries,
             "annotations": anns,
             "categories": categories,
         }
         (root / f"{split}.json").write_text(json.dumps(doc))
+
+
+def build_benchmark(
+    root: Path,
+    spec: FMDetectionSpec,
+    data_dir: str | None,
+    title: str,
+    kind: str | None = None,
+    object_fields: ObjectFields = box_fields,
+) -> str:
+    """Build the benchmark of ``spec`` under ``root`` (or reuse it, when ``root/manifest.json`` names the
+    spec and ``kind`` and the files hash to it) and return its hash: the files' descriptions say
+    "Fashion-MNIST ``title`` benchmark", the manifest names ``kind`` (when given), each annotation holds
+    its ``object_fields``. :func:`build_fm_detection` and the instance benchmark's builder call it."""
+    spec.check()
+    want = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}
+    digest = _intact(root, want, kind)
+    if digest is not None:
+        return digest
+    rendered = _render(root, spec, data_dir, object_fields)
+    _write_annotations(root, rendered, want, title)
     digest = _hash_files(root)
-    manifest_path.write_text(json.dumps({"spec": want, "sha256": digest}, indent=1))
-    return FMDetection(root, spec, digest)
+    manifest = {"kind": kind} if kind is not None else {}
+    (root / "manifest.json").write_text(json.dumps({**manifest, "spec": want, "sha256": digest}, indent=1))
+    return digest
+
+
+def build_fm_detection(
+    root: str | os.PathLike[str], spec: FMDetectionSpec | None = None, data_dir: str | None = None
+) -> FMDetection:
+    """Build (or reuse, when ``root/manifest.json`` matches the spec and the files hash to it) the benchmark.
+
+    ``data_dir``: the Fashion-MNIST folder, as for :func:`~gradtail.data.fashion_mnist.load_fashion_mnist`.
+    """
+    spec = spec or FMDetectionSpec()
+    root = Path(root)
+    return FMDetection(root, spec, build_benchmark(root, spec, data_dir, "detection"))

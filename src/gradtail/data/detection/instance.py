@@ -23,7 +23,6 @@ COCO annotation files with masks, the task's config section (:class:`InstanceOpt
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,20 +33,18 @@ import torch
 
 from gradtail.data.detection.builder import (
     DetectionData,
-    DetectionEvalSplit,
-    DetectionLoader,
     DetectionOptions,
+    file_digest,
+    rank_zero_first,
+    read_splits,
 )
 from gradtail.data.detection.fm_instance import FMInstanceSpec, build_fm_instance
 from gradtail.data.detection.lvis import (
     DetectionAnnotations,
     DetectionDataset,
-    detection_transforms,
     read_detection_json,
 )
 from gradtail.data.detection.masks import SEGMENTATION_FIELD, check_segmentation, decode_segmentation
-from gradtail.data.samplers import sampler_from_config
-from gradtail.distributed import barrier, is_distributed, is_main_process
 from gradtail.errors import ConfigError, DataError
 from gradtail.registry import Registry
 
@@ -163,21 +160,6 @@ class InstanceData(DetectionData):
     def _dataset(self, ann: InstanceAnnotations, transforms: Callable[..., Any]) -> InstanceDataset:
         return InstanceDataset(ann, self.image_root, transforms)
 
-    def train_loader(self, cfg: Any, device: torch.device, rank: int, world: int) -> DetectionLoader:
-        o = self.options
-        flip = 0.5 if o.flip else 0.0
-        dataset = self._dataset(self.train, detection_transforms(True, o.min_size, o.max_size, flip))
-        labels = self.train_labels
-        by_images = self.train.image_categories() if cfg.data.sampler == "repeat_factor" else labels
-        sampler = sampler_from_config(cfg, by_images, self.num_classes)
-        return DetectionLoader(dataset, sampler, labels, cfg.optim.batch_size, device, rank, world)
-
-    def eval_loader(self, split: str, cfg: Any, device: torch.device) -> DetectionEvalSplit:
-        if split not in self.splits:
-            raise ConfigError(f"this run has no {split} split")
-        ann = self.splits[split]
-        return DetectionEvalSplit(self._dataset(ann, detection_transforms(False)), ann)
-
 
 def _check_images(ann: DetectionAnnotations, root: Path) -> None:
     """Every image file of ``ann`` exists under ``root`` (one line naming the first missing one)."""
@@ -189,20 +171,11 @@ def _check_images(ann: DetectionAnnotations, root: Path) -> None:
         raise DataError(f"{root / missing[0]}: image file not found (named in {ann.path}){more}")
 
 
-def _same_categories(split: DetectionAnnotations, train: DetectionAnnotations) -> None:
-    if split.category_ids != train.category_ids:
-        raise DataError(f"{split.path}: its categories differ from those of {train.path}")
-
-
 def build_fm_instance_data(cfg: Any, options: InstanceOptions) -> InstanceData:
     """``fm_instance``: the benchmark under ``instance_segmentation.benchmark_root`` (rank 0 builds it first
     under ``torchrun``, the others then read it)."""
     options.check()
-    if is_distributed() and not is_main_process():
-        barrier()
-    fm = build_fm_instance(options.benchmark_root, options.benchmark, cfg.data_dir)
-    if is_distributed() and is_main_process():
-        barrier()
+    fm = rank_zero_first(lambda: build_fm_instance(options.benchmark_root, options.benchmark, cfg.data_dir))
     train = read_instance_json(fm.annotation_file("train"))
     splits = {s: read_instance_json(fm.annotation_file(s)) for s in ("val", "test")}
     for ann in (train, *splits.values()):
@@ -221,15 +194,10 @@ def build_instance_files(cfg: Any, options: InstanceOptions) -> InstanceData:
             "dataset 'coco_files' needs instance_segmentation.train_annotations, test_annotations and "
             "image_root (or data.data_dir)"
         )
-    train = read_instance_json(options.train_annotations)
-    splits: dict[str, InstanceAnnotations] = {}
-    for split, path in (("val", options.val_annotations), ("test", options.test_annotations)):
-        if path is not None:
-            splits[split] = read_instance_json(path)
-            _same_categories(splits[split], train)
+    train, splits = read_splits(options, read_instance_json)
     for ann in (train, *splits.values()):
         _check_images(ann, Path(root))
-    digest = hashlib.sha256(Path(options.train_annotations).read_bytes()).hexdigest()
+    digest = file_digest(options.train_annotations)
     return InstanceData("coco_files", train, splits, Path(root), digest, options)  # type: ignore[arg-type]
 
 

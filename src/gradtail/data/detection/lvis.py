@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,25 @@ def _id_list(entry: Mapping[str, Any], key: str, known: set[int], path: Path, wh
     return tuple(values)
 
 
+def _entries(
+    data: dict[str, Any], key: str, noun: str, path: Path
+) -> Iterator[tuple[str, dict[str, Any], int]]:
+    """``(where, entry, id)`` of every entry of the top-level list ``key`` (``where``: ``key[i] (id n)``,
+    how errors name it), in file order; an entry that is no object, lacks an integer ``id`` or repeats
+    one is a one-line error naming it (a duplicate as a duplicate ``noun`` id)."""
+    seen: set[int] = set()
+    for i, entry in enumerate(data[key]):
+        where = f"{key}[{i}]"
+        if not isinstance(entry, dict):
+            raise _fail(path, where, "must be an object")
+        eid = _int(_field(entry, "id", path, where), path, where, "id")
+        where = f"{key}[{i}] (id {eid})"
+        if eid in seen:
+            raise _fail(path, where, f"duplicate {noun} id")
+        seen.add(eid)
+        yield where, entry, eid
+
+
 def _load_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
@@ -191,16 +210,7 @@ def read_detection_json(path: str | Path, box_tolerance: float = 1.0) -> Detecti
     data = _load_json(path)
     # categories
     cats: list[DetectionCategory] = []
-    seen: set[int] = set()
-    for i, c in enumerate(data["categories"]):
-        where = f"categories[{i}]"
-        if not isinstance(c, dict):
-            raise _fail(path, where, "must be an object")
-        cid = _int(_field(c, "id", path, where), path, where, "id")
-        where = f"categories[{i}] (id {cid})"
-        if cid in seen:
-            raise _fail(path, where, "duplicate category id")
-        seen.add(cid)
+    for where, c, cid in _entries(data, "categories", "category", path):
         freq = c.get("frequency")
         if freq is not None and freq not in FREQUENCIES:
             raise _fail(path, where, f"frequency must be one of r, c, f, got {freq!r}")
@@ -209,16 +219,10 @@ def read_detection_json(path: str | Path, box_tolerance: float = 1.0) -> Detecti
         raise DataError(f"{path}: no categories")
     cats.sort(key=lambda c: c.id)
     index = {c.id: k for k, c in enumerate(cats)}
+    known = set(index)  # the category ids the images' federated lists may name
     # images
     images: dict[int, DetectionImage] = {}
-    for i, im in enumerate(data["images"]):
-        where = f"images[{i}]"
-        if not isinstance(im, dict):
-            raise _fail(path, where, "must be an object")
-        iid = _int(_field(im, "id", path, where), path, where, "id")
-        where = f"images[{i}] (id {iid})"
-        if iid in images:
-            raise _fail(path, where, "duplicate image id")
+    for where, im, iid in _entries(data, "images", "image", path):
         w = _int(_field(im, "width", path, where), path, where, "width")
         h = _int(_field(im, "height", path, where), path, where, "height")
         if w < 1 or h < 1:
@@ -236,23 +240,14 @@ def read_detection_json(path: str | Path, box_tolerance: float = 1.0) -> Detecti
             height=h,
             boxes=np.zeros((0, 4), np.float32),
             labels=np.zeros(0, np.int64),
-            neg_category_ids=_id_list(im, "neg_category_ids", seen, path, where),
-            not_exhaustive_category_ids=_id_list(im, "not_exhaustive_category_ids", seen, path, where),
+            neg_category_ids=_id_list(im, "neg_category_ids", known, path, where),
+            not_exhaustive_category_ids=_id_list(im, "not_exhaustive_category_ids", known, path, where),
         )
     # annotations
     boxes: dict[int, list[list[float]]] = {k: [] for k in images}
     labels: dict[int, list[int]] = {k: [] for k in images}
     crowd: dict[int, list[list[float]]] = {k: [] for k in images}
-    ann_ids: set[int] = set()
-    for i, a in enumerate(data["annotations"]):
-        where = f"annotations[{i}]"
-        if not isinstance(a, dict):
-            raise _fail(path, where, "must be an object")
-        aid = _int(_field(a, "id", path, where), path, where, "id")
-        where = f"annotations[{i}] (id {aid})"
-        if aid in ann_ids:
-            raise _fail(path, where, "duplicate annotation id")
-        ann_ids.add(aid)
+    for where, a, _ in _entries(data, "annotations", "annotation", path):
         iid = _int(_field(a, "image_id", path, where), path, where, "image_id")
         if iid not in images:
             raise _fail(path, where, f"unknown image id {iid}")

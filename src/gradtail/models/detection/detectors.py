@@ -289,55 +289,11 @@ def build_detector(spec: DetectorSpec, loss: LongTailLoss | None = None) -> Dete
         "image_std": list(spec.image_std),
     }
     loss_module: nn.Module | None = None
-    if spec.arch == "mask_rcnn":
-        model, head_term = _mask_rcnn(spec, loss, common)
-        loss_module = head_term.loss if spec.loss_name != "ce" else None
-    elif spec.arch == "faster_rcnn":
-        backbone = _backbone(spec, extra_pool=True)
-        levels = _levels(spec, backbone, True)
-        sizes = tuple((s,) for s in _pad(spec.anchor_sizes, levels))
-        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
-        names = [str(i) for i in range(levels - 1)]
-        pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
-        ch = backbone.out_channels
-        box_head = TwoMLPHead(ch * 7 * 7, spec.representation)
-        predictor = two_stage_predictor(spec, spec.representation)
-        roi = {
-            "fg_iou_thresh": 0.5,
-            "bg_iou_thresh": 0.5,
-            "batch_size_per_image": spec.box_batch_size_per_image,
-            "positive_fraction": spec.box_positive_fraction,
-            "bbox_reg_weights": None,
-            "score_thresh": spec.score_thresh,
-            "nms_thresh": spec.nms_thresh,
-            "detections_per_img": spec.detections_per_img,
-        }
-        model = FasterRCNN(
-            backbone,
-            num_classes=None,
-            rpn_anchor_generator=anchors,
-            box_roi_pool=pool,
-            box_head=box_head,
-            box_predictor=predictor,
-            rpn_pre_nms_top_n_train=spec.rpn_pre_nms_top_n_train,
-            rpn_post_nms_top_n_train=spec.rpn_post_nms_top_n_train,
-            rpn_pre_nms_top_n_test=spec.rpn_pre_nms_top_n_test,
-            rpn_post_nms_top_n_test=spec.rpn_post_nms_top_n_test,
-            rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
-            box_score_thresh=spec.score_thresh,
-            box_nms_thresh=spec.nms_thresh,
-            box_detections_per_img=spec.detections_per_img,
-            box_batch_size_per_image=spec.box_batch_size_per_image,
-            box_positive_fraction=spec.box_positive_fraction,
-            **common,
-        )
-        # every loss (stock CE included) goes through GradtailRoIHeads: one code path for scores and NMS
-        term = two_stage_term(spec, loss)
-        model.roi_heads = GradtailRoIHeads(
-            term, box_roi_pool=pool, box_head=box_head, box_predictor=predictor, **roi
-        )
-        loss_module = term.loss if spec.loss_name != "ce" else None
-        head_term: nn.Module | None = term
+    if spec.arch in TWO_STAGE_ARCHS:
+        two_stage = _mask_rcnn if spec.arch == "mask_rcnn" else _faster_rcnn
+        model, two_stage_head = two_stage(spec, loss, common)
+        loss_module = two_stage_head.loss if spec.loss_name != "ce" else None
+        head_term: nn.Module | None = two_stage_head
     else:
         backbone = _backbone(spec, extra_pool=False)
         levels = _levels(spec, backbone, False)
@@ -356,37 +312,26 @@ def build_detector(spec: DetectorSpec, loss: LongTailLoss | None = None) -> Dete
             else OneStageTerm(spec.loss_name, c, spec.loss_params, loss=loss)
         )
         ch = backbone.out_channels
+        options = {
+            "num_classes": c,
+            "anchor_generator": anchors,
+            "score_thresh": spec.score_thresh,
+            "nms_thresh": spec.nms_thresh,
+            "detections_per_img": spec.detections_per_img,
+            "topk_candidates": spec.topk_candidates,
+            **common,
+        }
         if spec.arch == "retinanet":
             head: nn.Module | None = None
             if term is not None:
                 head = GradtailRetinaNetHead(ch, n_anchors, c, term, prior_probability=spec.prior_probability)
-            model = RetinaNet(
-                backbone,
-                num_classes=c,
-                anchor_generator=anchors,
-                head=head,
-                score_thresh=spec.score_thresh,
-                nms_thresh=spec.nms_thresh,
-                detections_per_img=spec.detections_per_img,
-                topk_candidates=spec.topk_candidates,
-                **common,
-            )
+            model = RetinaNet(backbone, head=head, **options)
             if term is None:  # stock: torchvision's head, only the prior adjusted
                 _set_prior(model.head.classification_head.cls_logits, spec.prior_probability)
             model.head.regression_head._loss_type = spec.box_loss
         else:
             head = GradtailFCOSHead(ch, n_anchors, c, term) if term is not None else None
-            model = FCOS(
-                backbone,
-                num_classes=c,
-                anchor_generator=anchors,
-                head=head,
-                score_thresh=spec.score_thresh,
-                nms_thresh=spec.nms_thresh,
-                detections_per_img=spec.detections_per_img,
-                topk_candidates=spec.topk_candidates,
-                **common,
-            )
+            model = FCOS(backbone, head=head, **options)
             _set_prior(model.head.classification_head.cls_logits, spec.prior_probability)
         loss_module = term.loss if term is not None else None
         head_term = term
@@ -395,7 +340,7 @@ def build_detector(spec: DetectorSpec, loss: LongTailLoss | None = None) -> Dete
     return Detector(model, spec, loss_module, head_term)
 
 
-# ------------------------------------------------------------------------------------------ Mask R-CNN
+# ------------------------------------------------------------- two-stage detectors: Faster / Mask R-CNN
 def two_stage_predictor(spec: DetectorSpec, in_channels: int) -> nn.Module:
     """The box predictor of a two-stage head: torchvision's ``FastRCNNPredictor`` (C + 1 classes), or the
     seesaw head's normed-linear C + 2 predictor (``spec.seesaw_objectness``)."""
@@ -409,6 +354,88 @@ def two_stage_term(spec: DetectorSpec, loss: LongTailLoss | None) -> TwoStageTer
     if spec.seesaw_objectness:
         return SeesawObjectnessTerm(spec.num_classes, spec.loss_params, loss=loss)
     return TwoStageTerm(spec.loss_name, spec.num_classes, spec.loss_params, loss=loss)
+
+
+def _two_stage_anchors(spec: DetectorSpec, levels: int) -> AnchorGenerator:
+    """The RPN's anchors: one size per level (:func:`_pad`), aspect ratios 0.5, 1, 2."""
+    sizes = tuple((s,) for s in _pad(spec.anchor_sizes, levels))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
+
+
+def _roi_align(levels: int, output_size: int) -> MultiScaleRoIAlign:
+    """RoIAlign over the FPN levels of the two-stage heads (all but the extra max-pooled one)."""
+    names = [str(i) for i in range(levels - 1)]
+    return MultiScaleRoIAlign(featmap_names=names, output_size=output_size, sampling_ratio=2)
+
+
+def _two_stage_options(spec: DetectorSpec) -> dict[str, Any]:
+    """The RPN and box-head settings torchvision's ``FasterRCNN`` and ``MaskRCNN`` take from ``spec``."""
+    return {
+        "rpn_pre_nms_top_n_train": spec.rpn_pre_nms_top_n_train,
+        "rpn_post_nms_top_n_train": spec.rpn_post_nms_top_n_train,
+        "rpn_pre_nms_top_n_test": spec.rpn_pre_nms_top_n_test,
+        "rpn_post_nms_top_n_test": spec.rpn_post_nms_top_n_test,
+        "rpn_batch_size_per_image": spec.rpn_batch_size_per_image,
+        "box_score_thresh": spec.score_thresh,
+        "box_nms_thresh": spec.nms_thresh,
+        "box_detections_per_img": spec.detections_per_img,
+        "box_batch_size_per_image": spec.box_batch_size_per_image,
+        "box_positive_fraction": spec.box_positive_fraction,
+    }
+
+
+def _with_gradtail_heads(
+    detector: type[FasterRCNN],
+    spec: DetectorSpec,
+    loss: LongTailLoss | None,
+    common: dict[str, Any],
+    backbone: nn.Module,
+    anchors: AnchorGenerator,
+    rpn_head: nn.Module | None = None,
+    **heads: nn.Module,
+) -> tuple[nn.Module, TwoStageTerm]:
+    """torchvision's two-stage ``detector`` (``FasterRCNN`` or its subclass ``MaskRCNN``) around
+    ``backbone``, with ``heads`` (the box, and Mask R-CNN's mask, RoI pools, heads and predictors) and the
+    RPN (``rpn_head``: None for torchvision's), whose RoI heads are then replaced by
+    :class:`GradtailRoIHeads` around the classification term: every loss (stock CE included) goes through
+    them, one code path for scores and NMS."""
+    model = detector(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        rpn_head=rpn_head,
+        **heads,
+        **_two_stage_options(spec),
+        **common,
+    )
+    term = two_stage_term(spec, loss)
+    model.roi_heads = GradtailRoIHeads(
+        term,
+        **heads,
+        fg_iou_thresh=0.5,
+        bg_iou_thresh=0.5,
+        batch_size_per_image=spec.box_batch_size_per_image,
+        positive_fraction=spec.box_positive_fraction,
+        bbox_reg_weights=None,
+        score_thresh=spec.score_thresh,
+        nms_thresh=spec.nms_thresh,
+        detections_per_img=spec.detections_per_img,
+    )
+    return model, term
+
+
+def _faster_rcnn(
+    spec: DetectorSpec, loss: LongTailLoss | None, common: dict[str, Any]
+) -> tuple[nn.Module, TwoStageTerm]:
+    """torchvision's ``FasterRCNN`` with :class:`GradtailRoIHeads` (module docstring)."""
+    backbone = _backbone(spec, extra_pool=True)
+    levels = _levels(spec, backbone, True)
+    anchors = _two_stage_anchors(spec, levels)
+    pool = _roi_align(levels, 7)
+    box_head = TwoMLPHead(backbone.out_channels * 7 * 7, spec.representation)
+    predictor = two_stage_predictor(spec, spec.representation)
+    heads = {"box_roi_pool": pool, "box_head": box_head, "box_predictor": predictor}
+    return _with_gradtail_heads(FasterRCNN, spec, loss, common, backbone, anchors, **heads)
 
 
 def _resnet50_fpn(spec: DetectorSpec) -> nn.Module:
@@ -447,11 +474,9 @@ def _mask_rcnn(
         backbone = _resnet50_fpn(spec)
         levels = 5
     ch = int(backbone.out_channels)  # type: ignore[arg-type]
-    sizes = tuple((s,) for s in _pad(spec.anchor_sizes, levels))
-    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * levels)
-    names = [str(i) for i in range(levels - 1)]
-    box_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
-    mask_pool = MultiScaleRoIAlign(featmap_names=names, output_size=14, sampling_ratio=2)
+    anchors = _two_stage_anchors(spec, levels)
+    box_pool = _roi_align(levels, 7)
+    mask_pool = _roi_align(levels, 14)
     rpn_head: nn.Module | None = None
     if spec.backbone == "resnet50_fpn_v2":
         rpn_head = RPNHead(ch, anchors.num_anchors_per_location()[0], conv_depth=2)
@@ -469,49 +494,15 @@ def _mask_rcnn(
         mask_dim = ch
     predictor = two_stage_predictor(spec, spec.representation)
     mask_predictor = MaskRCNNPredictor(mask_dim, mask_dim, spec.num_classes + 1)
-    model = MaskRCNN(
-        backbone,
-        num_classes=None,
-        rpn_anchor_generator=anchors,
-        rpn_head=rpn_head,
-        box_roi_pool=box_pool,
-        box_head=box_head,
-        box_predictor=predictor,
-        mask_roi_pool=mask_pool,
-        mask_head=mask_head,
-        mask_predictor=mask_predictor,
-        rpn_pre_nms_top_n_train=spec.rpn_pre_nms_top_n_train,
-        rpn_post_nms_top_n_train=spec.rpn_post_nms_top_n_train,
-        rpn_pre_nms_top_n_test=spec.rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_test=spec.rpn_post_nms_top_n_test,
-        rpn_batch_size_per_image=spec.rpn_batch_size_per_image,
-        box_score_thresh=spec.score_thresh,
-        box_nms_thresh=spec.nms_thresh,
-        box_detections_per_img=spec.detections_per_img,
-        box_batch_size_per_image=spec.box_batch_size_per_image,
-        box_positive_fraction=spec.box_positive_fraction,
-        **common,
-    )
-    term = two_stage_term(spec, loss)
-    roi = model.roi_heads
-    model.roi_heads = GradtailRoIHeads(
-        term,
-        box_roi_pool=box_pool,
-        box_head=box_head,
-        box_predictor=predictor,
-        mask_roi_pool=mask_pool,
-        mask_head=mask_head,
-        mask_predictor=mask_predictor,
-        fg_iou_thresh=0.5,
-        bg_iou_thresh=0.5,
-        batch_size_per_image=spec.box_batch_size_per_image,
-        positive_fraction=spec.box_positive_fraction,
-        bbox_reg_weights=None,
-        score_thresh=roi.score_thresh,
-        nms_thresh=roi.nms_thresh,
-        detections_per_img=roi.detections_per_img,
-    )
-    return model, term
+    heads = {
+        "box_roi_pool": box_pool,
+        "box_head": box_head,
+        "box_predictor": predictor,
+        "mask_roi_pool": mask_pool,
+        "mask_head": mask_head,
+        "mask_predictor": mask_predictor,
+    }
+    return _with_gradtail_heads(MaskRCNN, spec, loss, common, backbone, anchors, rpn_head, **heads)
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
