@@ -8,6 +8,8 @@ import torch
 
 from gradtail.errors import InputError
 from gradtail.metrics import calibration_errors, confusion_matrix, evaluate_logits, shot_groups
+from gradtail.metrics.classification import CONFUSION_MAX_CLASSES
+from gradtail.metrics.segmentation import segmentation_metrics
 
 
 def _loop_ece(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> tuple[float, float]:
@@ -86,6 +88,23 @@ def test_shot_group_thresholds_are_settings():
 def test_confusion_matrix_rows_are_truth():
     cm = confusion_matrix(torch.tensor([1, 1, 0]), torch.tensor([0, 1, 0]), 2)
     assert cm.tolist() == [[1, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("classes", [CONFUSION_MAX_CLASSES, CONFUSION_MAX_CLASSES + 1])
+def test_the_confusion_matrix_is_left_out_of_the_results_above_the_limit(classes: int) -> None:
+    """At iNaturalist's 8,142 classes the matrix would be ~700 MB of final.json: kept up to
+    CONFUSION_MAX_CLASSES classes, left out above (every other metric unchanged)."""
+    targets = torch.arange(6) % classes
+    logits = torch.zeros(6, classes).scatter_(1, targets.view(-1, 1), 1.0)
+    result = evaluate_logits(logits, targets, [5] * classes)
+    d = result.to_dict()
+    assert result.top1 == 1.0 and d["top1"] == 1.0
+    if classes <= CONFUSION_MAX_CLASSES:
+        assert result.confusion is not None and sum(map(sum, d["confusion"])) == 6
+    else:
+        assert result.confusion is None and "confusion" not in d
+    seg = segmentation_metrics(torch.eye(classes, dtype=torch.long), [1] * classes)
+    assert seg.miou == 1.0 and ("confusion" in seg.to_dict()) == (classes <= CONFUSION_MAX_CLASSES)
 
 
 @pytest.mark.parametrize(

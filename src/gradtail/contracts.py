@@ -639,6 +639,12 @@ class PosthocAdjuster:
     def fitted_params(self) -> dict[str, Any]:
         return {}
 
+    def needs_validation(self) -> bool:
+        """Whether :meth:`fit` needs the validation split (it tunes on it; the default). An adjuster
+        whose parameters are all given returns False and may run on data without a validation split
+        (iNaturalist 2018, whose val list is its test set): the trainer then skips :meth:`fit`."""
+        return True
+
     def state_dict(self) -> dict[str, Any] | None:
         """The fitted state :meth:`transform` needs (tensors, numbers, strings: what ``torch.save`` stores
         and ``torch.load(weights_only=True)`` reads), or None (the default) when the adjuster cannot be

@@ -32,6 +32,7 @@ from gradtail.contracts import (
     EvalReport,
     EvalView,
     LossContract,
+    PosthocAdjuster,
     RunData,
     StepContext,
     StepObserver,
@@ -133,7 +134,13 @@ class Trainer:
             cfg.update_rule.name or "plain", **cfg.update_rule.params
         )
         if cfg.eval.posthoc and not self.data.has_split("val"):
-            raise ConfigError("eval.posthoc needs a held-out validation split (data.val_per_class > 0)")
+            tuned = [n for n in cfg.eval.posthoc if self._create_posthoc(n).needs_validation()]
+            if tuned:
+                raise ConfigError(
+                    f"eval.posthoc {tuned} tune on a validation split and this data has none "
+                    "(data.val_per_class > 0, or a dataset with a validation list); or fix their parameters "
+                    "(e.g. eval.posthoc_params.gala_rebalance: {tau: 1.5, tune: false})"
+                )
         self.observers: list[StepObserver] = []
         self.diagnostics = None
         if t.diagnostics:
@@ -631,18 +638,22 @@ class Trainer:
         names = self.cfg.eval.posthoc
         if not names:
             return {}
-        val_pred = self.predict("val", features=True)
+        # without a validation split only adjusters with given parameters run (checked in __init__): no fit
+        val_pred = self.predict("val", features=True) if self.data.has_split("val") else None
         test_feats = self.predict("test", features=True)
         results: dict[str, Any] = {}
         for name in names:
             params = dict(self.cfg.eval.posthoc_params.get(name, {}))
-            adjuster = create_posthoc(name, **self._posthoc_args(name, params))
+            adjuster = self._create_posthoc(name)
             if adjuster.input_kind == "features":
-                assert val_pred.features is not None and test_feats.features is not None
-                adjuster.fit(val_pred.features, val_pred.targets)
+                assert test_feats.features is not None
+                if val_pred is not None:
+                    assert val_pred.features is not None
+                    adjuster.fit(val_pred.features, val_pred.targets)
                 logits = adjuster.transform(test_feats.features)
             else:
-                adjuster.fit(val_pred.logits, val_pred.targets)
+                if val_pred is not None:
+                    adjuster.fit(val_pred.logits, val_pred.targets)
                 logits = adjuster.transform(test_feats.logits)  # the test logits, computed with the features
             res = self.evaluate_predictions(logits, test_feats.targets)
             results[name] = {"params": adjuster.fitted_params(), **res.to_dict(include_confusion=False)}
@@ -652,6 +663,12 @@ class Trainer:
                 record |= {"epoch": self.epoch, "subset_sha256": self.data.sha256, "state": state}
                 self.run_dir.save_posthoc(name, record)
         return results
+
+    def _create_posthoc(self, name: str) -> PosthocAdjuster:
+        """The adjuster ``name`` as the config gives it (its ``eval.posthoc_params`` and the inputs it
+        declares), not fitted."""
+        params = dict(self.cfg.eval.posthoc_params.get(name, {}))
+        return create_posthoc(name, **self._posthoc_args(name, params))
 
     def _posthoc_args(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
         wants = POSTHOC.get(name).construction_inputs  # type: ignore[attr-defined]

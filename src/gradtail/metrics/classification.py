@@ -32,6 +32,11 @@ def _check(logits: torch.Tensor, targets: torch.Tensor, num_classes: int | None 
     return c
 
 
+# The confusion matrix is kept in the results (and final.json) up to this many classes: at iNaturalist's
+# 8,142 it would be 66 million entries, about 700 MB of JSON and 1.7 GB as Python lists (docs/runs.md)
+CONFUSION_MAX_CLASSES = 1000
+
+
 def confusion_matrix(predictions: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """C x C int64 matrix; row = true class, column = predicted class.
 
@@ -279,14 +284,15 @@ class EvalResult:
     nll: float
     num_samples: int
     classwise_ece: float
-    confusion: list[list[int]]
+    confusion: list[list[int]] | None  # None above CONFUSION_MAX_CLASSES classes
     calibration_bins: dict[str, object]
 
     def to_dict(self, include_confusion: bool = True) -> dict[str, object]:
         d = dict(self.__dict__)
         if not include_confusion:
-            d.pop("confusion")
             d.pop("calibration_bins")
+        if not include_confusion or self.confusion is None:
+            d.pop("confusion")
         return d
 
     @property
@@ -362,7 +368,7 @@ def evaluate_logits(
         nll=nll,
         num_samples=n,
         classwise_ece=classwise_calibration_error(logits, targets, num_bins),
-        confusion=cm.tolist(),
+        confusion=cm.tolist() if c <= CONFUSION_MAX_CLASSES else None,
         calibration_bins=calib["bins"],  # type: ignore[arg-type]
     )
 

@@ -23,6 +23,7 @@ import torch
 
 from gradtail.distributed import all_reduce_sum_, is_distributed
 from gradtail.errors import ConfigError, InputError
+from gradtail.metrics.classification import CONFUSION_MAX_CLASSES
 
 DEFAULT_FREQUENT_THRESHOLD = 0.01  # >= 1% of the training pixels
 DEFAULT_RARE_THRESHOLD = 0.001  # < 0.1% of the training pixels
@@ -74,7 +75,7 @@ class SegmentationResult:
     group_miou: dict[str, float | None]
     groups: dict[str, list[int]]
     num_pixels: int
-    confusion: list[list[int]] = field(repr=False)
+    confusion: list[list[int]] | None = field(repr=False)  # None above CONFUSION_MAX_CLASSES classes
 
     primary_metric: ClassVar[str] = "miou"
 
@@ -96,7 +97,7 @@ class SegmentationResult:
     def to_dict(self, include_confusion: bool = True) -> dict[str, Any]:
         d: dict[str, Any] = {**self.summary(), "per_class_iou": self.per_class_iou}
         d |= {"per_class_acc": self.per_class_acc, "groups": self.groups, "num_pixels": self.num_pixels}
-        if include_confusion:
+        if include_confusion and self.confusion is not None:
             d["confusion"] = self.confusion
         return d
 
@@ -139,7 +140,7 @@ def segmentation_metrics(
         group_miou={g: _mean([iou[k] for k in idx]) for g, idx in groups.items()},
         groups=groups,
         num_pixels=int(total),
-        confusion=confusion.detach().to("cpu", torch.long).tolist(),
+        confusion=confusion.detach().to("cpu", torch.long).tolist() if c <= CONFUSION_MAX_CLASSES else None,
     )
 
 

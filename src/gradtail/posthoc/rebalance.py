@@ -130,6 +130,12 @@ class PredictionRebalancer(PosthocAdjuster):
             )
         return self
 
+    def needs_validation(self) -> bool:
+        """Only to tune tau: at a given tau (``tune=False``, the published 1.5 on iNaturalist 2018) q comes
+        from the set transformed, and no validation split is needed (then :meth:`logit_affine`, which
+        needs the validation class mass, is None and ``gradtail export`` refuses the fold)."""
+        return self.tune
+
     def streaming(self) -> StreamingRebalancer:
         """A two-pass re-balancer with this adjuster's (possibly tuned) tau."""
         return StreamingRebalancer(tau=self.tau, num_classes=self.num_classes)
