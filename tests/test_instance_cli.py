@@ -239,6 +239,10 @@ def test_a_tiny_suite_runs_and_reports(tmp_path: Path, fm_root: Path, capsys) ->
     assert row["box_AP"]["values"] == [f["last_epoch"]["box_AP"] for f in finals]
     page = (out / "report.html").read_text()
     assert "Mask AP per class against training frequency" in page and "Test images: federated" in page
+    # the protocol names the evaluator the runs went through (faster-coco-eval where installed: auto)
+    assert results["evaluators"] == sorted({f["last_epoch"]["evaluator"] for f in finals})
+    named = {"lvis": "through the official lvis API", "faster_coco_eval": "through faster-coco-eval"}
+    assert all(named[e] in page for e in results["evaluators"])
 
 
 def test_gradtail_tune_selects_on_validation_mask_ap(tmp_path: Path, fm_root: Path, capsys) -> None:

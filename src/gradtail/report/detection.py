@@ -159,6 +159,9 @@ class DetectionReport:
             "task": self.task,
             **results_header(suite, finals, run_dir, wall_seconds),
             "protocol": first["last_epoch"].get("protocol"),
+            # the LVIS / COCO evaluator each run's test split went through (final.json; absent in runs
+            # written before the choice existed: the official API)
+            "evaluators": sorted({f["last_epoch"].get("evaluator") or "lvis" for f in finals}),
             "subset": subset,
             "recipes": recipes,
             "seeds": suite.seeds,
@@ -223,12 +226,25 @@ class DetectionReport:
         return (
             f"Data: {self.where(s)}; images: {splits}; data SHA-256 {str(s.get('sha256'))[:16]}…. Classes by "
             f"LVIS frequency group (training images with the class): {group_text}. Evaluation: "
-            f"{str(results.get('protocol')).upper()} {self.evaluated} through the official API on the "
+            f"{str(results.get('protocol')).upper()} {self.evaluated} through {self.evaluator_text(results)} "
+            "on the "
             f"test split once, after the last epoch (validation {self.ap_name}, every evaluated epoch, "
             f"selects the val-selected rows), mean ± sample std over seeds {results['seeds']}. Recipes: "
             + "; ".join(recipes)
             + "."
         )
+
+    @staticmethod
+    def evaluator_text(results: dict[str, Any]) -> str:
+        """Which evaluator scored the runs: the official API or faster-coco-eval (proven equal to it,
+        docs/detection.md), as their final.json records it."""
+        names = {
+            "lvis": "the official lvis API",
+            "pycocotools": "the official pycocotools API",
+            "faster_coco_eval": "faster-coco-eval (equal to the official API, docs/detection.md)",
+        }
+        used = results.get("evaluators") or ["lvis"]
+        return " and ".join(names.get(e, e) for e in used)
 
     # ------------------------------------------------------------------ the pages
     def figures(self, results: dict[str, Any], output: Path) -> list[tuple[str, bytes, str]]:
