@@ -43,10 +43,19 @@ def run_steps(loss: GALALoss, batches: list) -> list[tuple[torch.Tensor, torch.T
 
 
 def reference_run(
-    batches: list, variant: str, accumulation: str, lambda1: float, lambda2: float, eps: float = 1e-3
+    batches: list,
+    variant: str,
+    accumulation: str,
+    lambda1: float,
+    lambda2: float,
+    eps: float = 1e-3,
+    record: list | None = None,
 ) -> list[tuple[float, np.ndarray]]:
     """Independent float64 loop over gala.md §1-2, with the *literal* formulas (the ``code`` variant keeps
-    its -lambda2 log(phi_k + eps) term on every logit). Empty statistics give zero offsets (step 1 = CE)."""
+    its -lambda2 log(phi_k + eps) term on every logit). Empty statistics give zero offsets (step 1 = CE).
+
+    The statistics are the C x C matrix M[j, c] of gala.md §1; ``record`` (a list) receives, after each
+    step, (M, theta2, phi2) as copies."""
     num_classes = batches[0][0].shape[1]
     m = np.zeros((num_classes, num_classes))  # M[j, c]
     theta2 = np.zeros(num_classes)
@@ -84,6 +93,8 @@ def reference_run(
         if accumulation == "double":
             theta2 += np.diag(m)
             phi2 += m.sum(axis=0) - np.diag(m)
+        if record is not None:
+            record.append((m.copy(), theta2.copy(), phi2.copy()))
         out.append((total / b, grad))
     return out
 
@@ -133,6 +144,61 @@ def test_value_and_gradient_match_reference(
     assert not torch.allclose(got[-1][0], F.cross_entropy(*batches[-1]))
 
 
+@pytest.mark.parametrize("variant", ["paper", "code"])
+@pytest.mark.parametrize("accumulation", ["single", "double"])
+@pytest.mark.parametrize("lambdas", [(1.0, 1.0), (1.2, 0.9)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_vector_statistics_equal_the_matrix_reading(
+    variant: str, accumulation: str, lambdas: tuple[float, float], dtype: torch.dtype
+) -> None:
+    """Issue #29: the two vectors kept instead of the C x C matrix read what the matrix would hold, after
+    every step: theta = diag(M), phi = off-diagonal column sums, N = off-diagonal row sums (``single``),
+    and the second level of ``double``. The matrix is the test's own float64 reference loop."""
+    batches = make_batches(seed=31, steps=9, dtype=dtype)
+    loss = GALALoss(C, variant=variant, accumulation=accumulation, lambda1=lambdas[0], lambda2=lambdas[1])
+    record: list = []
+    reference_run(batches, variant, accumulation, *lambdas, record=record)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-6
+    for (z, y), (m, theta2, phi2) in zip(batches, record, strict=True):
+        loss(z.clone().requires_grad_(True), y).backward()
+        diag = np.diag(m)
+        reading = {
+            "pos": diag,
+            "produced": m.sum(axis=0) - diag,  # sum_{j != c} M[j, c]
+            "neg": m.sum(axis=1) - diag,  # sum_{c != j} M[j, c]: the negative gradient received by j
+        }
+        for name, want in reading.items():
+            np.testing.assert_allclose(getattr(loss.stats, name).numpy(), want, rtol=rtol, atol=1e-14)
+        single = accumulation == "single"
+        np.testing.assert_allclose(loss.theta().numpy(), diag if single else theta2, rtol=rtol, atol=1e-14)
+        want_phi = reading["produced"] if single else phi2
+        np.testing.assert_allclose(loss.phi().numpy(), want_phi, rtol=rtol, atol=1e-14)
+    assert int(loss.stats.steps) == len(batches)
+    state_floats = sum(b.numel() for b in loss.buffers() if b.is_floating_point())
+    assert state_floats == (3 if accumulation == "single" else 5) * C  # vectors only, no C x C matrix
+
+
+def test_a_checkpoint_with_the_matrix_loads_as_the_two_vectors() -> None:
+    """A checkpoint written before issue #29 holds ``stats.matrix``: loading it gives phi = its
+    off-diagonal column sums, and training continues as from the vectors."""
+    batches = make_batches(seed=41, steps=8)
+    trained = GALALoss(C, lambda1=1.2, lambda2=0.9)
+    run_steps(trained, batches[:5])
+    record: list = []
+    reference_run(batches[:5], "paper", "single", 1.2, 0.9, record=record)
+    old_state = {k: v.clone() for k, v in trained.state_dict().items() if k != "stats.produced"}
+    old_state["stats.matrix"] = torch.tensor(record[-1][0])  # the C x C matrix the old version kept
+    resumed = GALALoss(C, lambda1=1.2, lambda2=0.9)
+    resumed.load_state_dict(old_state)
+    torch.testing.assert_close(resumed.phi(), trained.phi(), rtol=1e-10, atol=1e-14)
+    assert "stats.matrix" not in resumed.state_dict()
+    for (va, ga), (vb, gb) in zip(
+        run_steps(trained, batches[5:]), run_steps(resumed, batches[5:]), strict=True
+    ):
+        torch.testing.assert_close(vb, va, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12)
+
+
 def test_code_variant_ignores_lambda2() -> None:
     """gala.md §5: in ``code`` the loss and its gradients do not change with lambda2."""
     batches = make_batches(seed=5, steps=6, dtype=torch.float32)
@@ -173,27 +239,30 @@ def test_paper_equals_code_when_lambdas_equal() -> None:
 
 
 def test_double_accumulation_reproduces_hand_loop() -> None:
-    """``double``: after each step the running sums are added again into the second level."""
+    """``double``: after each step the running sums (theta = ``stats.pos``, phi = ``stats.produced``)
+    are added again into the second level."""
     batches = make_batches(seed=13, steps=7)
     loss = GALALoss(C, accumulation="double")
     theta2 = torch.zeros(C, dtype=torch.float64)
     phi2 = torch.zeros(C, dtype=torch.float64)
     per_step_sums = []
     for z, y in batches:
-        before = loss.stats.matrix.clone()
+        before = torch.stack([loss.stats.pos, loss.stats.produced]).clone()
         loss(z.clone().requires_grad_(True), y).backward()
-        m = loss.stats.matrix
-        per_step_sums.append(m - before)
-        theta2 += torch.diagonal(m)
-        phi2 += m.sum(dim=0) - torch.diagonal(m)
+        now = torch.stack([loss.stats.pos, loss.stats.produced])
+        per_step_sums.append(now - before)
+        theta2 += now[0]
+        phi2 += now[1]
         assert torch.equal(loss.theta(), theta2)
         assert torch.equal(loss.phi(), phi2)
     # closed form: after t steps the second level holds sum_s (t - s + 1) S_s
     t = len(per_step_sums)
     weighted = sum((t - s) * per_step_sums[s] for s in range(t))
-    torch.testing.assert_close(loss.theta(), torch.diagonal(weighted), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss.theta(), weighted[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss.phi(), weighted[1], rtol=1e-12, atol=1e-14)
     # the first level is the plain running sum (what ``single`` reads)
-    torch.testing.assert_close(loss.stats.matrix, sum(per_step_sums), rtol=1e-12, atol=1e-14)
+    first = torch.stack([loss.stats.pos, loss.stats.produced])
+    torch.testing.assert_close(first, sum(per_step_sums), rtol=1e-12, atol=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -221,8 +290,9 @@ def test_offsets_use_statistics_through_previous_step_and_are_detached() -> None
     value = loss(z2, y2)
     expected = F.cross_entropy(z2.detach() + torch.log(theta_after_1 + 1e-3).float(), y2)
     torch.testing.assert_close(value.detach(), expected)
-    assert not loss.stats.matrix.requires_grad
+    assert not any(b.requires_grad for b in loss.buffers())
     assert not loss.logit_offsets(y2).requires_grad
+    assert not any(o is not None and o.requires_grad for o in loss.offsets())
     value.backward()  # the graph reaches only the logits
     assert z2.grad is not None
 
@@ -236,8 +306,9 @@ def test_half_precision_logits_give_float_statistics() -> None:
     value = a(z.clone().requires_grad_(True), y)
     b(z.float().requires_grad_(True), y)
     assert value.dtype == torch.float32
-    assert torch.equal(a.stats.matrix, b.stats.matrix)
-    assert a.stats.matrix.dtype == torch.float64
+    for name in ("pos", "neg", "produced"):
+        assert torch.equal(getattr(a.stats, name), getattr(b.stats, name)), name
+        assert getattr(a.stats, name).dtype == torch.float64
 
 
 # ------------------------------------------------------------------------------------------ checkpoint
@@ -249,7 +320,8 @@ def test_state_dict_round_trip_resumes_identically(accumulation: str) -> None:
     state = {k: v.clone() for k, v in original.state_dict().items()}
     if accumulation == "double":
         assert {"theta2", "phi2"} <= set(state)
-    assert "stats.matrix" in state
+    assert {"stats.pos", "stats.neg", "stats.produced", "stats.steps"} <= set(state)
+    assert "stats.matrix" not in state  # O(C) state (issue #29)
     resumed = GALALoss(C, accumulation=accumulation, lambda1=1.2, lambda2=0.9)
     resumed.load_state_dict(state)
     for (va, ga), (vb, gb) in zip(
@@ -270,7 +342,9 @@ def test_paper_variant_scale_dependence() -> None:
 
     def value(lambda1: float, lambda2: float, scale: float) -> float:
         loss = GALALoss(C, lambda1=lambda1, lambda2=lambda2, eps=1e-12)
-        loss.stats.matrix.copy_(base * scale)
+        m = base * scale  # read as the matrix M[j, c]: theta = diag(M), phi = off-diagonal column sums
+        loss.stats.pos.copy_(torch.diagonal(m))
+        loss.stats.produced.copy_(m.sum(dim=0) - torch.diagonal(m))
         loss.stats.steps.fill_(1)
         loss.eval()
         return loss(z, y).item()

@@ -53,20 +53,51 @@ def test_elementwise_update_matches_loops() -> None:
     np.testing.assert_allclose(stats.neg.numpy(), 0.5 * (g32 * (1 - t)).sum(0), rtol=1e-14)
 
 
-def test_matrix_and_negative_produced_with_valid_mask() -> None:
+def test_produced_equals_the_matrix_reading_with_valid_mask() -> None:
+    """phi (``produced``) is the off-diagonal column sums of GALA's matrix M[j, c] (gala.md §1), P its
+    diagonal, N its off-diagonal row sums; M is built here by a loop, the statistics keep vectors only."""
     rng = np.random.default_rng(2)
     grad = np.abs(rng.standard_normal((7, 3)))
     targets = np.array([0, 2, 2, 1, -1, 0, 1])
     valid = targets >= 0
-    stats = GradientStatistics(3, track_matrix=True)
+    stats = GradientStatistics(3, track_produced=True)
     stats.update_from_softmax_grad(torch.tensor(grad), torch.tensor(targets), torch.tensor(valid))
     m = np.zeros((3, 3))
     for i in range(7):
         if valid[i]:
             m[:, targets[i]] += grad[i]
-    np.testing.assert_allclose(stats.matrix.numpy(), m, rtol=1e-14)
+    assert sorted(stats.state_dict()) == ["neg", "pos", "produced", "steps"]
     np.testing.assert_allclose(stats.pos.numpy(), np.diag(m), rtol=1e-14)
+    np.testing.assert_allclose(stats.produced.numpy(), m.sum(0) - np.diag(m), rtol=1e-14)
     np.testing.assert_allclose(stats.negative_produced().numpy(), m.sum(0) - np.diag(m), rtol=1e-14)
+    np.testing.assert_allclose(stats.neg.numpy(), m.sum(1) - np.diag(m), rtol=1e-14)
+    with pytest.raises(TrainingError, match="track_produced"):
+        GradientStatistics(3).negative_produced()
+
+
+def test_a_matrix_in_an_old_checkpoint_becomes_produced() -> None:
+    """Checkpoints written before issue #29 hold ``matrix``; its off-diagonal column sums are loaded."""
+    m = torch.arange(9, dtype=torch.float64).view(3, 3)
+    old = {"pos": torch.diagonal(m).clone(), "neg": torch.ones(3, dtype=torch.float64),
+           "steps": torch.tensor(4), "matrix": m}  # fmt: skip
+    stats = GradientStatistics(3, track_produced=True)
+    stats.load_state_dict(old)
+    assert stats.produced.tolist() == (m.sum(0) - torch.diagonal(m)).tolist() == [9.0, 8.0, 7.0]
+    assert int(stats.steps) == 4 and "matrix" not in stats.state_dict()
+
+
+def test_class_sums_equal_float64_sums_in_every_layout() -> None:
+    """class_sums: the per-class float64 sums of a step, also in blocks (many rows) and per pixel."""
+    from gradtail.gradstats import class_sums
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(5, 3), (3000, 200), (4, 3, 5, 7), (0, 4)]:
+        x = torch.randn(*shape, generator=gen)
+        dims = [0, *range(2, x.dim())]
+        want = x.double().sum(dim=dims)
+        got = class_sums(x)
+        assert got.dtype == torch.float64 and got.shape == (shape[1],)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_non_finite_step_is_skipped_and_not_counted() -> None:
@@ -97,8 +128,8 @@ def test_shape_errors_are_loud() -> None:
     with pytest.raises(InputError):
         stats.update_from_elementwise_grad(torch.ones(2, 3), torch.ones(3, 3))
     with pytest.raises(TrainingError):
-        matrix_stats = GradientStatistics(3, track_matrix=True)
-        matrix_stats.update_from_elementwise_grad(torch.ones(2, 3), torch.ones(2, 3))
+        produced_stats = GradientStatistics(3, track_produced=True)
+        produced_stats.update_from_elementwise_grad(torch.ones(2, 3), torch.ones(2, 3))
 
 
 def test_flatten_class_dim() -> None:
@@ -179,12 +210,12 @@ def test_hook_segmentation_shapes_valid_mask_and_loss_scale() -> None:
 
 
 def test_buffers_round_trip_and_never_require_grad() -> None:
-    stats = GradientStatistics(3, track_matrix=True)
+    stats = GradientStatistics(3, track_produced=True)
     z = torch.randn(4, 3, requires_grad=True)
     stats.attach_hook(z, torch.tensor([0, 1, 2, 0]))
     F.cross_entropy(z, torch.tensor([0, 1, 2, 0])).backward()
     assert not any(b.requires_grad for b in stats.buffers())
-    other = GradientStatistics(3, track_matrix=True)
+    other = GradientStatistics(3, track_produced=True)
     other.load_state_dict(stats.state_dict())
     for name, buf in stats.named_buffers():
         assert torch.equal(buf, dict(other.named_buffers())[name])

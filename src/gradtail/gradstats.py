@@ -6,9 +6,11 @@ Definitions (docs/methods/eql.md §1): for every class j, from step 0 and never 
 - ``neg[j]`` = N_j = the same over samples whose target for class j is 0
 - ``ratio()`` = g_j = P_j / (N_j + 1e-10)
 
-Optionally a C x C matrix ``matrix[j, c]`` = sum over samples of class c of |dL/dz_ij| (GALA,
-docs/methods/gala.md §1); then P_j = matrix[j, j] and the negative gradient *produced* by class c is the
-column sum minus the diagonal.
+Optionally ``produced[c]`` = phi_c = sum over samples i of class c of sum_{j != c} |dL/dz_ij|, the
+negative gradient *produced* by the samples of class c (GALA, docs/methods/gala.md §1). GALA reads the
+C x C matrix M[j, c] (classifier j, sample class c) only through its diagonal, which is ``pos``
+(theta_j = M[j, j] = P_j), and its off-diagonal column sums, which is ``produced`` (phi_c); both are
+kept as vectors of C, so no statistics here take more than O(C) memory (issue #29).
 
 Rules kept here, so that every method follows them (docs/methods/eql.md §1):
 
@@ -21,8 +23,8 @@ Rules kept here, so that every method follows them (docs/methods/eql.md §1):
 4. Buffers: the sums are registered buffers, so ``state_dict()`` checkpoints them.
 5. Precision: sums are float64 whatever the training precision; inputs are cast before summing, with
    autocast disabled. A step whose sums are not finite on any rank (an fp16 overflow caught by the
-   gradient scaler) is skipped on every rank: the finiteness flag travels in the same all-reduce, so
-   the skip needs no extra collective and no device sync.
+   gradient scaler) is skipped on every rank: a non-finite sum stays non-finite through the
+   all-reduce, which every rank reads, so the skip needs no extra collective and no device sync.
 6. Scale: callers may pass gradients of a scaled loss; ratios do not change. The ``scale`` argument of
    the updates multiplies the per-class sums (exactly, after summation), so a loss can pass unnormalized
    per-element gradients and its 1/B normalizer separately.
@@ -161,6 +163,63 @@ class _Deferred:
     normalized: bool | None = None  # whether the updates carried a normaliser (all or none)
 
 
+_SUM_CHUNK = 1 << 19  # elements converted to float64 at a time by class_sums (4 MiB)
+
+
+def _float64_blocks(x: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``x`` (CPU, not float64) as float64 blocks of whole samples, (first sample, block): one block when
+    it is small, else blocks of about ``_SUM_CHUNK`` elements, each converted when the caller asks for it
+    (so that it is summed while in cache, and one block is alive at a time)."""
+    per_sample = max(x[:1].numel(), 1)
+    rows = max(1, _SUM_CHUNK // per_sample)
+    for start in range(0, max(x.shape[0], 1), rows):
+        yield start, x[start : start + rows].double()
+
+
+def _exact_sums_here(x: torch.Tensor) -> bool:
+    """Whether a plain ``sum(dtype=torch.float64)`` is the fast way (float64 input, accelerators,
+    compiled code); on CPU it converts element by element, 3-5x slower than blocks (issue #29)."""
+    return x.dtype == torch.float64 or x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def class_sums(x: torch.Tensor) -> torch.Tensor:
+    """The per-class sums of one step: ``x`` (N, C) or (N, C, d1, ...) summed over every dimension but
+    the class dimension 1, in float64 (rule 5), shape (C,).
+
+    On CPU a float32 input is converted in blocks of samples of about 4 MiB of float64, each summed
+    while it is in cache: ``x.sum(0, dtype=torch.float64)`` converts element by element and
+    ``x.double().sum(0)`` writes the whole float64 copy first, both slower at 256 x 8,142 and
+    4,096 x 1,204 (issue #29). Elsewhere (accelerators, compiled code, float64 input) the plain sum.
+    Every block adds the float64 values of the same float32 entries, so the result is the float64 sum.
+    """
+    dims = [0, *range(2, x.dim())]
+    if _exact_sums_here(x):
+        return x.sum(dim=dims, dtype=torch.float64)
+    out: torch.Tensor | None = None
+    for _, block in _float64_blocks(x):
+        part = block.sum(dim=dims)
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    return out
+
+
+def class_and_sample_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-class sums (C,), per-sample sums (N,)) of a 2-D ``x`` (N, C), both in float64 (rule 5), from
+    one conversion of each block (:func:`class_sums`). GALA's phi needs both from the same entries."""
+    if x.dim() != 2:
+        raise InputError(f"class_and_sample_sums expects (N, C), got shape {tuple(x.shape)}")
+    if _exact_sums_here(x):
+        return x.sum(dim=0, dtype=torch.float64), x.sum(dim=1, dtype=torch.float64)
+    per_class: torch.Tensor | None = None
+    per_sample = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for start, block in _float64_blocks(x):
+        part = block.sum(dim=0)
+        per_class = part if per_class is None else per_class.add_(part)
+        torch.sum(block, dim=1, out=per_sample[start : start + block.shape[0]])
+    assert per_class is not None
+    return per_class, per_sample
+
+
 def flatten_class_dim(x: torch.Tensor) -> torch.Tensor:
     """(N, C, d1, ..., dk) -> (N * d1 * ... * dk, C): every position is one sample (segmentation,
     docs/methods/eql.md §4).
@@ -177,7 +236,9 @@ class GradientStatistics(nn.Module):
 
     Args:
         num_classes: C, the number of classifier channels tracked.
-        track_matrix: also keep the C x C matrix M[j, c] (rows: classifier j, columns: sample class c).
+        track_produced: also keep ``produced`` (phi_c, the negative gradient produced by the samples of
+            class c: the off-diagonal column sums of GALA's matrix, docs/methods/gala.md §1), a vector of
+            C like ``pos`` and ``neg``. Single-label updates only.
 
     Example:
         Closed form: a loss passes |dL/dz| of its samples and their labels.
@@ -210,25 +271,45 @@ class GradientStatistics(nn.Module):
 
     pos: torch.Tensor
     neg: torch.Tensor
+    produced: torch.Tensor
     steps: torch.Tensor
 
-    def __init__(self, num_classes: int, track_matrix: bool = False) -> None:
+    def __init__(self, num_classes: int, track_produced: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise InputError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
-        self.track_matrix = track_matrix
+        self.track_produced = bool(track_produced)
         self.register_buffer("pos", torch.zeros(num_classes, dtype=torch.float64))
         self.register_buffer("neg", torch.zeros(num_classes, dtype=torch.float64))
+        if self.track_produced:
+            self.register_buffer("produced", torch.zeros(num_classes, dtype=torch.float64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        if track_matrix:
-            self.register_buffer("matrix", torch.zeros(num_classes, num_classes, dtype=torch.float64))
         self._pending_hook = False
         self._deferred: _Deferred | None = None
+
+    @property
+    def num_parts(self) -> int:
+        """Vectors of C per update: P and N, and phi with ``track_produced``."""
+        return 3 if self.track_produced else 2
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Module conversions: devices apply, dtypes do not (the sums stay float64, rule 10)."""
         return keep_buffer_dtypes(self, lambda: super(GradientStatistics, self)._apply(fn, recurse))
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        """Checkpoints written before issue #29 hold GALA's C x C ``matrix``: its off-diagonal column
+        sums are ``produced`` (phi_c = sum_{j != c} M[j, c], docs/methods/gala.md §1), its diagonal is
+        ``pos`` already; the matrix itself is not kept."""
+        matrix = state_dict.pop(prefix + "matrix", None)
+        if matrix is not None and self.track_produced and prefix + "produced" not in state_dict:
+            m = matrix.to(torch.float64)
+            state_dict[prefix + "produced"] = m.sum(dim=0) - torch.diagonal(m)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ reading
     def ratio(self, eps: float = RATIO_EPS) -> torch.Tensor:
@@ -237,11 +318,10 @@ class GradientStatistics(nn.Module):
 
     def negative_produced(self) -> torch.Tensor:
         """phi_c = sum_{j != c} M[j, c]: negative gradient produced by samples of class c
-        (docs/methods/gala.md §1)."""
-        if not self.track_matrix:
-            raise TrainingError("negative_produced() needs GradientStatistics(track_matrix=True)")
-        m = read_statistics(self.matrix)
-        return m.sum(dim=0) - torch.diagonal(m)
+        (docs/methods/gala.md §1), float64 (C,)."""
+        if not self.track_produced:
+            raise TrainingError("negative_produced() needs GradientStatistics(track_produced=True)")
+        return read_statistics(self.produced)
 
     def started(self) -> torch.Tensor:
         """0-dim bool tensor: at least one step accumulated (no device sync; ``steps > 0``)."""
@@ -294,17 +374,24 @@ class GradientStatistics(nn.Module):
         if statistics_frozen():
             return
         grad_abs, targets = self._check(grad_abs, targets)
-        g = grad_abs.detach().to(torch.float64)
-        if valid is not None:
-            keep = valid.detach().to(device=g.device, dtype=torch.bool).view(-1, 1)
-            g = torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device))
-            targets = torch.where(keep.view(-1), targets, torch.zeros_like(targets))
-            onehot = torch.zeros_like(g).scatter_(1, targets.view(-1, 1), keep.to(g.dtype))
-            count: int | torch.Tensor = keep.sum()
-        else:
-            onehot = torch.zeros_like(g).scatter_(1, targets.view(-1, 1), 1.0)
-            count = g.shape[0]
-        self._accumulate(g, onehot, single_label=True, scale=scale, count=count, norm=norm)
+        with torch.autocast(device_type=grad_abs.device.type, enabled=False):
+            g = grad_abs.detach().to(torch.float64, copy=True)  # a float64 copy this update owns
+            rows = torch.arange(g.shape[0], device=g.device)
+            count: int | torch.Tensor = g.shape[0]
+            if valid is not None:
+                keep = valid.detach().to(device=g.device, dtype=torch.bool)
+                g = torch.where(keep.view(-1, 1), g, torch.zeros((), dtype=g.dtype, device=g.device))
+                targets = torch.where(keep, targets, torch.zeros_like(targets))
+                count = keep.sum()
+            # P_c: the label column of each sample; N_c and phi: the other columns (the label entries are
+            # zeroed in the copy, so the sums add exactly the same terms as a one-hot mask would)
+            on_label = g[rows, targets]
+            g[rows, targets] = 0.0
+            zeros = torch.zeros(self.num_classes, dtype=torch.float64, device=g.device)
+            parts = [zeros.index_add(0, targets, on_label), g.sum(dim=0)]
+            if self.track_produced:  # phi_c += sum_{i: y_i = c} sum_{j != c} |dL/dz_ij|
+                parts.append(zeros.index_add(0, targets, g.sum(dim=1)))
+            self._reduce_and_add(parts, scale, count, norm)
 
     @torch.no_grad()
     def update_from_elementwise_grad(
@@ -336,12 +423,13 @@ class GradientStatistics(nn.Module):
             )
         if grad_abs.shape[1] != self.num_classes:
             raise InputError(f"expected {self.num_classes} class channels, got {grad_abs.shape[1]}")
-        if self.track_matrix:
-            raise TrainingError("the C x C matrix is defined for single-label targets only")
-        g = grad_abs.detach().to(torch.float64)
-        t = target_matrix.detach().to(device=g.device, dtype=torch.float64)
-        count = g.shape[0] if count is None else count
-        self._accumulate(g, t, single_label=False, scale=scale, count=count, norm=norm)
+        if self.track_produced:
+            raise TrainingError("phi (track_produced) is defined for single-label targets only")
+        with torch.autocast(device_type=grad_abs.device.type, enabled=False):
+            g = grad_abs.detach().to(torch.float64)
+            t = target_matrix.detach().to(device=g.device, dtype=torch.float64)
+            count = g.shape[0] if count is None else count
+            self._reduce_and_add([(g * t).sum(dim=0), (g * (1.0 - t)).sum(dim=0)], scale, count, norm)
 
     def attach_hook(
         self,
@@ -413,48 +501,31 @@ class GradientStatistics(nn.Module):
             )
         return grad_abs, targets.to(device=grad_abs.device, dtype=torch.long)
 
-    def _accumulate(
-        self,
-        g: torch.Tensor,
-        pos_mask: torch.Tensor,
-        single_label: bool,
-        scale: float | torch.Tensor,
-        count: int | torch.Tensor,
-        norm: int | torch.Tensor | None = None,
-    ) -> None:
-        """Per-class sums of this step, one all-reduce, then add (rules 1, 3, 5, 6, 7, 8)."""
-        with torch.autocast(device_type=g.device.type, enabled=False):
-            pos_step = (g * pos_mask).sum(dim=0)
-            neg_step = (g * (1.0 - pos_mask)).sum(dim=0)
-            parts = [pos_step, neg_step]
-            if self.track_matrix:
-                if not single_label:
-                    raise TrainingError("the C x C matrix is defined for single-label targets only")
-                # M[j, c] += sum_{i: y_i = c} |dL/dz_ij|  ==  G^T @ onehot(y)   (docs/methods/gala.md §1)
-                parts.append((g.t() @ pos_mask).reshape(-1))
-            self._reduce_and_add(parts, scale, count, norm)
-
     @torch.no_grad()
     def update_from_class_sums(
         self,
         pos_step: torch.Tensor,
         neg_step: torch.Tensor,
         *,
+        produced: torch.Tensor | None = None,
         scale: float | torch.Tensor = 1.0,
         count: int | torch.Tensor,
         norm: int | torch.Tensor | None = None,
     ) -> None:
         """Add one step given its per-class sums of |dL/dz| over positives (``pos_step``) and negatives
-        (``neg_step``), (C,) each, computed by the loss in closed form (Softmax-EQL per pixel: sums of
-        probabilities instead of an (n, C) gradient matrix). Same scaling, sample count, normaliser,
-        all-reduce and skip rules as :meth:`update_from_softmax_grad`; not with ``track_matrix``."""
+        (``neg_step``), (C,) each, computed by the loss in closed form (sums of probabilities instead of
+        an (n, C) gradient matrix); with ``track_produced`` also ``produced``, phi's per-class sums
+        (docs/methods/gala.md §1). Same scaling, sample count, normaliser, all-reduce and skip rules as
+        :meth:`update_from_softmax_grad`."""
         if statistics_frozen():
             return
-        if self.track_matrix:
-            raise TrainingError("update_from_class_sums cannot fill the C x C matrix (track_matrix)")
-        with torch.autocast(device_type=pos_step.device.type, enabled=False):
-            parts = [pos_step.to(torch.float64), neg_step.to(torch.float64)]
-            self._reduce_and_add(parts, scale, count, norm)
+        if (produced is not None) != self.track_produced:
+            raise TrainingError(
+                "update_from_class_sums: produced= is given exactly when the statistics track phi "
+                f"(track_produced={self.track_produced})"
+            )
+        parts = [pos_step, neg_step] if produced is None else [pos_step, neg_step, produced]
+        self._reduce_and_add(parts, scale, count, norm)  # float64 on the buffers' device (cat)
 
     def _reduce_and_add(
         self,
@@ -464,11 +535,22 @@ class GradientStatistics(nn.Module):
         norm: int | torch.Tensor | None = None,
     ) -> None:
         """Scale the step's sums; inside :meth:`accumulate` keep them aside (rule 9), otherwise
-        all-reduce them with the sample count, the normaliser count and the skip flag and add them."""
-        flat = torch.cat(parts).to(self.pos.device)
+        all-reduce them with the sample count and the normaliser count and add them. One vector
+        [sums, samples, (normaliser count)] is built once (a step costs few small operations: issue #29)."""
+        device = self.pos.device
+        counts = [count] if norm is None else [count, norm]
+        if all(type(v) in (int, float) for v in counts):
+            tail = torch.tensor(counts, dtype=torch.float64, device=device)
+        else:
+            tail = torch.stack(
+                [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in counts]
+            )
+        f64 = torch.float64  # cat, sum, where, add: no autocast op; float64 whatever the parts are
+        parts = [p if p.dtype == f64 and p.device == device else p.to(device, f64) for p in parts]
+        vec = torch.cat([*parts, tail])
+        k = vec.numel() - tail.numel()
         if not (isinstance(scale, float | int) and scale == 1):
-            flat = flat * torch.as_tensor(scale, dtype=torch.float64, device=flat.device)
-        samples = torch.as_tensor(count, dtype=torch.float64, device=flat.device).view(1)
+            vec[:k] *= torch.as_tensor(scale, dtype=torch.float64, device=device)
         deferred = self._deferred
         if deferred is not None:
             if deferred.normalized is not None and deferred.normalized != (norm is not None):
@@ -477,31 +559,27 @@ class GradientStatistics(nn.Module):
                     "called with and without normalizer= in one accumulated step)"
                 )
             deferred.normalized = norm is not None
-            part = torch.cat([flat, samples])
+            part = vec[: k + 1]  # sums and samples; the union's normaliser is given at the end
             deferred.summed = part if deferred.summed is None else deferred.summed + part
             return
-        total = None if norm is None else torch.as_tensor(norm, dtype=torch.float64, device=flat.device)
-        self._commit(flat, samples, total)
+        self._commit(vec, k, norm is not None)
 
-    def _commit(self, flat: torch.Tensor, samples: torch.Tensor, norm: torch.Tensor | None) -> None:
-        """One all-reduce of [sums, samples, (normaliser count), non-finite flag], then add (3, 5, 7, 8)."""
-        bad = (~torch.isfinite(flat)).any().to(torch.float64).view(1)
-        extra = [samples.view(1)] + ([] if norm is None else [norm.reshape(1)]) + [bad]
-        vec = torch.cat([flat, *extra])  # counts and skip flag ride in the same collective
+    def _commit(self, vec: torch.Tensor, k: int, normalized: bool) -> None:
+        """One all-reduce of ``vec`` = [sums (k), samples, (normaliser count)], then add (rules 3, 5, 7, 8).
+
+        Rule 5 needs no flag of its own: a sum that is not finite on some rank is not finite in the
+        all-reduced vector, which every rank holds, so every rank skips the step (a finite sum of finite
+        sums is finite unless it overflows float64, which would poison the statistics as well).
+        """
         all_reduce_sum_(vec)
-        k = flat.numel()
-        ok = (vec[-1] == 0) & (vec[k] > 0)
         sums = vec[:k]
-        if norm is not None:  # rule 8: the union's normaliser, at least 1
+        ok = torch.isfinite(sums.sum()).logical_and_(vec[k] > 0)
+        if normalized:  # rule 8: the union's normaliser, at least 1
             sums = sums / vec[k + 1].clamp(min=1.0)
-        zero = torch.zeros((), dtype=torch.float64, device=vec.device)
-        sums = torch.where(ok, sums, zero)
-        c = self.num_classes
-        self.pos.add_(sums[:c])
-        self.neg.add_(sums[c : 2 * c])
-        if self.track_matrix:
-            self.matrix.add_(sums[2 * c :].view(c, c))
-        self.steps.add_(ok.to(torch.int64))
+        sums = torch.where(ok, sums, 0.0)
+        buffers = [self.pos, self.neg] + ([self.produced] if self.track_produced else [])
+        torch._foreach_add_(buffers, list(sums.split(self.num_classes)))
+        self.steps.add_(ok)  # int64 += bool
 
     # ------------------------------------------------------------------ accumulation (rule 9)
     def begin_accumulation(self, total: int | float | torch.Tensor | None = None) -> None:
@@ -523,16 +601,15 @@ class GradientStatistics(nn.Module):
             raise TrainingError("end_accumulation() without begin_accumulation()")
         if not commit or statistics_frozen():
             return
-        size = 2 * self.num_classes + (self.num_classes**2 if self.track_matrix else 0)
+        size = self.num_parts * self.num_classes
         summed = deferred.summed
         if summed is None:
             summed = torch.zeros(size + 1, dtype=torch.float64, device=self.pos.device)
-        norm = None
         if deferred.normalized:
             if deferred.total is None:
                 raise TrainingError("accumulated updates carry a normaliser: accumulate(total) needs total")
-            norm = deferred.total.to(summed.device)
-        self._commit(summed[:size], summed[size:], norm)
+            summed = torch.cat([summed, deferred.total.to(summed.device).reshape(1)])
+        self._commit(summed, size, bool(deferred.normalized))
 
     @contextmanager
     def accumulate(self, total: int | float | torch.Tensor | None = None) -> Iterator[None]:
@@ -564,4 +641,4 @@ class GradientStatistics(nn.Module):
         self.end_accumulation()
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, track_matrix={self.track_matrix}"
+        return f"num_classes={self.num_classes}, track_produced={self.track_produced}"

@@ -45,14 +45,14 @@ loss several times per optimizer step must freeze the extra passes. Buffers foll
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from gradtail.distributed import world_size
 from gradtail.errors import ConfigError, InputError
-from gradtail.gradstats import GradientStatistics, flatten_class_dim, read_statistics
+from gradtail.gradstats import GradientStatistics, class_sums, read_statistics
 from gradtail.losses.base import (
     Accumulation,
     LongTailLoss,
@@ -63,6 +63,7 @@ from gradtail.losses.base import (
     empty_batch_loss,
     label_options_hint,
 )
+from gradtail.losses.closed_form import SoftmaxCrossEntropy, cross_entropy_step
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import Choice, FloatRange, SearchSpace
 
@@ -136,6 +137,132 @@ class _EqualizationLoss(LongTailLoss):
 
 
 # ---------------------------------------------------------------------------------------------- §2
+class _EQLv2Targets(NamedTuple):
+    """The targets T of one :class:`SigmoidEQL` call in the form its closed form reads (§2).
+
+    Index targets: ``idx`` (n, 1) long, the channel of each row's 1 (any channel for a row without
+    one), ``hot`` (n, 1) bool, whether T is 1 there, ``dense`` None. Multi-label targets: ``dense``, the
+    (n, C) bool T, ``idx`` and ``hot`` None. ``valid``: (n, 1) bool, False on ignored rows, or None
+    without ``ignore_index``.
+    """
+
+    idx: torch.Tensor | None
+    hot: torch.Tensor | None
+    dense: torch.Tensor | None
+    valid: torch.Tensor | None
+
+
+@torch.no_grad()
+def _eqlv2_value(
+    z: torch.Tensor, r: torch.Tensor, q: torch.Tensor, labels: _EQLv2Targets, with_p: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum_ij w_ij BCE(z_ij, T_ij), p) of docs/methods/eql.md §2: w_ij = q_j where T_ij = 1, r_j elsewhere,
+    ignored rows out; p = sigmoid(z) with the ignored rows zeroed (``with_p``), else None.
+
+    Per element BCE(z, 0) = z - log sigmoid(z) and BCE(z, 1) = -log sigmoid(z), the terms
+    ``F.binary_cross_entropy_with_logits`` computes (so with every weight 1 the sum is bit for bit
+    its ``reduction="sum"``). Index targets: the negatives' terms for every element in one buffer,
+    then the n label entries replaced (no (n, C) target or weight matrix).
+    """
+    log_p = F.logsigmoid(z)
+    if labels.dense is not None:
+        t = labels.dense
+        elem = torch.where(t, -log_p * q, (z - log_p) * r)
+    else:
+        idx, hot = labels.idx, labels.hot
+        at_label = -log_p.gather(1, idx) * q[idx]  # the label entry's term where T = 1 there
+        elem = torch.sub(z, log_p, out=log_p).mul_(r)  # in place: one (n, C) buffer for both
+        elem.scatter_(1, idx, torch.where(hot, at_label, elem.gather(1, idx)))
+    if labels.valid is not None:
+        elem.masked_fill_(~labels.valid, 0.0)
+    total = elem.sum()
+    if not with_p:
+        return total, None
+    p = torch.sigmoid(z)
+    if labels.valid is not None:
+        p.masked_fill_(~labels.valid, 0.0)
+    return total, p
+
+
+@torch.no_grad()
+def _eqlv2_class_sums(
+    p: torch.Tensor, r: torch.Tensor, q: torch.Tensor, labels: _EQLv2Targets, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class float64 sums of |sigmoid(z_ij) - T_ij| w_ij over the positives and over the negatives of
+    the C class channels (docs/methods/eql.md §2: the objectness channel is never counted), from
+    p = sigmoid(z) (ignored rows zero) without an (n, C) gradient, target or float64 matrix:
+
+    - N_j: r_j times the column sum of p over the negatives (:func:`gradstats.class_sums` of p with the
+      positives zeroed; index targets zero the n label entries in place and restore them);
+    - P_j: q_j times the sum of 1 - p over the positives.
+
+    The weights are the ones the loss used (work precision), in float64.
+    """
+    c = num_classes
+    r64, q64 = r[:c].to(torch.float64), q[:c].to(torch.float64)
+    if labels.dense is not None:
+        t = labels.dense
+        zero = torch.zeros((), dtype=p.dtype, device=p.device)
+        neg = class_sums(torch.where(t, zero, p))
+        pos = class_sums(torch.where(t, 1.0 - p, zero))
+        return pos * q64, neg * r64
+    idx, hot = labels.idx, labels.hot
+    at_label = p.gather(1, idx)
+    p.scatter_(1, idx, torch.where(hot, torch.zeros_like(at_label), at_label))
+    neg = class_sums(p[:, :c])
+    p.scatter_(1, idx, at_label)  # restored: p serves the backward
+    one_minus = torch.where(hot, 1.0 - at_label.to(torch.float64), 0.0).view(-1)
+    pos = torch.zeros(p.shape[1], dtype=torch.float64, device=p.device).index_add_(0, idx.view(-1), one_minus)
+    return pos[:c] * q64, neg * r64
+
+
+class _SigmoidEQLValue(torch.autograd.Function):
+    """``total / divisor`` (docs/methods/eql.md §2) with the closed-form gradient
+    dL/dz_ij = w_ij (sigmoid(z_ij) - T_ij) / divisor from p = sigmoid(z) computed in the forward (and
+    read by the statistics): one pass over the (n, C) elements and the n label entries, instead of
+    autograd through the weighted BCE. Under ``create_graph`` (double backward, e.g. BGP) the same
+    gradient from differentiable operations. Inputs: as :func:`_eqlv2_value` (targets as
+    :class:`_EQLv2Targets` fields), ``divisor`` 0-dim.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        z: torch.Tensor,
+        total: torch.Tensor,
+        p: torch.Tensor,
+        idx: torch.Tensor | None,
+        hot: torch.Tensor | None,
+        dense: torch.Tensor | None,
+        valid: torch.Tensor | None,
+        r: torch.Tensor,
+        q: torch.Tensor,
+        divisor: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(z, p, idx, hot, dense, valid, r, q, divisor)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):  # type: ignore[override]
+        z, p, idx, hot, dense, valid, r, q, divisor = ctx.saved_tensors  # type: ignore[attr-defined]
+        scale = grad_out / divisor
+        if torch.is_grad_enabled():  # create_graph: a differentiable gradient
+            if dense is None:
+                dense = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter(1, idx, hot)
+            dz = (torch.sigmoid(z) - dense.to(z.dtype)) * torch.where(dense, q, r) * scale
+            if valid is not None:
+                dz = torch.where(valid, dz, torch.zeros((), dtype=dz.dtype, device=dz.device))
+        else:  # p r_j / divisor everywhere, then (p - 1) q_j / divisor where T = 1 (ignored rows: p = 0)
+            rs, qs = r * scale, q * scale
+            dz = p * rs
+            if dense is not None:
+                dz = torch.where(dense, (p - 1.0) * qs, dz)
+            else:
+                at_label = p.gather(1, idx)
+                dz.scatter_(1, idx, torch.where(hot, (at_label - 1.0) * qs[idx], at_label * rs[idx]))
+        return dz, None, None, None, None, None, None, None, None, None
+
+
 @register_loss("sigmoid_eql")
 class SigmoidEQL(_EqualizationLoss):
     """Sigmoid Equalization Loss v2 (docs/methods/eql.md §2): L = (1/n) sum_i sum_j w_ij BCE(z_ij, T_ij).
@@ -244,14 +371,13 @@ class SigmoidEQL(_EqualizationLoss):
             return sigmoid_eql_scores(logits)
         return torch.sigmoid(logits.to(_work_dtype(logits)))
 
-    def _target_matrix(
-        self, logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(T (n, num_channels), valid (n, 1) bool or None without ``ignore_index``).
+    def _targets(self, logits: torch.Tensor, targets: torch.Tensor) -> _EQLv2Targets:
+        """T of this call (docs/methods/eql.md §2) as :class:`_EQLv2Targets`, after every input check.
 
-        One-hot rows; label C (``background_label``) is a row of zeros on the class channels, 1 on the
-        objectness channel (docs/methods/eql.md §2). Ignored rows are masked by ``valid`` (their T is
-        irrelevant).
+        Index targets: each row's label channel ``idx`` and whether T is 1 there (``hot``): a class label,
+        or label C (background) on the objectness channel; a background row without ``objectness`` has
+        no 1 (its ``idx`` is any channel, not hot). Ignored rows are masked by ``valid``. Multi-label
+        (n, C) targets: the dense bool T.
         """
         n, c = logits.shape[0], self.num_classes
         if not isinstance(targets, torch.Tensor):
@@ -263,54 +389,52 @@ class SigmoidEQL(_EqualizationLoss):
                 raise InputError(
                     f"sigmoid_eql: multi-label targets must be ({n}, {c}), got {tuple(targets.shape)}"
                 )
-            t = targets.detach().to(device=logits.device, dtype=dtype)
+            t = targets.detach().to(device=logits.device, dtype=_work_dtype(logits))
             t = checked_value(t, (t == 0) | (t == 1), "sigmoid_eql: multi-label targets must be 0 or 1")
-            return t, None
+            return _EQLv2Targets(None, None, t != 0, None)
         _check_index_targets(targets, n, "sigmoid_eql")
         hint = label_options_hint(c, self.background_label, self.ignore_index)
         targets = checked_labels(
             targets, c, allow=self.ignore_index, background=self.background_label, hint=hint
         )
-        y = targets.to(device=logits.device, dtype=torch.long)
-        valid = None
-        if self.ignore_index is not None:
-            keep = y != self.ignore_index
-            valid = keep.view(-1, 1)
-            y = torch.where(keep, y, torch.full_like(y, c))  # any in-range index: the row is masked out
-        onehot = F.one_hot(y, c + 1).to(dtype)
-        return (onehot if self.objectness else onehot[:, :c]), valid
+        y = targets.to(device=logits.device, dtype=torch.long).view(-1, 1)
+        valid = None if self.ignore_index is None else y != self.ignore_index
+        hot = y < self.num_channels  # label C is hot on the objectness channel, nowhere without it
+        if valid is not None:
+            hot = hot & valid
+        idx = torch.where(hot, y, torch.zeros_like(y))  # rows without a 1: channel 0 (not hot)
+        return _EQLv2Targets(idx, hot, None, valid)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """L = (1/n) sum_i sum_j w_ij BCE(z_ij, T_ij) with weights from statistics through step t-1 (§1-2).
 
-        n = non-ignored samples, at least 1 (convention N of :mod:`gradtail.losses.base`).
+        n = non-ignored samples, at least 1 (convention N of :mod:`gradtail.losses.base`). The value, its
+        gradient w_ij (sigmoid(z_ij) - T_ij) / n and the statistics come from one closed-form pass
+        (:func:`_eqlv2_value`, :func:`_eqlv2_class_sums`, :class:`_SigmoidEQLValue`).
         """
         _check_2d_logits(logits, self.num_channels, "sigmoid_eql")
-        dtype = _work_dtype(logits)
-        t, valid = self._target_matrix(logits, targets, dtype)  # every check before any change (V)
+        labels = self._targets(logits, targets)  # every check before any change (V)
         collect = self._prepare(logits)
+        dtype = _work_dtype(logits)
         z = logits.to(dtype)
-        r, q = (w.to(dtype) for w in self.class_weights())  # constants: statistics through t-1
-        w = t * q + (1.0 - t) * r  # w_ij = q_j if T_ij = 1 else r_j
-        elem = F.binary_cross_entropy_with_logits(z, t, weight=w, reduction="none")  # w_ij BCE(z_ij, T_ij)
-        count: int | torch.Tensor = z.shape[0]
-        if valid is not None:  # ignored rows: out of the loss, n and the statistics (convention L)
-            elem = torch.where(valid, elem, torch.zeros((), dtype=dtype, device=z.device))
-            count = valid.sum()
-        loss = elem.sum() / _as(self._divisor(count), elem)  # n = max(count, 1), or the union's (A)
+        r, q = (w.to(device=z.device, dtype=dtype) for w in self.class_weights())  # constants: through t-1
+        count: int | torch.Tensor = z.shape[0] if labels.valid is None else labels.valid.sum()
+        divisor = torch.as_tensor(self._divisor(count), dtype=dtype, device=z.device)  # max(n, 1) or (A)
+        needs_grad = torch.is_grad_enabled() and z.requires_grad
+        total, p = _eqlv2_value(z.detach(), r, q, labels, with_p=needs_grad or collect)
         if collect:
-            with torch.no_grad():
-                grad = (torch.sigmoid(z.detach()) - t).abs() * w  # |sigmoid(z) - T| w = |dL/dz| * n (§2)
-                if valid is not None:
-                    grad = torch.where(valid, grad, torch.zeros((), dtype=dtype, device=z.device))
-                c = self.num_classes
-                # official (§9): summed without 1/n and without a world-size factor; exact: the gradient
-                # of the mean over the step's samples, normalised globally (gradstats rule 8)
-                norm = None if self.accumulation == "official" else count
-                self.stats.update_from_elementwise_grad(grad[:, :c], t[:, :c], count=count, norm=norm)
+            pos, neg = _eqlv2_class_sums(p, r, q, labels, self.num_classes)
+            # official (§9): summed without 1/n and without a world-size factor; exact: the gradient of
+            # the mean over the step's samples, normalised globally (gradstats rule 8)
+            norm = None if self.accumulation == "official" else count
+            self.stats.update_from_class_sums(pos, neg, count=count, norm=norm)
         if z.numel() == 0:
             return empty_batch_loss(z)  # convention E (the statistics update above still ran)
-        return loss
+        if not needs_grad:
+            return total / divisor
+        return _SigmoidEQLValue.apply(
+            z, total, p, labels.idx, labels.hot, labels.dense, labels.valid, r, q, divisor
+        )
 
     def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
         """n of a batch (convention N): its non-ignored samples (rows of multi-label targets)."""
@@ -419,30 +543,30 @@ class _FocalEqualization(_EqualizationLoss):
     def _collect(
         self,
         grad: torch.Tensor,
-        t: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        idx: torch.Tensor,
+        hot: torch.Tensor,
         valid: torch.Tensor,
         num_pos: torch.Tensor,
         normalizer: torch.Tensor | None,
-        masked: bool = False,
     ) -> None:
-        """Add |dl/dz| (ignored rows zeroed, not counted) to the statistics (docs/methods/eql.md §3):
+        """Add |dl/dz| (ignored rows zero, not counted) to the statistics (docs/methods/eql.md §3):
         P_j += sum_i T_ij |dl/dz_ij|, N_j += sum_i (1 - T_ij) |dl/dz_ij|, divided by the number of
         positives of the whole step over all ranks (gradstats rule 8), or by the caller's ``normalizer``
         times the world size.
 
-        ``t``: the dense bool T, or the positives (rows, cls): then per-class sums in float64 without a
-        float64 copy of the (n, C) gradient, P gathered from the positives only, N = (column sums) - P.
-        ``masked``: the ignored rows of ``grad`` are zero already."""
-        if not masked:
-            grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-        if isinstance(t, torch.Tensor):
-            pos = torch.where(t, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-            pos = pos.sum(dim=0, dtype=torch.float64)
-        else:
-            rows, cls = t
-            pos = torch.zeros(self.num_classes, dtype=torch.float64, device=grad.device)
-            pos.index_add_(0, cls, grad[rows, cls].to(torch.float64))
-        neg = grad.sum(dim=0, dtype=torch.float64) - pos
+        ``grad`` (n, C): dl/dz or |dl/dz| without the normaliser, zero on ignored rows and >= 0 away from
+        the label entries; ``idx``, ``hot`` (:func:`_label_entries`): T is 1 exactly at the hot label
+        entries. P adds |grad| at those n entries, N the column sums of the others (the hot entries are
+        zeroed in place for :func:`gradstats.class_sums`, float64 without a float64 copy of the (n, C)
+        gradient, then restored)."""
+        at_label = grad.gather(1, idx)
+        grad.scatter_(1, idx, torch.where(hot, torch.zeros_like(at_label), at_label))
+        neg = class_sums(grad)
+        grad.scatter_(1, idx, at_label)  # restored: ``grad`` serves the backward
+        on = torch.where(hot, at_label.abs(), torch.zeros_like(at_label)).to(torch.float64).view(-1)
+        pos = torch.zeros(self.num_classes, dtype=torch.float64, device=grad.device).index_add_(
+            0, idx.view(-1), on
+        )
         count = valid.sum()
         if normalizer is None:
             self.stats.update_from_class_sums(pos, neg, count=count, norm=num_pos)
@@ -482,26 +606,19 @@ def _count_not_ignored(
     return (targets.detach() != ignore_index).sum().to(torch.float64)
 
 
-def _positives(y: torch.Tensor, is_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cls) of the positive elements (a data-dependent size: eager code only)."""
-    rows = torch.nonzero(is_pos).view(-1)
-    return rows, y[rows]
+def _label_entries(y: torch.Tensor, is_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, hot), both (n, 1): each row's label channel (channel 0 for a background or ignored row) and
+    whether T is 1 there (a positive row). T of EFL / EQFL (docs/methods/eql.md §3) is 1 exactly at the
+    hot entries: n gathers and scatters replace an (n, C) target matrix, with static shapes (no
+    data-dependent ``nonzero``, no host sync, the same code eager and compiled)."""
+    hot = is_pos.view(-1, 1)
+    return torch.where(hot, y.view(-1, 1), torch.zeros_like(hot, dtype=torch.long)), hot
 
 
-def _dense_targets(y: torch.Tensor, is_pos: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dense bool (n, C) T: True at (i, y_i) for the positive rows, False elsewhere (static shapes:
-    what compiled code uses instead of :func:`_positives`)."""
-    classes = torch.arange(num_classes, device=y.device)
-    return (y.view(-1, 1) == classes) & is_pos.view(-1, 1)
-
-
-def _target_matrix(
-    positives: tuple[torch.Tensor, torch.Tensor], like: torch.Tensor, dtype: torch.dtype = torch.bool
-) -> torch.Tensor:
-    """Dense (n, C) T (shape and device of ``like``): 1 at the ``positives`` (rows, cls), 0 elsewhere."""
-    t = torch.zeros(like.shape, dtype=dtype, device=like.device)
-    t[positives] = 1
-    return t
+def _dense_targets(idx: torch.Tensor, hot: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The dense bool (n, C) T of :func:`_label_entries` (shape and device of ``like``): only the double
+    backward builds it."""
+    return torch.zeros(like.shape, dtype=torch.bool, device=like.device).scatter(1, idx, hot)
 
 
 def _efl_terms(
@@ -528,17 +645,34 @@ def _efl_terms(
 
 @torch.no_grad()
 def _efl_terms_inplace(
-    z: torch.Tensor, positives: tuple[torch.Tensor, torch.Tensor], gamma: torch.Tensor, coef: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_efl_terms` from the ``positives`` (rows, cls) instead of a dense T, with four (n, C)
-    buffers reused in place instead of ~10 fresh temporaries (on CPU every fresh (n, C) tensor of a
-    detector's size pays its page faults: this halves the time). Same operations, same values."""
+    z: torch.Tensor,
+    idx: torch.Tensor,
+    hot: torch.Tensor,
+    gamma: torch.Tensor,
+    pos_coef: torch.Tensor,
+    neg_coef: torch.Tensor,
+    valid: torch.Tensor | None,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_efl_terms` from the label entries (``idx``, ``hot``: :func:`_label_entries`) instead of a
+    dense T, coef = alpha omega_j (``pos_coef``) at the hot entries and (1 - alpha) omega_j
+    (``neg_coef``) elsewhere, 0 on the rows ``valid`` marks False; four (n, C) buffers reused in place
+    instead of ~10 fresh temporaries (on CPU every fresh (n, C) tensor of a detector's size pays its page
+    faults). Same operations, same values. The gradient only ``with_grad``."""
+    z_at = z.gather(1, idx)
     s = z.neg()
-    s[positives] = z[positives]  # s = z (2 T - 1)
+    s.scatter_(1, idx, torch.where(hot, z_at, -z_at))  # s = z (2 T - 1)
     log_pt = F.logsigmoid(s)
     log_1m = torch.sub(log_pt, s)
-    w = torch.mul(gamma, log_1m).exp_().mul_(coef)  # coef (1 - p_t)^gamma
+    w = torch.mul(gamma, log_1m).exp_()  # (1 - p_t)^gamma
+    w_at = w.gather(1, idx)
+    w.mul_(neg_coef)
+    w.scatter_(1, idx, torch.where(hot, w_at * pos_coef[idx], w.gather(1, idx)))  # coef (1 - p_t)^gamma
+    if valid is not None:
+        w.masked_fill_(~valid, 0.0)
     total = -torch.dot(w.reshape(-1), log_pt.reshape(-1))
+    if not with_grad:
+        return total, None
     gpl = s.sigmoid_().mul_(gamma).mul_(log_pt)  # gamma p_t log p_t (s is not needed any more)
     grad = log_1m.exp_().sub_(gpl).mul_(w)  # [(1 - p_t) - gamma p_t log p_t] coef (1 - p_t)^gamma
     return total, grad
@@ -555,30 +689,108 @@ class _EFLValue(torch.autograd.Function):
         z: torch.Tensor,
         elem_sum: torch.Tensor,
         grad: torch.Tensor,
-        rows: torch.Tensor,
-        cls: torch.Tensor,
+        idx: torch.Tensor,
+        hot: torch.Tensor,
+        valid: torch.Tensor | None,
         gamma: torch.Tensor,
-        coef: torch.Tensor,
+        pos_coef: torch.Tensor,
+        neg_coef: torch.Tensor,
         norm: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.save_for_backward(z, grad, rows, cls, gamma, coef, norm)
+        ctx.save_for_backward(z, grad, idx, hot, valid, gamma, pos_coef, neg_coef, norm)
         return elem_sum / norm
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):  # type: ignore[override]
-        z, grad, rows, cls, gamma, coef, norm = ctx.saved_tensors  # type: ignore[attr-defined]
+        z, grad, idx, hot, valid, gamma, pos_coef, neg_coef, norm = ctx.saved_tensors  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph: a differentiable gradient
-            t = _target_matrix((rows, cls), z)
+            t = _dense_targets(idx, hot, z)
+            coef = torch.where(t, pos_coef, neg_coef)
+            if valid is not None:
+                coef = coef * valid
             dz = torch.where(t, -1.0, 1.0) * _efl_terms(z, t, gamma, coef)[1] * (grad_out / norm)
-        else:  # dl/dz = -(2 T - 1) |dl/dz|: the sign flipped at the positives only
+        else:  # dl/dz = -(2 T - 1) |dl/dz|: the sign flipped at the hot label entries only
             dz = grad * (grad_out / norm)
-            dz[rows, cls] = -dz[rows, cls]
-        return dz, None, None, None, None, None, None, None
+            at_label = dz.gather(1, idx)
+            dz.scatter_(1, idx, torch.where(hot, -at_label, at_label))
+        return dz, None, None, None, None, None, None, None, None, None
 
 
-class _EFLValueDense(torch.autograd.Function):
-    """:class:`_EFLValue` with the dense T instead of the positives (rows, cls): static shapes, for
-    compiled code. Same values, same gradient."""
+@torch.no_grad()
+def _eqfl_terms_inplace(
+    z: torch.Tensor,
+    idx: torch.Tensor,
+    hot: torch.Tensor,
+    quality: torch.Tensor,
+    gamma: torch.Tensor,
+    omega: torch.Tensor,
+    valid: torch.Tensor | None,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum_ij l_ij, dl/dz (n, C) or None) of EQFL (docs/methods/eql.md §3),
+    l_ij = omega_j BCE(z_ij, Q_ij) |p_ij - Q_ij|^gamma_j, p = sigmoid(z), Q = ``quality`` (n, 1) at the
+    hot label entries (:func:`_label_entries`), 0 elsewhere; rows that ``valid`` marks False are 0.
+
+    Where Q = 0 (all but n entries), from log p = logsigmoid(z), BCE = z - log p and
+    p^gamma = exp(gamma log p), 1 - p = exp(-BCE) (no tensor-exponent pow, no (n, C) target):
+
+    - l = omega p^gamma BCE,  dl/dz = omega p^gamma [p + gamma BCE (1 - p)]  (>= 0);
+
+    at the hot entries, d = |p - Q|:
+
+    - l = omega BCE(z, Q) d^gamma,  dl/dz = omega sign(p - Q) d^(gamma - 1) [d^2 + gamma BCE(z, Q) p (1 - p)].
+    """
+    log_p = F.logsigmoid(z)
+    p_gamma = torch.mul(log_p, gamma).exp_()  # p^gamma_j
+    if valid is not None:  # the factor of every term and gradient: ignored rows out
+        p_gamma.masked_fill_(~valid, 0.0)
+    p = torch.exp(log_p) if with_grad else None
+    bce = torch.sub(z, log_p, out=log_p)  # BCE(z, 0) (log p is not needed any more)
+    elem = torch.mul(bce, p_gamma).mul_(omega)
+    z_at, g_at, w_at = z.gather(1, idx), gamma[idx], omega[idx]
+    bce_at = F.binary_cross_entropy_with_logits(z_at, quality, reduction="none")
+    p_at = torch.sigmoid(z_at)
+    diff = p_at - quality
+    d = diff.abs()
+    elem.scatter_(1, idx, torch.where(hot, w_at * (bce_at * d**g_at), elem.gather(1, idx)))
+    total = elem.sum()
+    if p is None:
+        return total, None
+    one_m = bce.neg().exp_()  # 1 - p = exp(-BCE(z, 0))
+    grad = bce.mul_(gamma).mul_(one_m).add_(p).mul_(p_gamma).mul_(omega)
+    at_label = (
+        w_at * torch.sign(diff) * d ** (g_at - 1.0) * (d * d + g_at * bce_at * p_at * torch.sigmoid(-z_at))
+    )
+    grad.scatter_(1, idx, torch.where(hot, at_label, grad.gather(1, idx)))
+    return total, grad
+
+
+def _eqfl_grad(
+    z: torch.Tensor,
+    idx: torch.Tensor,
+    hot: torch.Tensor,
+    quality: torch.Tensor,
+    gamma: torch.Tensor,
+    omega: torch.Tensor,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """dl/dz of :func:`_eqfl_terms_inplace` from differentiable operations on the dense Q (the double
+    backward of :class:`_EQFLValue`):
+    omega sign(p - Q) |p - Q|^(gamma - 1) [|p - Q|^2 + gamma BCE(z, Q) p (1 - p)]."""
+    soft = _dense_targets(idx, hot, z).to(z.dtype) * quality
+    p = torch.sigmoid(z)
+    bce = F.binary_cross_entropy_with_logits(z, soft, reduction="none")
+    diff = p - soft
+    d = diff.abs()
+    grad = omega * torch.sign(diff) * d ** (gamma - 1.0) * (d * d + gamma * bce * p * torch.sigmoid(-z))
+    if valid is not None:
+        grad = torch.where(valid, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return grad
+
+
+class _EQFLValue(torch.autograd.Function):
+    """sum_ij l_ij / norm of EQFL with the closed-form gradient of :func:`_eqfl_terms_inplace` (already
+    computed for the statistics) as its backward; under ``create_graph`` :func:`_eqfl_grad`."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -586,21 +798,23 @@ class _EFLValueDense(torch.autograd.Function):
         z: torch.Tensor,
         elem_sum: torch.Tensor,
         grad: torch.Tensor,
-        t: torch.Tensor,
+        idx: torch.Tensor,
+        hot: torch.Tensor,
+        quality: torch.Tensor,
+        valid: torch.Tensor | None,
         gamma: torch.Tensor,
-        coef: torch.Tensor,
+        omega: torch.Tensor,
         norm: torch.Tensor,
     ) -> torch.Tensor:
-        ctx.save_for_backward(z, grad, t, gamma, coef, norm)
+        ctx.save_for_backward(z, grad, idx, hot, quality, valid, gamma, omega, norm)
         return elem_sum / norm
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):  # type: ignore[override]
-        z, grad, t, gamma, coef, norm = ctx.saved_tensors  # type: ignore[attr-defined]
+        z, grad, idx, hot, quality, valid, gamma, omega, norm = ctx.saved_tensors  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph: a differentiable gradient
-            grad = _efl_terms(z, t, gamma, coef)[1]
-        dz = torch.where(t, -grad, grad) * (grad_out / norm)  # dl/dz = -(2 T - 1) |dl/dz|
-        return dz, None, None, None, None, None, None
+            grad = _eqfl_grad(z, idx, hot, quality, gamma, omega, valid)
+        return grad * (grad_out / norm), None, None, None, None, None, None, None, None, None
 
 
 @register_loss("efl")
@@ -671,32 +885,22 @@ class EqualizedFocalLoss(_FocalEqualization):
         num_pos = is_pos.sum()
         norm = self._divide_by(num_pos, given, z)
         gamma, omega = (v.to(z.dtype) for v in self.focusing())  # constants: statistics through t-1
-        # coef_ij = alpha_t omega_j on valid rows, 0 on ignored ones (the mask rides in the constant)
         a = 1.0 if self.alpha is None else self.alpha
         b = 1.0 if self.alpha is None else 1.0 - self.alpha
-        if torch.compiler.is_compiling():  # static shapes: the dense T instead of the positives
-            t = _dense_targets(y, is_pos, self.num_classes)
-            coef = valid * torch.where(t, a * omega, b * omega)
-            if z.numel() == 0:
-                if collect:
-                    self._collect(torch.zeros_like(z), t, valid, num_pos, given, masked=True)
-                return empty_batch_loss(z)
-            with torch.no_grad():
-                total, grad = _efl_terms(z.detach(), t, gamma, coef)
-            if collect:
-                self._collect(grad, t, valid, num_pos, given, masked=True)
-            return _EFLValueDense.apply(z, total, grad, t, gamma, coef, norm)
-        positives = _positives(y, is_pos)
-        coef = valid * (b * omega)
-        coef[positives] = (a * omega)[positives[1]]
-        if z.numel() == 0:
-            if collect:
-                self._collect(torch.zeros_like(z), positives, valid, num_pos, given, masked=True)
-            return empty_batch_loss(z)  # convention E (the statistics update above still ran)
-        total, grad = _efl_terms_inplace(z.detach(), positives, gamma, coef)
+        idx, hot = _label_entries(y, is_pos)
+        mask = None if self.ignore_index is None else valid
+        needs_grad = torch.is_grad_enabled() and z.requires_grad
+        pos_coef, neg_coef = a * omega, b * omega
+        total, grad = _efl_terms_inplace(
+            z.detach(), idx, hot, gamma, pos_coef, neg_coef, mask, with_grad=needs_grad or collect
+        )
         if collect:
-            self._collect(grad, positives, valid, num_pos, given, masked=True)
-        return _EFLValue.apply(z, total, grad, *positives, gamma, coef, norm)
+            self._collect(grad, idx, hot, valid, num_pos, given)  # type: ignore[arg-type]
+        if z.numel() == 0:
+            return empty_batch_loss(z)  # convention E (the statistics update above still ran)
+        if not needs_grad:
+            return total / norm
+        return _EFLValue.apply(z, total, grad, idx, hot, mask, gamma, pos_coef, neg_coef, norm)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha}"
@@ -775,28 +979,22 @@ class EqualizedQualityFocalLoss(_FocalEqualization):
         z = logits.to(work)
         num_pos = is_pos.sum()
         norm = self._divide_by(num_pos, given, z)
-        tb = _dense_targets(y, is_pos, self.num_classes)
-        t = tb.to(z.dtype)
-        soft = t if qv is None else t * qv.view(-1, 1)
         gamma, omega = (v.to(z.dtype) for v in self.focusing())  # constants: statistics through t-1
-        p = torch.sigmoid(z)
-        bce = F.binary_cross_entropy_with_logits(z, soft, reduction="none")
-        elem = omega * (bce * (p - soft).abs() ** gamma)
-        elem = torch.where(valid, elem, torch.zeros((), dtype=elem.dtype, device=elem.device))
-        loss = elem.sum() / norm
+        idx, hot = _label_entries(y, is_pos)
+        q = torch.ones_like(y, dtype=z.dtype) if qv is None else qv  # None: hard targets, Q = T
+        q = q.view(-1, 1)
+        mask = None if self.ignore_index is None else valid
+        needs_grad = torch.is_grad_enabled() and z.requires_grad
+        total, grad = _eqfl_terms_inplace(
+            z.detach(), idx, hot, q, gamma, omega, mask, with_grad=needs_grad or collect
+        )
         if collect:
-            with torch.no_grad():
-                # d/dz [BCE(z, Q) |p - Q|^gamma]
-                #   = sign(p - Q) |p - Q|^(gamma - 1) [|p - Q|^2 + gamma BCE(z, Q) p (1 - p)]
-                zd = z.detach()
-                pd = torch.sigmoid(zd)
-                d = (pd - soft).abs()
-                bce_d = bce.detach()
-                grad = omega * d ** (gamma - 1.0) * (d * d + gamma * bce_d * pd * torch.sigmoid(-zd))
-                self._collect(grad, tb, valid, num_pos, given)
+            self._collect(grad, idx, hot, valid, num_pos, given)  # type: ignore[arg-type]
         if z.numel() == 0:
             return empty_batch_loss(z)  # convention E (the statistics update above still ran)
-        return loss
+        if not needs_grad:
+            return total / norm
+        return _EQFLValue.apply(z, total, grad, idx, hot, q, mask, gamma, omega, norm)
 
 
 # ---------------------------------------------------------------------------------------------- §4
@@ -881,7 +1079,8 @@ class SoftmaxEQL(_EqualizationLoss):
     def logit_offsets(self) -> torch.Tensor:
         """tau (log I_j - max_k log I_k), float64 (C,): z + offsets is z + tau log I up to a constant (§4)."""
         log_i = torch.log(self.indicator_values())
-        return self.tau * (log_i - log_i.max())
+        relative = log_i - log_i.max()
+        return relative if self.tau == 1.0 else self.tau * relative  # 1 * x is x: one operation less
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """mean over non-ignored samples of CE(z + tau log I, y), I from statistics through t-1 (§1, §4)."""
@@ -902,44 +1101,38 @@ class SoftmaxEQL(_EqualizationLoss):
         hint = label_options_hint(c, None, self.ignore_index)
         targets = checked_labels(targets, c, allow=self.ignore_index, hint=hint)  # before any change (V)
         collect = self._prepare(logits)
-        z = logits.to(_work_dtype(logits))
-        y = targets.to(device=z.device, dtype=torch.long)
-        offsets = self.logit_offsets().to(z.dtype).view(1, c, *([1] * (z.dim() - 2)))  # constants
-        z_adj = z + offsets
-        ignore = -100 if self.ignore_index is None else self.ignore_index  # -100: no label is ignored
-        valid = y != ignore
-        count = valid.sum()  # non-ignored samples; the loss divides by at least 1 (convention N)
-        # CE(z~, y) as log-softmax + NLL (what F.cross_entropy computes), the log-softmax reused below
-        log_p = F.log_softmax(z_adj, dim=1)
-        total = F.nll_loss(log_p, y, ignore_index=ignore, reduction="sum")
-        loss = total / _as(self._divisor(count), total)
+        z = logits if logits.dtype in (torch.float32, torch.float64) else logits.to(_work_dtype(logits))
+        y = targets
+        if y.dtype != torch.long or y.device != z.device:
+            y = y.to(device=z.device, dtype=torch.long)
+        valid = None if self.ignore_index is None else y != self.ignore_index
+        y_safe = y if valid is None else torch.where(valid, y, 0)  # any class where nothing counts
+        # non-ignored samples; the loss divides by at least 1 (convention N), or the union's (A)
+        count = y.numel() if valid is None else valid.sum()
+        divisor = torch.as_tensor(self._divisor(count), dtype=z.dtype, device=z.device)
+        offsets = self.logit_offsets().to(z.dtype)  # constants: statistics through step t-1
+        needs_grad = torch.is_grad_enabled() and z.requires_grad
+        # CE(z + offsets, y), its gradient and the statistics' sums together (losses.closed_form)
+        step = cross_entropy_step(
+            z.detach(), y_safe, offsets, divisor, valid=valid, with_grad=needs_grad,
+            sums="label" if collect else None,
+        )  # fmt: skip
         if collect:
-            with torch.no_grad():
-                self._collect(log_p.detach(), y, valid, count)
+            self._collect(step.label, step.other, count)  # type: ignore[arg-type]
         if z.numel() == 0:
             return empty_batch_loss(z)  # convention E (the statistics update above still ran)
-        return loss
+        if not needs_grad:
+            return step.total / divisor
+        return SoftmaxCrossEntropy.apply(z, step.total, step.grad, y_safe, valid, divisor, offsets, None)
 
-    def _collect(
-        self, log_p: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, count: torch.Tensor
-    ) -> None:
-        """Add |softmax(z~) - onehot(y)| / #samples per class (§1, §4) from per-class sums, without an
-        (n, C) gradient matrix: with p = softmax(z~) over the counted samples,
-        P_c += sum_{i: y_i = c} (1 - p_ic) = n_c - sum_{i: y_i = c} p_ic and
-        N_c += sum_{i: y_i != c} p_ic = sum_i p_ic - sum_{i: y_i = c} p_ic (float64 sums); #samples is
-        that of the whole step over all ranks (gradstats rule 8)."""
-        c = self.num_classes
-        prob = flatten_class_dim(log_p).exp()
-        yf, vf = y.reshape(-1), valid.reshape(-1)
-        y_safe = torch.where(vf, yf, torch.zeros_like(yf))
-        if self.ignore_index is not None:  # ignored samples: no row counted
-            prob = prob * vf.view(-1, 1).to(prob.dtype)
-        p_y = prob.gather(1, y_safe.view(-1, 1)).view(-1).to(torch.float64)
-        zeros = torch.zeros(c, dtype=torch.float64, device=prob.device)
-        n_c = zeros.index_add(0, y_safe, vf.to(torch.float64))
-        pos_p = zeros.index_add(0, y_safe, p_y)
-        col = prob.sum(dim=0, dtype=torch.float64)
-        self.stats.update_from_class_sums(n_c - pos_p, col - pos_p, count=vf.sum(), norm=count)
+    @torch.no_grad()
+    def _collect(self, pos: torch.Tensor, neg: torch.Tensor, count: int | torch.Tensor) -> None:
+        """Add |softmax(z~) - onehot(y)| / #samples per class (§1, §4), given this step's sums of the
+        loss's own gradient (softmax(z~) - onehot(y)) / divisor times the divisor, from
+        :func:`gradtail.losses.closed_form.cross_entropy_step` (no one-hot matrix): P_c the label
+        entries |grad_iy| of the samples of class c, N_c the other entries of column c (unnormalised,
+        float64 sums); #samples is that of the whole step over all ranks (gradstats rule 8)."""
+        self.stats.update_from_class_sums(pos, neg, count=count, norm=count)
 
     def normalizer(self, targets: torch.Tensor) -> torch.Tensor:
         """The non-ignored samples (positions) of a batch (convention N)."""

@@ -2,14 +2,19 @@
 
 Statistics (docs/methods/gala.md §1). Each training step feeds G = |softmax(z~) - onehot(y)| / B, the
 closed-form gradient of the mean loss at the *adjusted* logits z~ (B: the samples of the whole step,
-over all ranks and, inside ``accumulate``, all micro-batches), into a C x C matrix M[j, c] (rows:
-classifier j, columns: sample class c), kept by :class:`gradtail.gradstats.GradientStatistics` (float64
-buffers, SUM-all-reduced across ranks, checkpointed). From it
+over all ranks and, inside ``accumulate``, all micro-batches). Of the C x C matrix M[j, c] it would
+fill (rows: classifier j, columns: sample class c) GALA reads two vectors only, and only these are kept,
+by :class:`gradtail.gradstats.GradientStatistics` (float64 buffers, SUM-all-reduced across ranks,
+checkpointed):
 
-- theta_j = M[j, j]                 (positive gradient received by class j)
-- phi_c   = sum_{j != c} M[j, c]    (negative gradient produced by samples of class c)
+- theta_j = M[j, j]                 (positive gradient received by class j): ``stats.pos``
+- phi_c   = sum_{j != c} M[j, c]    (negative gradient produced by samples of class c): ``stats.produced``
 
-and theta == phi at every step for softmax CE.
+For softmax CE the samples of class c produce exactly the negative gradient they receive,
+sum_{j != c} p_j = 1 - p_c, so theta == phi at every step; gradtail adds one float64 number for both,
+each sample's off-label entries summed (phi's own definition), so the identity holds to the last bit
+(docs/methods/gala.md §1). ``stats.neg`` (N_j, the negative gradient received) is kept as for every
+statistics module.
 
 Loss (docs/methods/gala.md §2), eps inside every log, for a sample of label k:
 
@@ -20,6 +25,12 @@ Loss (docs/methods/gala.md §2), eps inside every log, for a sample of label k:
   (softmax is shift-invariant), and it makes ``lambda2`` bit-for-bit inert in this variant.
 
 L = mean_i CE(z~_i, y_i). Test time uses the raw logits: this is a training loss only.
+
+Cost (issue #29, docs/losses.md "Cost"): the adjusted logits are z plus a per-class row (``paper``: the
+per-sample constant -lambda2 log(phi_k + eps) is moved onto the label's logit as +lambda2 log(phi_k + eps),
+the same softmax), and the loss, its gradient and the statistics come from one log-softmax and one
+cross-entropy backward kernel in the forward (:mod:`gradtail.losses.closed_form`); the backward only
+scales that gradient. The state is 3 (``double``: 5) vectors of C.
 """
 
 from __future__ import annotations
@@ -29,12 +40,12 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from gradtail.errors import ConfigError
 from gradtail.gradstats import GradientStatistics, read_statistics
 from gradtail.losses.base import Accumulation as AccumulationState
 from gradtail.losses.base import LongTailLoss, checked_logits_targets, empty_batch_loss
+from gradtail.losses.closed_form import SoftmaxCrossEntropy, cross_entropy_step
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
@@ -137,28 +148,59 @@ class GALALoss(LongTailLoss):
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
         self.eps = float(eps)
-        self.stats = GradientStatistics(self.num_classes, track_matrix=True)
+        self.stats = GradientStatistics(self.num_classes, track_produced=True)
         if accumulation == "double":
             self.register_buffer("theta2", torch.zeros(self.num_classes, dtype=torch.float64))
             self.register_buffer("phi2", torch.zeros(self.num_classes, dtype=torch.float64))
 
     # ------------------------------------------------------------------ statistics
     def theta(self) -> torch.Tensor:
-        """theta_j: positive gradient received by class j (docs/methods/gala.md §1), from the active
-        accumulator."""
+        """theta_j = M[j, j]: positive gradient received by class j (docs/methods/gala.md §1), from the
+        active accumulator, float64 (C,)."""
         if self.accumulation == "double":
             return read_statistics(self.theta2)
-        return torch.diagonal(read_statistics(self.stats.matrix))
+        return read_statistics(self.stats.pos)
 
     def phi(self) -> torch.Tensor:
-        """phi_c: negative gradient produced by samples of class c (docs/methods/gala.md §1), active
-        accumulator."""
+        """phi_c = sum_{j != c} M[j, c]: negative gradient produced by samples of class c
+        (docs/methods/gala.md §1), from the active accumulator, float64 (C,)."""
         if self.accumulation == "double":
             return read_statistics(self.phi2)
         return self.stats.negative_produced()
 
+    @torch.no_grad()
+    def offsets(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(row (C,), label (C,) or None), float64: z~ = z + row, except the label's logit, which is
+        z_k + label[k] (docs/methods/gala.md §2, up to a per-sample constant, module docstring).
+
+        ``code``: row = lambda1 log(theta + eps), no label term. ``paper``: the same row, and the label's
+        logit z_k + lambda2 log(phi_k + eps): the literal z~ minus the per-sample constant
+        -lambda2 log(phi_k + eps), which leaves softmax, the loss and every gradient unchanged. Both are 0
+        while the statistics are empty (step 1 is plain CE, class docstring); a tensor ``where``, no
+        device sync.
+        """
+        rows = self._offset_rows()
+        return rows[0], (rows[1] if self.variant == "paper" else None)
+
+    def _offset_rows(self) -> torch.Tensor:
+        """:meth:`offsets` as one float64 tensor, (1, C) (``code``) or (2, C) (``paper``: row, label),
+        each operation run once for both (few small operations per step, issue #29)."""
+        if self.variant == "code":
+            rows = torch.log(self.theta().unsqueeze(0) + self.eps)
+            lambdas: tuple[float, ...] = (self.lambda1,)
+        else:
+            rows = torch.log(torch.stack([self.theta(), self.phi()]) + self.eps)
+            lambdas = (self.lambda1, self.lambda2)
+        if lambdas[0] != 1.0 or lambdas[-1] != 1.0:
+            if lambdas[0] == lambdas[-1]:
+                rows = rows * lambdas[0]
+            else:
+                rows = rows * torch.tensor(lambdas, dtype=rows.dtype, device=rows.device).unsqueeze(1)
+        return torch.where(self.stats.started(), rows, 0.0)
+
     def logit_offsets(self, targets: torch.Tensor) -> torch.Tensor:
-        """Detached float64 (n, C) offsets z~ - z for the current statistics (docs/methods/gala.md §2).
+        """Detached float64 (n, C) offsets z~ - z of the literal formulas (docs/methods/gala.md §2), for
+        inspection; the loss itself uses :meth:`offsets` (no (n, C) tensor).
 
         Zero while the statistics are empty (step 1 is plain CE, see the class docstring).
         """
@@ -181,40 +223,57 @@ class GALALoss(LongTailLoss):
         """L = mean_i CE(z~_i, y_i) (docs/methods/gala.md §2); then, when convention S allows, update
         statistics.
 
-        An empty batch gives :func:`gradtail.losses.base.empty_batch_loss` and still runs the update
-        (zero contribution, the same collective as every step; convention E).
+        The value, dL/dz and the statistics' sums are computed together
+        (:func:`gradtail.losses.closed_form.cross_entropy_step`: value and gradient bit for bit those of
+        ``F.cross_entropy`` at z~); the backward only hands that gradient on. An empty
+        batch gives :func:`gradtail.losses.base.empty_batch_loss` and still runs the update (zero
+        contribution, the same collective as every step; convention E).
         """
         targets = checked_logits_targets(logits, targets, self.num_classes)  # before any change (V)
         if self.stats.pos.device != logits.device:
             self.to(logits.device)
         collect = self.updates_statistics(logits)
-        work_dtype = torch.promote_types(logits.dtype, torch.float32)
-        z = logits.to(work_dtype)
-        targets = targets.to(device=logits.device, dtype=torch.long)
-        offsets = self.logit_offsets(targets).to(device=z.device, dtype=work_dtype)
-        z_adj = z + offsets
-        if z.numel():  # the mean over B samples, or over the union's total inside accumulate (A)
-            total = F.cross_entropy(z_adj, targets, reduction="sum")
-            divisor = self._divisor(z.shape[0])
-            loss = total / (divisor.to(total) if isinstance(divisor, torch.Tensor) else divisor)
-        else:
-            loss = empty_batch_loss(z_adj)
+        z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()  # work precision
+        y = targets
+        if y.dtype != torch.long or y.device != z.device:
+            y = y.to(device=z.device, dtype=torch.long)
+        n = z.shape[0]
+        if n == 0:
+            if collect:  # zero sums: the same collective as every step (convention E)
+                zero = torch.zeros(self.num_classes, dtype=torch.float64, device=z.device)
+                self._update(zero, zero, 0)
+            return empty_batch_loss(z)
+        rows = self._offset_rows().to(z.dtype)  # constants: statistics through step t-1
+        row, label_at = rows[0], (rows[1][y] if self.variant == "paper" else None)
+        divisor = torch.as_tensor(self._divisor(n), dtype=z.dtype, device=z.device)
+        needs_grad = torch.is_grad_enabled() and z.requires_grad
+        step = cross_entropy_step(
+            z.detach(), y, row, divisor, target_offsets=label_at, with_grad=needs_grad,
+            sums="rest" if collect else None,
+        )  # fmt: skip
         if collect:
-            self._update(z_adj.detach(), targets)
-        return loss
+            self._update(step.label, step.other, n)  # type: ignore[arg-type]
+        if not needs_grad:
+            return step.total / divisor
+        return SoftmaxCrossEntropy.apply(z, step.total, step.grad, y, None, divisor, row, label_at)
 
     @torch.no_grad()
-    def _update(self, z_adj: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add G = |softmax(z~) - onehot(y)| / B to M (docs/methods/gala.md §1; B summed over ranks,
-        gradstats rule 8), then the second level."""
-        with torch.autocast(device_type=z_adj.device.type, enabled=False):
-            grad = torch.softmax(z_adj.to(torch.float64), dim=1)
-            grad.scatter_add_(1, targets.view(-1, 1), -torch.ones_like(grad[:, :1]))
-            grad.abs_()
-            steps_before = self.stats.steps.clone()
-            self.stats.update_from_softmax_grad(grad, targets, norm=z_adj.shape[0])
-            if not self.stats.accumulating:
-                self._second_level(steps_before)
+    def _update(self, theta: torch.Tensor, neg: torch.Tensor, n: int) -> None:
+        """Add G = |softmax(z~) - onehot(y)| / B (docs/methods/gala.md §1; B summed over ranks, gradstats
+        rule 8), given this step's unnormalised per-class sums of |G| times this call's divisor.
+
+        Of the matrix M[j, c] += |G_ij| (c = y_i): phi_c, the off-diagonal column sums, adds the
+        off-label entries of each sample of class c, summed in float64; theta_c = M[c, c] adds |G_iy|,
+        which for softmax CE is the same sum (sum_{j != y} p_j = 1 - p_y, module docstring), so the
+        same float64 number is added to both (theta == phi to the last bit, and accurate when p_y is
+        close to 1: :func:`gradtail.losses.closed_form.cross_entropy_step` with ``sums="rest"``); N_j
+        adds the off-label entries of column j.
+        """
+        second = self.accumulation == "double" and not self.stats.accumulating
+        steps_before = self.stats.steps.clone() if second else None
+        self.stats.update_from_class_sums(theta, neg, produced=theta, count=n, norm=n)
+        if steps_before is not None:
+            self._second_level(steps_before)
 
     def _second_level(self, steps_before: torch.Tensor) -> None:
         """``double``: add the running sums again after every counted step (released code); a step the
@@ -223,10 +282,8 @@ class GALALoss(LongTailLoss):
             return
         counted = self.stats.steps != steps_before
         zero = torch.zeros((), dtype=self.theta2.dtype, device=self.theta2.device)
-        self.theta2.add_(torch.where(counted, torch.diagonal(self.stats.matrix), zero))
-        self.phi2.add_(
-            torch.where(counted, self.stats.matrix.sum(dim=0) - torch.diagonal(self.stats.matrix), zero)
-        )
+        self.theta2.add_(torch.where(counted, self.stats.pos, zero))
+        self.phi2.add_(torch.where(counted, self.stats.produced, zero))
 
     def _begin_accumulation(self, acc: AccumulationState, targets: torch.Tensor | None) -> None:
         self.stats.begin_accumulation(acc.total)

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from gradtail.errors import ConfigError
 from gradtail.losses.base import PerSampleLoss, checked_logits_targets, upcast_half, validate_class_counts
+from gradtail.losses.closed_form import adjusted_log_softmax, per_sample_cross_entropy
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
@@ -75,9 +75,11 @@ class LDAMLoss(PerSampleLoss):
         targets = checked_logits_targets(logits, targets, self.num_classes)
         z = upcast_half(logits)
         y = targets.long()
-        margin = torch.zeros_like(z).scatter(1, y.unsqueeze(1), self.margins.to(z.dtype)[y].unsqueeze(1))
-        shifted = z - margin  # z - m_y e_y
-        return F.cross_entropy(self.scale * shifted, y, reduction="none")
+        with torch.no_grad():  # t = s (z - m_y e_y): s z but at the label, where s (z_y - m_y)
+            zd = z.detach()
+            at_label = (zd.gather(1, y.unsqueeze(1)) - self.margins.to(z.dtype)[y].unsqueeze(1)) * self.scale
+            log_p = adjusted_log_softmax(zd, scale=self.scale, label_logits=at_label, y=y)
+        return per_sample_cross_entropy(z, log_p, y, self.scale)  # dl/dz = s dl/dt (losses.closed_form)
 
     def inference_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """s * z: the scale (not the margin) belongs to the classifier at test time."""

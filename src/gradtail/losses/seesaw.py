@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from gradtail import distributed
 from gradtail.errors import ConfigError
@@ -51,6 +50,7 @@ from gradtail.losses.base import (
     checked_logits_targets,
     upcast_half,
 )
+from gradtail.losses.closed_form import ProbabilityCrossEntropy, row_blocks
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
@@ -62,6 +62,9 @@ def seesaw_log_factors(
 
     log M_ij = p * min(log N_j - log N_i, 0) with N clamped to >= 1;
     log C_ij = q * max(log sigma_j - log max(sigma_i, eps), 0).
+
+    The formula as written, for inspection; the loss computes softmax(z + log(M C)) from the factors
+    themselves (:func:`seesaw_probabilities`).
     """
     y = targets.long()
     log_adjust = torch.zeros_like(log_probs)
@@ -73,6 +76,76 @@ def seesaw_log_factors(
         log_adjust = log_adjust + q * (log_probs - log_p_y).clamp(min=0.0)
     # the target column: M_ii = C_ii = 1 already (ratio 1), zeroed explicitly for clarity
     return log_adjust.scatter(1, y.unsqueeze(1), 0.0)
+
+
+@torch.no_grad()
+def seesaw_probabilities(
+    z: torch.Tensor, targets: torch.Tensor, cum_samples: torch.Tensor, p: float, q: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W, S, CE) with softmax(z~) = W / S row by row (W (N, C), S (N, 1)) and CE(z~_i, y_i) per sample
+    (N,), for z~ = z + log(M C) (:func:`seesaw_log_factors`), from the detached logits ``z`` with one
+    softmax and no log-softmax of z~ (issue #29, docs/losses.md "Cost").
+
+    exp(z~_ij) = exp(z_ij) M_ij C_ij, so with sigma = softmax(z), r = max(N, 1)^p and
+    f_i = max(sigma_i, eps) (i: the sample's label)
+
+        W_ij = sigma_ij min(r_j, r_i) max(sigma_ij / f_i, 1)^q,   S_i = sum_k W_ik
+
+    (M_ij = min(r_j, r_i) / r_i: the per-sample factor 1 / r_i cancels in W / S, and every factor is
+    >= 1, so nothing underflows that sigma did not), and CE_i = log S_i - log W_ii with W_ii =
+    sigma_ii r_i, where log sigma_ii = z_ii - m_i + log max_k sigma_ik (m_i = max_k z_ik) keeps its
+    value when sigma_ii underflows. On eager CPU in blocks of samples (each block's softmax and factors
+    while it is in cache, :func:`gradtail.losses.closed_form.row_blocks`), elsewhere on whole tensors.
+    """
+    y = targets.long().unsqueeze(1)
+    r = cum_samples.clamp(min=1.0).pow(p).to(device=z.device, dtype=z.dtype) if p > 0 else None
+    r_y = None if r is None else r[y]
+    n = z.shape[0]
+    blocked = z.device.type == "cpu" and not torch.compiler.is_compiling() and z.numel() > 0
+    if blocked:
+        weights = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        z_max, top, sigma_y, totals = (torch.empty(n, 1, dtype=z.dtype, device=z.device) for _ in range(4))
+        rows = row_blocks(z)[0][1]
+        scratch = torch.empty((min(rows, n), z.shape[1]), dtype=z.dtype, device=z.device)
+        parts = [x.split(rows) for x in (z, y, weights, z_max, top, sigma_y, totals)]
+        parts.append([None] * len(parts[0]) if r_y is None else r_y.split(rows))
+        for zb, yb, w, mb, tb, sb, nb, rb in zip(*parts, strict=True):
+            torch._softmax(zb, 1, False, out=w)
+            torch.amax(zb, 1, keepdim=True, out=mb)
+            torch.amax(w, 1, keepdim=True, out=tb)
+            torch.gather(w, 1, yb, out=sb)
+            _seesaw_factors(w, sb, rb, r, q, eps, scratch if w.shape[0] == rows else scratch[: w.shape[0]])
+            torch.sum(w, 1, keepdim=True, out=nb)
+    else:
+        weights = torch.softmax(z, dim=1)
+        z_max, top = z.amax(dim=1, keepdim=True), weights.amax(dim=1, keepdim=True)
+        sigma_y = weights.gather(1, y)
+        _seesaw_factors(weights, sigma_y, r_y, r, q, eps, None)
+        totals = weights.sum(dim=1, keepdim=True)
+    log_sigma_y = z.gather(1, y) - z_max + top.log()
+    losses = totals.log() - log_sigma_y
+    if r_y is not None:
+        losses = losses - r_y.log()
+    return weights, totals, losses.squeeze(1)
+
+
+def _seesaw_factors(
+    w: torch.Tensor,
+    sigma_y: torch.Tensor,
+    r_y: torch.Tensor | None,
+    r: torch.Tensor | None,
+    q: float,
+    eps: float,
+    scratch: torch.Tensor | None,
+) -> None:
+    """sigma -> W of :func:`seesaw_probabilities` in place on ``w`` (n, C); ``scratch`` (n, C) or
+    ``None`` (new tensors)."""
+    if q > 0:  # C: max(sigma_j / f, 1)^q, f = max(sigma_y, eps); exactly 1 at the label
+        f = sigma_y.clamp(min=eps)
+        ratio = w / f if scratch is None else torch.div(w, f, out=scratch)
+        w.mul_(ratio.clamp_(min=1.0).pow_(q))
+    if r is not None:  # M times r_y: min(r_j, r_y); r_y at the label
+        w.mul_(torch.minimum(r, r_y) if scratch is None else torch.minimum(r, r_y, out=scratch))  # type: ignore[arg-type]
 
 
 @register_loss("seesaw")
@@ -146,10 +219,10 @@ class SeesawLoss(PerSampleLoss):
                 self.cum_samples.add_(batch)
         z = upcast_half(logits)
         y = targets.long()
-        with torch.no_grad():
-            log_probs = F.log_softmax(z, dim=1)
-            log_adjust = seesaw_log_factors(log_probs, y, counts, self.p, self.q, self.eps)
-        return F.cross_entropy(z + log_adjust, y, reduction="none")
+        weights, totals, losses = seesaw_probabilities(z.detach(), y, counts, self.p, self.q, self.eps)
+        if not (torch.is_grad_enabled() and z.requires_grad):
+            return losses
+        return ProbabilityCrossEntropy.apply(z, weights, totals, losses, y)  # softmax(z~) - onehot(y)
 
     def _begin_accumulation(self, acc: Accumulation, targets: torch.Tensor | None) -> None:
         if targets is None:

@@ -13,6 +13,11 @@ the elementwise FL). Positives are the non-ignored samples with a class label (c
 :mod:`gradtail.losses.base`; inside ``accumulate``, the union's positives); ignored samples
 (``ignore_index``) contribute nothing. Stateless; validated before use (convention V).
 
+Computed as EFL's closed form with gamma_j = gamma and omega_j = 1 (docs/methods/eql.md §3; with empty
+statistics EFL is this loss): value and gradient in one pass over the (n, C) logits, the targets as each
+row's label entry (no one-hot matrix, no boolean indexing, no host sync), the gradient handed back by a
+custom autograd Function (differentiable again under ``create_graph``).
+
 In RetinaNet and FCOS, the detection task trains ``sigmoid_focal`` with torchvision's own head (its
 per-image normaliser; docs/detection.md): the baseline exactly as torchvision ships it.
 """
@@ -22,17 +27,18 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from gradtail.errors import ConfigError, InputError
 from gradtail.losses.base import (
     LongTailLoss,
     check_label_options,
     checked_labels,
+    checked_value,
     empty_batch_loss,
     label_options_hint,
     upcast_half,
 )
+from gradtail.losses.equalization import _efl_terms_inplace, _EFLValue, _label_entries
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
@@ -107,29 +113,35 @@ class SigmoidFocalLoss(LongTailLoss):
             raise InputError(
                 f"loss 'sigmoid_focal': targets must be integer class indices, got {targets.dtype}"
             )
-        if normalizer is not None and not bool(torch.as_tensor(normalizer) > 0):
-            raise InputError(f"loss 'sigmoid_focal': normalizer must be > 0, got {normalizer!r}")
+        given = None
+        if normalizer is not None:  # checked without a host sync on accelerators (convention V)
+            given = torch.as_tensor(normalizer).detach()
+            message = f"loss 'sigmoid_focal': normalizer must be > 0, got {normalizer!r}"
+            given = checked_value(given, given > 0, message)
         hint = label_options_hint(c, self.background_label, self.ignore_index)
         y = checked_labels(
             targets.to(device=logits.device, dtype=torch.long), c, allow=self.ignore_index,
             background=self.background_label, hint=hint,
         )  # fmt: skip
         z = upcast_half(logits)
-        if self.ignore_index is not None:
-            keep = y != self.ignore_index
-            z, y = z[keep], y[keep]
+        valid = None if self.ignore_index is None else (y != self.ignore_index).view(-1, 1)
+        is_pos = y < c if valid is None else (y < c) & valid.view(-1)
+        if given is not None:  # the caller's (a detector's positives of the whole step), as given
+            norm = given.to(device=z.device, dtype=z.dtype)
+        else:  # the positives, at least 1, or the union's (A)
+            norm = torch.as_tensor(self._divisor(is_pos.sum().to(z.dtype)), dtype=z.dtype, device=z.device)
+        # the focal loss is EFL's closed form with gamma_j = gamma, omega_j = 1 (docs/methods/eql.md §3)
+        gamma = torch.full((c,), self.gamma, dtype=z.dtype, device=z.device)
+        a, b = (self.alpha, 1.0 - self.alpha) if self.alpha >= 0 else (1.0, 1.0)
+        pos_coef, neg_coef = torch.full_like(gamma, a), torch.full_like(gamma, b)
+        idx, hot = _label_entries(y, is_pos)
+        needs_grad = torch.is_grad_enabled() and z.requires_grad
+        total, grad = _efl_terms_inplace(z.detach(), idx, hot, gamma, pos_coef, neg_coef, valid, needs_grad)
         if z.shape[0] == 0:
             return empty_batch_loss(z)
-        t = F.one_hot(y, c + 1)[:, :c].to(z.dtype)  # a background row (label C) is all 0
-        bce = F.binary_cross_entropy_with_logits(z, t, reduction="none")
-        p = torch.sigmoid(z)
-        p_t = p * t + (1 - p) * (1 - t)
-        term = bce * (1 - p_t) ** self.gamma
-        if self.alpha >= 0:
-            term = (self.alpha * t + (1 - self.alpha) * (1 - t)) * term
-        if normalizer is not None:  # the caller's (a detector's positives of the whole step), as given
-            return term.sum() / normalizer
-        return term.sum() / self._divisor((y < c).sum().to(z.dtype))  # positives, or the union's (A)
+        if not needs_grad:
+            return total / norm
+        return _EFLValue.apply(z, total, grad, idx, hot, valid, gamma, pos_coef, neg_coef, norm)
 
 
 __all__ = ["SigmoidFocalLoss"]

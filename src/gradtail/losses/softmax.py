@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from gradtail.errors import ConfigError
 from gradtail.losses.base import PerSampleLoss, checked_logits_targets, upcast_half, validate_class_counts
+from gradtail.losses.closed_form import adjusted_log_softmax, per_sample_cross_entropy
 from gradtail.losses.registry import register_loss
 from gradtail.search_space import FloatRange, SearchSpace
 
@@ -121,7 +122,9 @@ class AdditiveLogitAdjustedCE(PerSampleLoss):
     def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets = checked_logits_targets(logits, targets, self.num_classes)
         z = upcast_half(logits)
-        return F.cross_entropy(z + self.adjustment.to(z.dtype), targets.long(), reduction="none")
+        y = targets.long()
+        log_p = adjusted_log_softmax(z.detach(), offsets=self.adjustment, y=y)  # of t = z + a
+        return per_sample_cross_entropy(z, log_p, y)  # the gradient at t (losses.closed_form)
 
 
 @register_loss("balanced_softmax")
