@@ -117,6 +117,7 @@ def _eval_worker(rank: int, tmp: str, task: str, fm_root: str | None) -> None:
         trainer = Trainer(_config(task, fm_root), output_dir=f"{tmp}/two", verbose=False)
         result = _evaluate(trainer)  # every rank gets the whole split's metrics
         Path(f"{tmp}/rank{rank}.json").write_text(json.dumps(result, default=str))
+        dist.barrier()  # both done before either tears gloo down (an early teardown can abort the other)
     finally:
         dist.destroy_process_group()
 
@@ -155,6 +156,7 @@ def _begin_worker(rank: int, tmp: str) -> None:
             except GradtailError as e:
                 errors.append(str(e))
         Path(f"{tmp}/begin{rank}.json").write_text(json.dumps(errors))
+        dist.barrier()  # neither leaves while the other may still be in the refusal's collective
     finally:
         dist.destroy_process_group()
 
